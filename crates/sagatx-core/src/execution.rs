@@ -1,0 +1,546 @@
+//! The state of one execution of a saga, and its serialised (journal) form.
+//!
+//! [`Execution`] is what the journal stores after every transition (minos'
+//! `raw` / `from_raw`): [`Execution::to_raw`] and [`Execution::from_raw`]
+//! round-trip it through JSON with a `format_version`. [`Execution::view`]
+//! gives the public JSON of API.md §3.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::error::{CompensationOutcome, SagaError};
+
+/// The journal format written by this version.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The id of an execution (a UUID; v7, time-ordered, unless the caller chose one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExecutionId(pub Uuid);
+
+impl fmt::Display for ExecutionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for ExecutionId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(ExecutionId)
+    }
+}
+
+/// The status of an execution (API.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Created,
+    Running,
+    Paused,
+    Compensating,
+    Completed,
+    Compensated,
+    Failed,
+}
+
+impl Status {
+    pub const ALL: [Status; 7] = [
+        Status::Created,
+        Status::Running,
+        Status::Paused,
+        Status::Compensating,
+        Status::Completed,
+        Status::Compensated,
+        Status::Failed,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Compensated | Status::Failed
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Compensating => "compensating",
+            Status::Completed => "completed",
+            Status::Compensated => "compensated",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown status {s:?}; expected one of created, running, paused, \
+                     compensating, completed, compensated, failed"
+                )
+            })
+    }
+}
+
+/// What a paused execution waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Awaiting {
+    /// A `callback` step waits for its reply.
+    Reply,
+    /// `autocommit` is off and every action succeeded.
+    Commit,
+}
+
+/// The status of one step (API.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    Waiting,
+    Succeeded,
+    Failed,
+    Compensating,
+    Compensated,
+    CompensationFailed,
+    Confirmed,
+    ConfirmFailed,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Waiting => "waiting",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::Compensating => "compensating",
+            StepStatus::Compensated => "compensated",
+            StepStatus::CompensationFailed => "compensation_failed",
+            StepStatus::Confirmed => "confirmed",
+            StepStatus::ConfirmFailed => "confirm_failed",
+        }
+    }
+}
+
+/// A reply to a `callback` step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The step succeeded with this result.
+    Ok(Value),
+    /// The step was rejected (it is not compensated).
+    Err(String),
+}
+
+/// Attempts that do not count against a phase's retry budget: calls cut
+/// short by a crash, and the budget spent before an operator's `retry`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exempt {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub action: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub compensation: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub confirm: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_default_exempt(e: &Exempt) -> bool {
+    *e == Exempt::default()
+}
+
+/// The state of one step within an execution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    pub name: String,
+    pub status: StepStatus,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub compensation_attempts: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub confirm_attempts: u32,
+    #[serde(default, skip_serializing_if = "is_default_exempt")]
+    pub exempt: Exempt,
+    /// `Some` exactly when the action succeeded (`Some(Null)` for a null result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The last error of the action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_error: Option<String>,
+    /// The action's last attempt failed in a way that may have taken effect.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub outcome_unknown: bool,
+    /// The phase whose call has been journaled as started and whose outcome
+    /// is not yet recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<Phase>,
+    /// The next retry of the current phase, or a callback's reply deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at_ms: Option<u64>,
+    /// A compensation or confirm this step still owes (queued or under way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owed: Option<Phase>,
+    /// The reply received for a `callback` step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Reply>,
+}
+
+use crate::definition::Phase;
+
+impl StepState {
+    pub fn new(name: impl Into<String>) -> Self {
+        StepState {
+            name: name.into(),
+            status: StepStatus::Pending,
+            attempts: 0,
+            compensation_attempts: 0,
+            confirm_attempts: 0,
+            exempt: Exempt::default(),
+            result: None,
+            error: None,
+            compensation_error: None,
+            confirm_error: None,
+            outcome_unknown: false,
+            in_flight: None,
+            due_at_ms: None,
+            owed: None,
+            reply: None,
+        }
+    }
+
+    /// Calls of `phase` so far.
+    pub fn attempts_of(&self, phase: Phase) -> u32 {
+        match phase {
+            Phase::Action => self.attempts,
+            Phase::Compensation => self.compensation_attempts,
+            Phase::Confirm => self.confirm_attempts,
+        }
+    }
+
+    pub(crate) fn attempts_mut(&mut self, phase: Phase) -> &mut u32 {
+        match phase {
+            Phase::Action => &mut self.attempts,
+            Phase::Compensation => &mut self.compensation_attempts,
+            Phase::Confirm => &mut self.confirm_attempts,
+        }
+    }
+
+    pub(crate) fn exempt_mut(&mut self, phase: Phase) -> &mut u32 {
+        match phase {
+            Phase::Action => &mut self.exempt.action,
+            Phase::Compensation => &mut self.exempt.compensation,
+            Phase::Confirm => &mut self.exempt.confirm,
+        }
+    }
+
+    /// Attempts of `phase` that count against its retry budget.
+    pub fn counted_attempts(&self, phase: Phase) -> u32 {
+        let exempt = match phase {
+            Phase::Action => self.exempt.action,
+            Phase::Compensation => self.exempt.compensation,
+            Phase::Confirm => self.exempt.confirm,
+        };
+        self.attempts_of(phase).saturating_sub(exempt)
+    }
+
+    pub fn action_succeeded(&self) -> bool {
+        self.result.is_some()
+    }
+}
+
+/// Why an execution left the happy path: the first step that failed (or
+/// `None` after a cancel or a reject) and its message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub step: Option<String>,
+    pub message: String,
+}
+
+/// One execution of one version of a saga: the unit the journal stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Execution {
+    pub format_version: u32,
+    pub id: ExecutionId,
+    pub saga: String,
+    pub saga_version: u32,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<Awaiting>,
+    pub input: Value,
+    pub steps: Vec<StepState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// The commit decision is taken: confirms run; no rollback any more.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub committing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// How many transitions have been journaled; the store accepts a write
+    /// only when it follows the one it holds.
+    pub seq: u64,
+}
+
+/// Why a journal entry could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("journal entry is not valid JSON for an execution: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "journal entry has format_version {found}; this build reads up to {FORMAT_VERSION}: \
+         upgrade sagatx"
+    )]
+    FutureVersion { found: u32 },
+    #[error("journal entry is inconsistent: {0}")]
+    Invariant(String),
+}
+
+impl Execution {
+    /// A new execution in status `created`.
+    pub fn new(
+        id: ExecutionId,
+        saga: &crate::definition::SagaDefinition,
+        saga_version: u32,
+        input: Value,
+        user: Option<String>,
+        now_ms: u64,
+    ) -> Self {
+        Execution {
+            format_version: FORMAT_VERSION,
+            id,
+            saga: saga.name.clone(),
+            saga_version,
+            status: Status::Created,
+            awaiting: None,
+            input,
+            steps: saga.steps.iter().map(|s| StepState::new(&s.name)).collect(),
+            failure: None,
+            committing: false,
+            user,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            seq: 0,
+        }
+    }
+
+    /// The serialised form (minos' `raw`), checked before it is written.
+    pub fn to_raw(&self) -> Result<Vec<u8>, DecodeError> {
+        self.check_invariants().map_err(DecodeError::Invariant)?;
+        Ok(serde_json::to_vec(self)?)
+    }
+
+    /// Reads back a serialised execution (minos' `from_raw`), checked after
+    /// it is read.
+    pub fn from_raw(raw: &[u8]) -> Result<Self, DecodeError> {
+        #[derive(Deserialize)]
+        struct Head {
+            format_version: u32,
+        }
+        let head: Head = serde_json::from_slice(raw)?;
+        if head.format_version > FORMAT_VERSION {
+            return Err(DecodeError::FutureVersion {
+                found: head.format_version,
+            });
+        }
+        let e: Execution = serde_json::from_slice(raw)?;
+        e.check_invariants().map_err(DecodeError::Invariant)?;
+        Ok(e)
+    }
+
+    /// The earliest time at which the engine must look at this execution
+    /// again (a retry or a reply deadline), if any.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        if self.status.is_terminal() {
+            return None;
+        }
+        self.steps.iter().filter_map(|s| s.due_at_ms).min()
+    }
+
+    /// Whether some call is journaled as started and not yet finished.
+    pub fn has_in_flight(&self) -> bool {
+        self.steps.iter().any(|s| s.in_flight.is_some())
+    }
+
+    /// Every step whose action succeeded, with its result.
+    pub fn results(&self) -> Map<String, Value> {
+        self.steps
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.result.clone()?)))
+            .collect()
+    }
+
+    /// The compensations of a rollback: every step that has one and was
+    /// rolled back or tried to be.
+    pub fn compensations(&self) -> Vec<CompensationOutcome> {
+        self.steps
+            .iter()
+            .filter(|s| {
+                s.compensation_attempts > 0
+                    || s.owed == Some(Phase::Compensation)
+                    || matches!(
+                        s.status,
+                        StepStatus::Compensating
+                            | StepStatus::Compensated
+                            | StepStatus::CompensationFailed
+                    )
+            })
+            .map(|s| CompensationOutcome {
+                step: s.name.clone(),
+                status: s.status,
+                error: s.compensation_error.clone(),
+            })
+            .collect()
+    }
+
+    /// The saga error of an execution that left the happy path.
+    pub fn saga_error(&self) -> Option<SagaError> {
+        let f = self.failure.as_ref()?;
+        Some(SagaError {
+            step: f.step.clone(),
+            message: f.message.clone(),
+            compensations: self.compensations(),
+        })
+    }
+
+    /// The public JSON of API.md §3. Every field is present, `null` when empty.
+    pub fn view(&self) -> Value {
+        let steps: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "status": s.status.as_str(),
+                    "attempts": s.attempts,
+                    "compensation_attempts": s.compensation_attempts,
+                    "confirm_attempts": s.confirm_attempts,
+                    "result": s.result.clone().unwrap_or(Value::Null),
+                    "error": s.error,
+                    "compensation_error": s.compensation_error,
+                    "confirm_error": s.confirm_error,
+                    "next_attempt_at": s.due_at_ms.map(format_ms),
+                })
+            })
+            .collect();
+        let error = self.saga_error().map(|e| {
+            serde_json::json!({
+                "step": e.step,
+                "message": e.message,
+                "compensations": e.compensations.iter().map(|c| serde_json::json!({
+                    "step": c.step, "status": c.status.as_str(), "error": c.error,
+                })).collect::<Vec<_>>(),
+            })
+        });
+        serde_json::json!({
+            "id": self.id.to_string(),
+            "saga": self.saga,
+            "saga_version": self.saga_version,
+            "status": self.status.as_str(),
+            "awaiting": self.awaiting.map(|a| match a { Awaiting::Reply => "reply", Awaiting::Commit => "commit" }),
+            "input": self.input,
+            "results": Value::Object(self.results()),
+            "steps": steps,
+            "error": error,
+            "user": self.user,
+            "created_at": format_ms(self.created_at_ms),
+            "updated_at": format_ms(self.updated_at_ms),
+        })
+    }
+
+    /// Checks the structural invariants that must hold across a durability
+    /// boundary (before encoding, after decoding).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.format_version == 0 || self.format_version > FORMAT_VERSION {
+            return Err(format!("bad format_version {}", self.format_version));
+        }
+        if self.steps.is_empty() {
+            return Err("an execution has at least one step".into());
+        }
+        let paused = self.status == Status::Paused;
+        if paused != self.awaiting.is_some() {
+            return Err(format!(
+                "awaiting is {:?} while status is {}",
+                self.awaiting, self.status
+            ));
+        }
+        for s in &self.steps {
+            if self.status.is_terminal() && (s.in_flight.is_some() || s.due_at_ms.is_some()) {
+                return Err(format!(
+                    "step {} has work under way in a terminal execution",
+                    s.name
+                ));
+            }
+            if let Some(p) = s.in_flight {
+                if s.attempts_of(p) == 0 {
+                    return Err(format!(
+                        "step {} has a {p} in flight with no attempt",
+                        s.name
+                    ));
+                }
+            }
+            let compensated = matches!(
+                s.status,
+                StepStatus::Compensating | StepStatus::Compensated | StepStatus::CompensationFailed
+            );
+            if compensated && !(s.action_succeeded() || s.outcome_unknown) {
+                return Err(format!(
+                    "step {} is compensated although its action neither succeeded nor may have",
+                    s.name
+                ));
+            }
+            if s.status == StepStatus::Succeeded && !s.action_succeeded() {
+                return Err(format!("step {} succeeded without a result", s.name));
+            }
+        }
+        if self.status == Status::Completed
+            && self
+                .steps
+                .iter()
+                .any(|s| !matches!(s.status, StepStatus::Succeeded | StepStatus::Confirmed))
+        {
+            return Err("a completed execution has a step that did not succeed".into());
+        }
+        Ok(())
+    }
+}
+
+/// Formats milliseconds since the Unix epoch as RFC 3339 with milliseconds.
+pub fn format_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}

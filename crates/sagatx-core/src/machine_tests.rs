@@ -1,0 +1,674 @@
+//! Unit tests: one or more per rule of API.md §3–§4.
+
+use serde_json::{json, Value};
+
+use crate::*;
+
+/// Drives one execution by hand.
+pub(crate) struct H {
+    pub def: SagaDefinition,
+    pub ex: Execution,
+    pub now: u64,
+    /// Every call the machine asked for, in order.
+    pub log: Vec<Call>,
+}
+
+pub(crate) fn step_json(name: &str, comp: bool, confirm: bool, callback: bool) -> String {
+    let mut s = format!(r#"{{"name":"{name}","action":"local""#);
+    if comp {
+        s.push_str(r#","compensation":"local""#);
+    }
+    if confirm {
+        s.push_str(r#","confirm":"local""#);
+    }
+    if callback {
+        s.push_str(r#","reply":"callback","timeout_ms":1000"#);
+    }
+    s.push('}');
+    s
+}
+
+impl H {
+    pub fn new(json: &str) -> H {
+        let def = SagaDefinition::from_json(json.as_bytes()).expect("valid definition");
+        let ex = Execution::new(
+            ExecutionId(uuid::Uuid::from_u128(7)),
+            &def,
+            1,
+            json!({"order": 7}),
+            None,
+            0,
+        );
+        H {
+            def,
+            ex,
+            now: 0,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn saga(mode: &str, steps: &[String]) -> H {
+        H::new(&format!(
+            r#"{{"name":"t","mode":"{mode}","steps":[{}]}}"#,
+            steps.join(",")
+        ))
+    }
+
+    pub fn try_ev(&mut self, e: Event) -> Result<Vec<Call>, Conflict> {
+        let env = Env {
+            now_ms: self.now,
+            random01: 0.5,
+        };
+        let t = self.ex.handle(&self.def, e, env)?;
+        self.ex.check_invariants().expect("invariants hold");
+        self.log.extend(t.calls.iter().copied());
+        Ok(t.calls)
+    }
+
+    pub fn ev(&mut self, e: Event) -> Vec<Call> {
+        self.try_ev(e).expect("event applies")
+    }
+
+    fn attempt(&self, step: usize, phase: Phase) -> u32 {
+        self.ex.steps[step].attempts_of(phase)
+    }
+
+    pub fn ok(&mut self, step: usize, phase: Phase, v: Value) -> Vec<Call> {
+        let attempt = self.attempt(step, phase);
+        self.ev(Event::Outcome {
+            step,
+            phase,
+            attempt,
+            outcome: Ok(v),
+        })
+    }
+
+    pub fn err(&mut self, step: usize, phase: Phase, e: StepError) -> Vec<Call> {
+        let attempt = self.attempt(step, phase);
+        self.ev(Event::Outcome {
+            step,
+            phase,
+            attempt,
+            outcome: Err(e),
+        })
+    }
+
+    /// Moves time to the next due moment and ticks.
+    pub fn tick(&mut self) -> Vec<Call> {
+        let due = self.ex.next_due_ms().expect("something is due");
+        self.now = self.now.max(due);
+        self.ev(Event::Tick)
+    }
+
+    pub fn st(&self, i: usize) -> StepStatus {
+        self.ex.steps[i].status
+    }
+}
+
+fn c(step: usize, phase: Phase, attempt: u32) -> Call {
+    Call {
+        step,
+        phase,
+        attempt,
+    }
+}
+
+use Phase::{Action as A, Compensation as C, Confirm as F};
+
+fn three(mode: &str) -> H {
+    H::saga(
+        mode,
+        &[
+            step_json("a", true, false, false),
+            step_json("b", true, false, false),
+            step_json("c", true, false, false),
+        ],
+    )
+}
+
+#[test]
+fn sequential_runs_actions_in_order_and_completes() {
+    let mut h = three("sequential");
+    assert_eq!(h.ev(Event::Start), vec![c(0, A, 1)]);
+    assert_eq!(h.ex.status, Status::Running);
+    assert_eq!(h.ok(0, A, json!(1)), vec![c(1, A, 1)]);
+    assert_eq!(h.ok(1, A, Value::Null), vec![c(2, A, 1)]);
+    assert_eq!(h.ok(2, A, json!({"x": 3})), vec![]);
+    assert_eq!(h.ex.status, Status::Completed);
+    let results = h.ex.results();
+    assert_eq!(results.len(), 3, "null results are kept: {results:?}");
+    assert_eq!(results["b"], Value::Null);
+    assert!(h.ex.saga_error().is_none());
+}
+
+#[test]
+fn sequential_failure_compensates_earlier_steps_in_reverse_and_not_the_rejected_one() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, json!(2));
+    // The third step is rejected: b then a are compensated, c is not.
+    assert_eq!(
+        h.err(2, A, StepError::permanent("HTTP 402")),
+        vec![c(1, C, 1)]
+    );
+    assert_eq!(h.ex.status, Status::Compensating);
+    assert_eq!(h.ok(1, C, Value::Null), vec![c(0, C, 1)]);
+    assert_eq!(h.ok(0, C, Value::Null), vec![]);
+    assert_eq!(h.ex.status, Status::Compensated);
+    assert_eq!(h.st(2), StepStatus::Failed);
+    assert_eq!(h.ex.steps[2].compensation_attempts, 0);
+    let e = h.ex.saga_error().expect("error");
+    assert_eq!(e.step.as_deref(), Some("c"));
+    assert_eq!(e.message, "HTTP 402");
+    let names: Vec<_> = e.compensations.iter().map(|c| c.step.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(e
+        .compensations
+        .iter()
+        .all(|c| c.status == StepStatus::Compensated));
+}
+
+#[test]
+fn transient_failures_are_retried_with_backoff_then_compensated_as_unknown() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    assert_eq!(h.err(1, A, StepError::transient("HTTP 503")), vec![]);
+    // Backoff before attempt 2 is 100 ms (jitter draw 0.5 is neutral).
+    assert_eq!(h.ex.next_due_ms(), Some(100));
+    assert_eq!(h.st(1), StepStatus::Running);
+    assert_eq!(h.tick(), vec![c(1, A, 2)]);
+    h.err(1, A, StepError::unknown_outcome("timed out"));
+    assert_eq!(h.ex.next_due_ms(), Some(300), "then 200 ms");
+    assert_eq!(h.tick(), vec![c(1, A, 3)]);
+    // The third attempt is the last (max_attempts 3): the failed step is
+    // compensated first since its outcome is unknown, then a.
+    assert_eq!(
+        h.err(1, A, StepError::transient("HTTP 500")),
+        vec![c(1, C, 1)]
+    );
+    assert_eq!(h.ex.steps[1].attempts, 3);
+    assert_eq!(h.ok(1, C, Value::Null), vec![c(0, C, 1)]);
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    assert_eq!(h.st(2), StepStatus::Pending);
+}
+
+#[test]
+fn a_retry_that_succeeds_continues() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.err(0, A, StepError::transient("HTTP 429"));
+    h.tick();
+    assert_eq!(h.ok(0, A, json!("r")), vec![c(1, A, 1)]);
+    assert_eq!(h.ex.steps[0].attempts, 2);
+    assert_eq!(h.ex.steps[0].error, None);
+}
+
+#[test]
+fn steps_without_compensation_are_skipped_in_the_rollback() {
+    let mut h = H::saga(
+        "sequential",
+        &[
+            step_json("a", true, false, false),
+            step_json("b", false, false, false),
+            step_json("c", false, false, false),
+        ],
+    );
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, json!(2));
+    assert_eq!(h.err(2, A, StepError::permanent("no")), vec![c(0, C, 1)]);
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    assert_eq!(h.st(1), StepStatus::Succeeded);
+}
+
+#[test]
+fn concurrent_starts_all_and_lets_calls_in_flight_finish_before_compensating() {
+    let mut h = three("concurrent");
+    assert_eq!(h.ev(Event::Start), vec![c(0, A, 1), c(1, A, 1), c(2, A, 1)]);
+    h.err(0, A, StepError::transient("503")); // a backs off
+    assert_eq!(h.err(1, A, StepError::permanent("no")), vec![]);
+    // c is in flight: nothing compensates yet, and a's retry never starts.
+    assert_eq!(h.ex.status, Status::Compensating);
+    assert_eq!(h.st(0), StepStatus::Failed);
+    assert!(h.ex.steps[0].outcome_unknown);
+    assert_eq!(h.ex.next_due_ms(), None);
+    // c succeeds: a (unknown) and c (succeeded) are compensated together.
+    assert_eq!(h.ok(2, A, json!(3)), vec![c(0, C, 1), c(2, C, 1)]);
+    h.ok(2, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensating);
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    assert_eq!(h.st(1), StepStatus::Failed);
+    assert_eq!(h.ex.steps[1].compensation_attempts, 0);
+}
+
+#[test]
+fn concurrent_completes_when_all_succeed_in_any_order() {
+    let mut h = three("concurrent");
+    h.ev(Event::Start);
+    h.ok(2, A, json!(3));
+    h.ok(0, A, json!(1));
+    assert_eq!(h.ex.status, Status::Running);
+    h.ok(1, A, json!(2));
+    assert_eq!(h.ex.status, Status::Completed);
+}
+
+fn callback_saga() -> H {
+    H::saga(
+        "sequential",
+        &[
+            step_json("a", true, false, false),
+            step_json("remote", true, false, true),
+            step_json("c", true, false, false),
+        ],
+    )
+}
+
+#[test]
+fn callback_step_pauses_until_its_reply() {
+    let mut h = callback_saga();
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    assert_eq!(h.ok(1, A, json!({"accepted": true})), vec![]);
+    assert_eq!(h.ex.status, Status::Paused);
+    assert_eq!(h.ex.awaiting, Some(Awaiting::Reply));
+    assert_eq!(h.st(1), StepStatus::Waiting);
+    assert_eq!(h.ex.next_due_ms(), Some(1000), "reply deadline");
+    let r = Reply::Ok(json!("shipped"));
+    assert_eq!(
+        h.ev(Event::Reply {
+            step: 1,
+            reply: r.clone()
+        }),
+        vec![c(2, A, 1)]
+    );
+    assert_eq!(h.ex.results()["remote"], json!("shipped"));
+    // The same reply again: no second effect.
+    let before = h.ex.clone();
+    assert_eq!(h.ev(Event::Reply { step: 1, reply: r }), vec![]);
+    assert_eq!(h.ex, before);
+    // A different reply: conflict.
+    assert!(matches!(
+        h.try_ev(Event::Reply {
+            step: 1,
+            reply: Reply::Err("x".into())
+        }),
+        Err(Conflict::ReplyMismatch { .. })
+    ));
+}
+
+#[test]
+fn callback_rejected_reply_is_not_compensated() {
+    let mut h = callback_saga();
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, Value::Null);
+    let calls = h.ev(Event::Reply {
+        step: 1,
+        reply: Reply::Err("out of stock".into()),
+    });
+    assert_eq!(calls, vec![c(0, C, 1)]);
+    assert_eq!(
+        h.ex.failure.as_ref().map(|f| f.message.as_str()),
+        Some("out of stock")
+    );
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    assert_eq!(h.ex.steps[1].compensation_attempts, 0);
+}
+
+#[test]
+fn callback_without_reply_in_time_is_compensated() {
+    let mut h = callback_saga();
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, Value::Null);
+    assert_eq!(h.tick(), vec![c(1, C, 1)]);
+    assert_eq!(
+        h.ex.steps[1].error.as_deref(),
+        Some("no reply within 1000 ms")
+    );
+    h.ok(1, C, Value::Null);
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    // A late reply is refused.
+    assert!(matches!(
+        h.try_ev(Event::Reply {
+            step: 1,
+            reply: Reply::Ok(Value::Null)
+        }),
+        Err(Conflict::NotWaiting { .. })
+    ));
+}
+
+#[test]
+fn replies_to_steps_that_never_waited_or_are_sync_conflict() {
+    let mut h = callback_saga();
+    h.ev(Event::Start);
+    assert!(matches!(
+        h.try_ev(Event::Reply {
+            step: 0,
+            reply: Reply::Ok(Value::Null)
+        }),
+        Err(Conflict::NotCallback { .. })
+    ));
+    assert!(matches!(
+        h.try_ev(Event::Reply {
+            step: 1,
+            reply: Reply::Ok(Value::Null)
+        }),
+        Err(Conflict::NotWaiting {
+            status: StepStatus::Pending,
+            ..
+        })
+    ));
+    assert!(matches!(
+        h.try_ev(Event::Reply {
+            step: 9,
+            reply: Reply::Ok(Value::Null)
+        }),
+        Err(Conflict::NoSuchStep { index: 9 })
+    ));
+}
+
+#[test]
+fn a_reply_that_beats_the_calls_response_is_kept() {
+    let mut h = callback_saga();
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    assert_eq!(
+        h.ev(Event::Reply {
+            step: 1,
+            reply: Reply::Ok(json!("early"))
+        }),
+        vec![]
+    );
+    assert_eq!(h.st(1), StepStatus::Running);
+    assert_eq!(h.ok(1, A, Value::Null), vec![c(2, A, 1)]);
+    assert_eq!(h.ex.results()["remote"], json!("early"));
+}
+
+fn confirm_saga(autocommit: bool) -> H {
+    H::new(&format!(
+        r#"{{"name":"t","autocommit":{autocommit},"steps":[{},{},{}]}}"#,
+        step_json("a", true, true, false),
+        step_json("b", true, false, false),
+        step_json("c", true, true, false)
+    ))
+}
+
+#[test]
+fn autocommit_runs_confirms_in_step_order() {
+    let mut h = confirm_saga(true);
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, json!(2));
+    assert_eq!(h.ok(2, A, json!(3)), vec![c(0, F, 1)]);
+    assert_eq!(h.ex.status, Status::Running);
+    assert_eq!(h.ok(0, F, Value::Null), vec![c(2, F, 1)]);
+    h.ok(2, F, Value::Null);
+    assert_eq!(h.ex.status, Status::Completed);
+    assert_eq!(h.st(0), StepStatus::Confirmed);
+    assert_eq!(h.st(1), StepStatus::Succeeded);
+    assert!(matches!(
+        h.try_ev(Event::Cancel),
+        Err(Conflict::Terminal { .. })
+    ));
+}
+
+#[test]
+fn without_autocommit_pauses_for_commit_then_confirms() {
+    let mut h = confirm_saga(false);
+    assert!(matches!(
+        h.try_ev(Event::Commit),
+        Err(Conflict::NotAwaitingCommit { .. })
+    ));
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, json!(2));
+    assert_eq!(h.ok(2, A, json!(3)), vec![]);
+    assert_eq!(h.ex.status, Status::Paused);
+    assert_eq!(h.ex.awaiting, Some(Awaiting::Commit));
+    assert_eq!(h.ev(Event::Commit), vec![c(0, F, 1)]);
+    // Once committing, a cancel is refused.
+    assert_eq!(h.try_ev(Event::Cancel), Err(Conflict::Committing));
+    h.ok(0, F, Value::Null);
+    h.ok(2, F, Value::Null);
+    assert_eq!(h.ex.status, Status::Completed);
+}
+
+#[test]
+fn reject_compensates_everything_with_message_rejected() {
+    let mut h = confirm_saga(false);
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, json!(2));
+    h.ok(2, A, json!(3));
+    assert_eq!(h.ev(Event::Reject), vec![c(2, C, 1)]);
+    h.ok(2, C, Value::Null);
+    h.ok(1, C, Value::Null);
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    let e = h.ex.saga_error().expect("error");
+    assert_eq!((e.step, e.message.as_str()), (None, "rejected"));
+    assert_eq!(e.compensations.len(), 3);
+}
+
+#[test]
+fn cancel_lets_the_call_in_flight_finish_then_rolls_back() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    assert_eq!(h.ev(Event::Cancel), vec![]);
+    assert_eq!(h.ex.status, Status::Compensating);
+    // Cancelling again while compensating changes nothing.
+    assert_eq!(h.ev(Event::Cancel), vec![]);
+    // b was in flight; it succeeds and is compensated, then a.
+    assert_eq!(h.ok(1, A, json!(2)), vec![c(1, C, 1)]);
+    h.ok(1, C, Value::Null);
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    assert_eq!(h.st(2), StepStatus::Pending);
+    assert!(h.log.iter().all(|c| !(c.phase == A && c.step == 2)));
+    let e = h.ex.saga_error().expect("error");
+    assert_eq!((e.step, e.message.as_str()), (None, "cancelled"));
+}
+
+#[test]
+fn cancel_of_a_paused_callback_compensates_the_waiting_step() {
+    let mut h = callback_saga();
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, Value::Null);
+    assert_eq!(h.ev(Event::Cancel), vec![c(1, C, 1)]);
+    assert_eq!(h.ex.next_due_ms(), None, "the reply deadline is gone");
+}
+
+#[test]
+fn failed_compensations_leave_the_execution_failed_until_retried() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, json!(2));
+    h.err(2, A, StepError::permanent("no"));
+    // b's compensation is rejected; a's still runs.
+    assert_eq!(
+        h.err(1, C, StepError::permanent("cannot")),
+        vec![c(0, C, 1)]
+    );
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Failed);
+    assert_eq!(h.st(1), StepStatus::CompensationFailed);
+    let e = h.ex.saga_error().expect("error");
+    assert_eq!(
+        e.compensation_errors().collect::<Vec<_>>(),
+        [("b", "cannot")]
+    );
+    // An operator retries: b's compensation runs again and succeeds.
+    assert!(matches!(
+        three("sequential").try_ev(Event::Retry),
+        Err(Conflict::NotFailed { .. })
+    ));
+    assert_eq!(h.ev(Event::Retry), vec![c(1, C, 2)]);
+    h.ok(1, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+}
+
+#[test]
+fn compensations_get_at_least_ten_attempts() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.err(1, A, StepError::permanent("no"));
+    for _ in 0..9 {
+        h.err(0, C, StepError::transient("503"));
+        assert_eq!(h.tick().len(), 1);
+    }
+    assert_eq!(h.ex.steps[0].compensation_attempts, 10);
+    h.err(0, C, StepError::transient("503"));
+    assert_eq!(h.ex.status, Status::Failed);
+    // A retry grants a fresh budget.
+    h.ev(Event::Retry);
+    h.err(0, C, StepError::transient("503"));
+    assert_eq!(h.ex.status, Status::Compensating);
+    h.tick();
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+    assert_eq!(h.ex.steps[0].compensation_attempts, 12);
+}
+
+#[test]
+fn a_failed_confirm_fails_the_execution_and_retry_finishes_it() {
+    let mut h = confirm_saga(true);
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.ok(1, A, json!(2));
+    h.ok(2, A, json!(3));
+    assert_eq!(h.err(0, F, StepError::permanent("gone")), vec![c(2, F, 1)]);
+    h.ok(2, F, Value::Null);
+    assert_eq!(h.ex.status, Status::Failed);
+    assert_eq!(
+        h.ex.failure.as_ref().and_then(|f| f.step.as_deref()),
+        Some("a")
+    );
+    assert_eq!(h.ev(Event::Retry), vec![c(0, F, 2)]);
+    h.ok(0, F, Value::Null);
+    assert_eq!(h.ex.status, Status::Completed);
+}
+
+#[test]
+fn resume_calls_an_interrupted_action_again_without_spending_its_budget() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.err(0, A, StepError::transient("503"));
+    h.tick();
+    h.err(0, A, StepError::transient("503"));
+    h.tick(); // attempt 3 in flight, the last of the budget
+              // Crash: the state round-trips through the journal form.
+    h.ex = Execution::from_raw(&h.ex.to_raw().expect("encode")).expect("decode");
+    assert_eq!(h.ev(Event::Resume), vec![c(0, A, 4)]);
+    // The interrupted attempt does not count: attempt 4 is still allowed,
+    // and its failure is then the last; its outcome is unknown, so it is
+    // compensated.
+    assert_eq!(h.err(0, A, StepError::transient("503")), vec![c(0, C, 1)]);
+    assert_eq!(h.ex.status, Status::Compensating);
+}
+
+#[test]
+fn resume_during_rollback_compensates_an_interrupted_action() {
+    let mut h = three("concurrent");
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.err(1, A, StepError::permanent("no"));
+    // c is in flight when the process dies.
+    assert_eq!(h.ev(Event::Resume), vec![c(0, C, 1), c(2, C, 1)]);
+    assert!(h.log.iter().filter(|c| c.step == 2 && c.phase == A).count() == 1);
+}
+
+#[test]
+fn resume_calls_an_interrupted_compensation_again() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, json!(1));
+    h.err(1, A, StepError::permanent("no"));
+    assert_eq!(h.ev(Event::Resume), vec![c(0, C, 2)]);
+    h.ok(0, C, Value::Null);
+    assert_eq!(h.ex.status, Status::Compensated);
+}
+
+#[test]
+fn stale_outcomes_are_ignored() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ev(Event::Resume); // attempt 2 now in flight
+    let before = h.ex.clone();
+    let calls = h.ev(Event::Outcome {
+        step: 0,
+        phase: A,
+        attempt: 1,
+        outcome: Ok(json!(1)),
+    });
+    assert!(calls.is_empty());
+    assert_eq!(h.ex, before);
+}
+
+#[test]
+fn cancel_before_start_ends_compensated_with_no_calls() {
+    let mut h = three("sequential");
+    assert_eq!(h.ev(Event::Cancel), vec![]);
+    assert_eq!(h.ex.status, Status::Compensated);
+}
+
+#[test]
+fn raw_round_trip_and_future_versions() {
+    let mut h = callback_saga();
+    h.ev(Event::Start);
+    h.ok(0, A, json!({"a": [1, 2]}));
+    h.ok(1, A, Value::Null);
+    let raw = h.ex.to_raw().expect("encode");
+    assert_eq!(Execution::from_raw(&raw).expect("decode"), h.ex);
+    let mut v: Value = serde_json::from_slice(&raw).expect("json");
+    v["format_version"] = json!(99);
+    let future = serde_json::to_vec(&v).expect("json");
+    assert!(matches!(
+        Execution::from_raw(&future),
+        Err(DecodeError::FutureVersion { found: 99 })
+    ));
+    assert!(matches!(
+        Execution::from_raw(b"{nope"),
+        Err(DecodeError::Json(_))
+    ));
+}
+
+#[test]
+fn view_has_every_field_of_the_contract() {
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, json!({"reservation": "r-1"}));
+    h.err(1, A, StepError::permanent("HTTP 402: card declined"));
+    let v = h.ex.view();
+    for f in [
+        "id",
+        "saga",
+        "saga_version",
+        "status",
+        "awaiting",
+        "input",
+        "results",
+        "steps",
+        "error",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(v.get(f).is_some(), "missing {f}");
+    }
+    assert_eq!(v["status"], "compensating");
+    assert_eq!(v["error"]["step"], "b");
+    assert_eq!(v["steps"][1]["error"], "HTTP 402: card declined");
+    assert_eq!(v["steps"][2]["result"], Value::Null);
+    assert_eq!(v["created_at"], "1970-01-01T00:00:00.000Z");
+}

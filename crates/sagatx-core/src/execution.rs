@@ -165,6 +165,11 @@ pub struct Exempt {
     pub confirm: u32,
 }
 
+/// A field that is present is `Some`, even when it is `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
@@ -190,8 +195,13 @@ pub struct StepState {
     pub confirm_attempts: u32,
     #[serde(default, skip_serializing_if = "is_default_exempt")]
     pub exempt: Exempt,
-    /// `Some` exactly when the action succeeded (`Some(Null)` for a null result).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `Some` exactly when the action succeeded (`Some(Null)` for a null
+    /// result: written as `"result": null`, while `None` is not written).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub result: Option<Value>,
     /// The last error of the action.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -645,6 +645,18 @@ fn raw_round_trip_and_future_versions() {
 }
 
 #[test]
+fn null_results_survive_the_journal() {
+    // Regression: a `null` result read back as "no result", which made a
+    // succeeded step look like one that never succeeded.
+    let mut h = three("sequential");
+    h.ev(Event::Start);
+    h.ok(0, A, Value::Null);
+    let back = Execution::from_raw(&h.ex.to_raw().expect("encode")).expect("decode");
+    assert_eq!(back.steps[0].result, Some(Value::Null));
+    assert_eq!(back, h.ex);
+}
+
+#[test]
 fn view_has_every_field_of_the_contract() {
     let mut h = three("sequential");
     h.ev(Event::Start);

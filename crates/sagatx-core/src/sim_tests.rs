@@ -193,7 +193,9 @@ fn run(case: Case) -> Result<(), TestCaseError> {
             }
             let roll = rng.below(100);
             let permanent_pct = if c.phase == Phase::Action { 15 } else { 4 };
-            let outcome = if roll < 55 {
+            let outcome = if roll < 10 {
+                Ok(serde_json::Value::Null)
+            } else if roll < 55 {
                 Ok(json!({"step": c.step, "attempt": c.attempt}))
             } else if roll < 55 + permanent_pct {
                 Err(StepError::permanent("rejected"))

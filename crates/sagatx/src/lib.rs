@@ -1,1 +1,58 @@
+//! Durable sagas for Rust.
+//!
+//! - [`Saga`]: a saga of async step functions, built with
+//!   `Saga::builder("order").step("reserve", reserve).compensate(release)…`.
+//! - [`Engine`]: runs executions of registered sagas on a [`Store`]:
+//!   [`start`](Engine::start), [`wait`](Engine::wait), [`reply`](Engine::reply)
+//!   to a step that waits for a remote reply, [`commit`](Engine::commit) /
+//!   [`reject`](Engine::reject), [`cancel`](Engine::cancel),
+//!   [`retry`](Engine::retry), [`get`](Engine::get), [`list`](Engine::list),
+//!   and [`recover`](Engine::recover) after a restart.
+//! - [`store`]: the journal trait with [`MemoryStore`] and [`SqliteStore`].
+//!
+//! Every state change is journaled before anything that depends on it
+//! happens; see `docs/guarantees.md`.
+//!
+//! ```
+//! use sagatx::{Engine, Saga, SqliteStore, StepContext, StepError, Status};
+//! use serde_json::json;
+//!
+//! async fn reserve(_: StepContext) -> Result<&'static str, StepError> { Ok("r-1") }
+//! async fn release(_: StepContext) -> Result<(), StepError> { Ok(()) }
+//! async fn charge(_: StepContext) -> Result<(), StepError> {
+//!     Err(StepError::permanent("card declined"))
+//! }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! let engine = Engine::builder()
+//!     .store(SqliteStore::open(dir.path().join("sagatx.db")).unwrap())
+//!     .saga(Saga::builder("order")
+//!         .step("reserve", reserve).compensate(release)
+//!         .step("charge", charge)
+//!         .build().unwrap())
+//!     .build().await.unwrap();
+//! engine.recover().await.unwrap();
+//!
+//! let ex = engine.run("order", json!({"order_id": 7})).await.unwrap();
+//! assert_eq!(ex.status, Status::Compensated);
+//! let err = ex.saga_error().unwrap();
+//! assert_eq!(err.step.as_deref(), Some("charge"));
+//! assert_eq!(err.message, "card declined");
+//! # });
+//! ```
 
+mod engine;
+mod saga;
+pub mod store;
+
+pub use engine::{
+    Engine, EngineBuilder, EngineError, RecoveryReport, RemoteCaller, StartOptions,
+    DEFAULT_MAX_ACTIVE,
+};
+pub use saga::{Saga, SagaBuilder, StepContext, StepFn, StepFuture};
+pub use sagatx_core::{
+    self as core, Awaiting, CompensationOutcome, ErrorClass, Execution, ExecutionId, Mode, Phase,
+    Reply, RetryPolicy, SagaDefinition, SagaError, Status, StepError, StepStatus,
+};
+pub use store::{ListQuery, MemoryStore, Page, SqliteStore, Store, StoreError};

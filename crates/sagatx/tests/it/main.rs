@@ -1,1 +1,7 @@
-fn main() {}
+//! The integration tests of the `sagatx` crate (one binary).
+
+mod bad_input;
+mod crash;
+mod engine;
+mod store;
+mod support;

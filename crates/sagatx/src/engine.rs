@@ -1,0 +1,897 @@
+//! The engine: runs executions on a store.
+//!
+//! Each active execution has one driver task that owns its state. The driver
+//! applies an event to the state machine, journals the new state, waits for
+//! the write to be durable, and only then makes the calls the machine asked
+//! for (persist, then act). Outside events (reply, cancel, commit, …) reach
+//! the driver through its mailbox, so one execution is never driven twice at
+//! once within a process.
+//!
+//! An execution that only waits (paused, or backing off for longer than a
+//! few seconds) has no driver: it lives in the store, with its due time
+//! indexed; a scheduler task finds it when it is due. Memory therefore grows
+//! with the executions that are under way, not with those that wait.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sagatx_core::{
+    Call, Conflict, DefinitionError, Endpoint, Env, Event, Execution, ExecutionId, HttpEndpoint,
+    Reply, SagaDefinition, Status, StepError,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::saga::{Handlers, Saga, StepContext};
+use crate::store::{ListQuery, Page, Registered, Store, StoreError};
+
+/// Errors of the engine's operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("no saga named {0:?} is registered")]
+    UnknownSaga(String),
+    #[error("saga {saga:?} has no version {version}")]
+    UnknownVersion { saga: String, version: u32 },
+    #[error("execution {0} does not exist")]
+    NotFound(ExecutionId),
+    #[error("saga {saga:?} has no step named {step:?}")]
+    UnknownStep { saga: String, step: String },
+    #[error("invalid saga definition: {0}")]
+    Definition(#[from] DefinitionError),
+    #[error("{0}")]
+    Conflict(#[from] Conflict),
+    #[error(
+        "execution {0} already exists with another saga or input; choose another id, \
+         or start it again with the same saga and input to get it back"
+    )]
+    IdTaken(ExecutionId),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Calls a step's HTTP endpoint; provided by the coordinator. Without one,
+/// sagas with HTTP steps fail their calls with a permanent error.
+#[async_trait]
+pub trait RemoteCaller: Send + Sync + 'static {
+    async fn call(
+        &self,
+        endpoint: &HttpEndpoint,
+        ctx: &StepContext,
+        timeout: Option<Duration>,
+    ) -> Result<Value, StepError>;
+}
+
+/// Options of [`Engine::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The execution's id; a new UUID v7 when `None`. Starting again with
+    /// an id that exists, the same saga and the same input gives that
+    /// execution back (an idempotent start).
+    pub id: Option<ExecutionId>,
+    /// Recorded on the execution, visible to steps.
+    pub user: Option<String>,
+    /// A version of the saga other than the latest.
+    pub version: Option<u32>,
+}
+
+/// What [`Engine::recover`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Executions found with work under way and handed to a driver.
+    pub resumed: usize,
+}
+
+/// Settings of an [`Engine`].
+pub struct EngineBuilder {
+    store: Option<Arc<dyn Store>>,
+    sagas: Vec<Saga>,
+    remote: Option<Arc<dyn RemoteCaller>>,
+    max_active: usize,
+    poll_interval: Duration,
+    idle_horizon: Duration,
+}
+
+/// Executions with a driver at once, by default.
+pub const DEFAULT_MAX_ACTIVE: usize = 10_000;
+
+impl EngineBuilder {
+    /// The journal; a `MemoryStore` when not set.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    pub fn store_arc(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Registers a Rust saga: its definition goes to the store (a new
+    /// version if it changed), its functions stay in this process under the
+    /// saga's name, for this and later runs to find.
+    pub fn saga(mut self, saga: Saga) -> Self {
+        self.sagas.push(saga);
+        self
+    }
+
+    pub fn remote_caller(mut self, c: Arc<dyn RemoteCaller>) -> Self {
+        self.remote = Some(c);
+        self
+    }
+
+    /// At most this many executions are driven at once; more wait (bounded
+    /// memory). Default [`DEFAULT_MAX_ACTIVE`].
+    pub fn max_active(mut self, n: usize) -> Self {
+        self.max_active = n.max(1);
+        self
+    }
+
+    /// How often the store is asked for due executions (default 1 s).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// A driver sleeps through backoffs shorter than this itself; longer
+    /// waits are left to the store and the scheduler (default 5 s).
+    pub fn idle_horizon(mut self, d: Duration) -> Self {
+        self.idle_horizon = d;
+        self
+    }
+
+    /// Registers the sagas in the store and starts the scheduler. Call
+    /// [`Engine::recover`] next to resume interrupted work.
+    pub async fn build(self) -> Result<Engine, EngineError> {
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(crate::store::MemoryStore::new()));
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9E37_79B9)
+            ^ u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]));
+        let inner = Arc::new(Inner {
+            store,
+            handlers: RwLock::new(HashMap::new()),
+            definitions: RwLock::new(HashMap::new()),
+            latest: RwLock::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            remote: self.remote,
+            permits: Arc::new(Semaphore::new(self.max_active)),
+            rng: AtomicU64::new(seed),
+            clock: Clock::new(),
+            poll_interval: self.poll_interval,
+            idle_horizon_ms: self.idle_horizon.as_millis() as u64,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            stop: tokio::sync::watch::channel(false).0,
+        });
+        for saga in self.sagas {
+            let reg = inner.store.put_definition(&saga.definition).await?;
+            let def = Arc::new(saga.definition);
+            inner.remember(reg.version, def.clone(), true);
+            write(&inner.handlers).insert(def.name.clone(), Arc::new(saga.handlers));
+        }
+        let engine = Engine { inner };
+        tokio::spawn(scheduler(
+            Arc::downgrade(&engine.inner),
+            engine.inner.wake.clone(),
+            engine.inner.stop.subscribe(),
+            engine.inner.poll_interval,
+        ));
+        Ok(engine)
+    }
+}
+
+/// Milliseconds since the epoch, advanced by tokio's clock so that tests
+/// with paused time see time move as they advance it.
+struct Clock {
+    base_ms: u64,
+    base: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            base_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            base: Instant::now(),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+    fn instant_at(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms.saturating_sub(self.base_ms))
+    }
+}
+
+type Reply_ = oneshot::Sender<Result<Execution, EngineError>>;
+
+struct Msg {
+    event: Event,
+    reply: Option<Reply_>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    handlers: RwLock<HashMap<String, Arc<HashMap<String, Handlers>>>>,
+    definitions: RwLock<HashMap<(String, u32), Arc<SagaDefinition>>>,
+    latest: RwLock<HashMap<String, (u32, Arc<SagaDefinition>)>>,
+    active: Mutex<HashMap<ExecutionId, mpsc::UnboundedSender<Msg>>>,
+    waiters: Mutex<HashMap<ExecutionId, Vec<oneshot::Sender<Execution>>>>,
+    remote: Option<Arc<dyn RemoteCaller>>,
+    permits: Arc<Semaphore>,
+    rng: AtomicU64,
+    clock: Clock,
+    poll_interval: Duration,
+    idle_horizon_ms: u64,
+    wake: Arc<tokio::sync::Notify>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+// The maps behind these locks are only ever updated by single inserts and
+// removals, so a lock poisoned by a panicking thread still holds a
+// consistent map.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn env(&self) -> Env {
+        // splitmix64: cheap, lock-free, good enough for jitter.
+        let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Env {
+            now_ms: self.clock.now_ms(),
+            random01: (z >> 11) as f64 / (1u64 << 53) as f64,
+        }
+    }
+
+    fn remember(&self, version: u32, def: Arc<SagaDefinition>, latest: bool) {
+        if latest {
+            write(&self.latest).insert(def.name.clone(), (version, def.clone()));
+        }
+        write(&self.definitions).insert((def.name.clone(), version), def);
+    }
+
+    async fn definition(
+        &self,
+        saga: &str,
+        version: u32,
+    ) -> Result<Arc<SagaDefinition>, EngineError> {
+        if let Some(d) = read(&self.definitions).get(&(saga.to_string(), version)) {
+            return Ok(d.clone());
+        }
+        let (v, def) = self
+            .store
+            .get_definition(saga, Some(version))
+            .await?
+            .ok_or_else(|| EngineError::UnknownVersion {
+                saga: saga.to_string(),
+                version,
+            })?;
+        let def = Arc::new(def);
+        self.remember(v, def.clone(), false);
+        Ok(def)
+    }
+
+    async fn latest(&self, saga: &str) -> Result<(u32, Arc<SagaDefinition>), EngineError> {
+        if let Some(x) = read(&self.latest).get(saga) {
+            return Ok(x.clone());
+        }
+        let (v, def) = self
+            .store
+            .get_definition(saga, None)
+            .await?
+            .ok_or_else(|| EngineError::UnknownSaga(saga.to_string()))?;
+        let def = Arc::new(def);
+        self.remember(v, def.clone(), true);
+        Ok((v, def))
+    }
+
+    fn notify_waiters(&self, ex: &Execution) {
+        if !(ex.status.is_terminal() || ex.status == Status::Paused) {
+            return;
+        }
+        let ws = lock(&self.waiters).remove(&ex.id);
+        for w in ws.into_iter().flatten() {
+            let _ = w.send(ex.clone());
+        }
+    }
+}
+
+/// The engine handle: cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder {
+            store: None,
+            sagas: Vec::new(),
+            remote: None,
+            max_active: DEFAULT_MAX_ACTIVE,
+            poll_interval: Duration::from_secs(1),
+            idle_horizon: Duration::from_secs(5),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Registers a definition (one whose steps are HTTP calls, or local
+    /// steps of a saga registered with the builder).
+    pub async fn register(&self, def: SagaDefinition) -> Result<Registered, EngineError> {
+        def.validate()?;
+        let reg = self.inner.store.put_definition(&def).await?;
+        self.inner.remember(reg.version, Arc::new(def), true);
+        Ok(reg)
+    }
+
+    /// Starts an execution of the latest version of `saga`; returns once it
+    /// is durable (before its first action is called).
+    pub async fn start(&self, saga: &str, input: Value) -> Result<ExecutionId, EngineError> {
+        self.start_with(saga, input, StartOptions::default()).await
+    }
+
+    /// Starts an execution with a chosen id, user or version.
+    pub async fn start_with(
+        &self,
+        saga: &str,
+        input: Value,
+        opts: StartOptions,
+    ) -> Result<ExecutionId, EngineError> {
+        let inner = &self.inner;
+        if *inner.stop.borrow() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let (version, def) = match opts.version {
+            Some(v) => (v, inner.definition(saga, v).await?),
+            None => inner.latest(saga).await?,
+        };
+        let id = opts.id.unwrap_or_else(|| ExecutionId(Uuid::now_v7()));
+        let env = inner.env();
+        let mut ex = Execution::new(id, &def, version, input, opts.user, env.now_ms);
+        let t = ex.handle(&def, Event::Start, env)?;
+        ex.seq = 1;
+        let permit = inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        match inner.store.append(&ex).await {
+            Ok(()) => {}
+            Err(StoreError::Exists(_)) => {
+                let existing = inner
+                    .store
+                    .load(id)
+                    .await?
+                    .ok_or(EngineError::NotFound(id))?;
+                return if existing.saga == ex.saga && existing.input == ex.input {
+                    Ok(id)
+                } else {
+                    Err(EngineError::IdTaken(id))
+                };
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::debug!(execution = %id, saga, "started");
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&inner.active).insert(id, tx);
+        inner.notify_waiters(&ex);
+        tokio::spawn(drive(
+            self.inner.clone(),
+            id,
+            rx,
+            Some(Loaded {
+                ex,
+                def,
+                calls: t.calls,
+                permit,
+            }),
+        ));
+        Ok(id)
+    }
+
+    /// Starts an execution and waits until it is terminal or paused.
+    pub async fn run(&self, saga: &str, input: Value) -> Result<Execution, EngineError> {
+        let id = self.start(saga, input).await?;
+        self.wait(id).await
+    }
+
+    /// Waits until the execution is terminal or paused; gives its state.
+    pub async fn wait(&self, id: ExecutionId) -> Result<Execution, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.waiters).entry(id).or_default().push(tx);
+        // Registered first, then read: a change after the read is notified.
+        let ex = self.get(id).await?;
+        if ex.status.is_terminal() || ex.status == Status::Paused {
+            return Ok(ex);
+        }
+        let mut stop = self.inner.stop.subscribe();
+        tokio::select! {
+            r = rx => r.map_err(|_| EngineError::ShuttingDown),
+            _ = stop.wait_for(|s| *s) => Err(EngineError::ShuttingDown),
+        }
+    }
+
+    /// Like [`wait`](Self::wait), for at most `timeout`; gives the state at
+    /// that moment when it runs out.
+    pub async fn wait_timeout(
+        &self,
+        id: ExecutionId,
+        timeout: Duration,
+    ) -> Result<Execution, EngineError> {
+        match tokio::time::timeout(timeout, self.wait(id)).await {
+            Ok(r) => r,
+            Err(_) => self.get(id).await,
+        }
+    }
+
+    /// The execution's durable state.
+    pub async fn get(&self, id: ExecutionId) -> Result<Execution, EngineError> {
+        self.inner
+            .store
+            .load(id)
+            .await?
+            .ok_or(EngineError::NotFound(id))
+    }
+
+    /// A page of executions, newest first (`limit` at most 1000).
+    pub async fn list(&self, mut query: ListQuery) -> Result<Page, EngineError> {
+        query.limit = query.limit.clamp(1, 1000);
+        Ok(self.inner.store.list(&query).await?)
+    }
+
+    /// Delivers a `callback` step's outcome (minos' `execute(response)`).
+    /// The same reply again has no second effect.
+    pub async fn reply(
+        &self,
+        id: ExecutionId,
+        step: &str,
+        reply: Reply,
+    ) -> Result<Execution, EngineError> {
+        let ex = self.get(id).await?;
+        let def = self.inner.definition(&ex.saga, ex.saga_version).await?;
+        let index = def
+            .step_index(step)
+            .ok_or_else(|| EngineError::UnknownStep {
+                saga: ex.saga.clone(),
+                step: step.to_string(),
+            })?;
+        self.send(id, Event::Reply { step: index, reply }).await
+    }
+
+    /// `autocommit: false`: runs the confirms of an execution awaiting commit.
+    pub async fn commit(&self, id: ExecutionId) -> Result<Execution, EngineError> {
+        self.send(id, Event::Commit).await
+    }
+
+    /// `autocommit: false`: compensates an execution awaiting commit.
+    pub async fn reject(&self, id: ExecutionId) -> Result<Execution, EngineError> {
+        self.send(id, Event::Reject).await
+    }
+
+    /// Stops a running or paused execution and compensates what it did.
+    pub async fn cancel(&self, id: ExecutionId) -> Result<Execution, EngineError> {
+        self.send(id, Event::Cancel).await
+    }
+
+    /// Resumes a `failed` execution's unfinished compensations or confirms.
+    pub async fn retry(&self, id: ExecutionId) -> Result<Execution, EngineError> {
+        self.send(id, Event::Retry).await
+    }
+
+    /// Resumes every execution that had work under way when the last
+    /// process stopped: calls in flight are made again (same idempotency
+    /// key), rollbacks go on. Paused executions keep waiting; terminal ones
+    /// are left alone. Reads the store in pages.
+    pub async fn recover(&self) -> Result<RecoveryReport, EngineError> {
+        let inner = &self.inner;
+        let mut report = RecoveryReport::default();
+        let mut cursor = None;
+        loop {
+            let page = inner.store.unfinished(cursor, 512).await?;
+            for ex in page.items {
+                if lock(&inner.active).contains_key(&ex.id) {
+                    continue;
+                }
+                let def = match inner.definition(&ex.saga, ex.saga_version).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!(execution = %ex.id, error = %e, "cannot recover: definition missing");
+                        continue;
+                    }
+                };
+                let permit = inner
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| EngineError::ShuttingDown)?;
+                let id = ex.id;
+                let (tx, rx) = mpsc::unbounded_channel();
+                // The receiver is alive: it is right here.
+                let _ = tx.send(Msg {
+                    event: Event::Resume,
+                    reply: None,
+                });
+                {
+                    let mut active = lock(&inner.active);
+                    if active.contains_key(&id) {
+                        continue;
+                    }
+                    active.insert(id, tx);
+                }
+                tokio::spawn(drive(
+                    inner.clone(),
+                    id,
+                    rx,
+                    Some(Loaded {
+                        ex,
+                        def,
+                        calls: Vec::new(),
+                        permit,
+                    }),
+                ));
+                report.resumed += 1;
+            }
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        // Paused executions with deadlines, backoffs: the scheduler's job.
+        inner.wake.notify_one();
+        tracing::info!(resumed = report.resumed, "recovery done");
+        Ok(report)
+    }
+
+    /// Stops the scheduler and refuses new starts. Calls under way finish
+    /// or are left to recovery.
+    pub fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        self.inner.wake.notify_one();
+    }
+
+    /// Executions with a driver in this process now.
+    pub fn active(&self) -> usize {
+        lock(&self.inner.active).len()
+    }
+
+    async fn send(&self, id: ExecutionId, event: Event) -> Result<Execution, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        deliver(&self.inner, id, event, Some(tx));
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+}
+
+/// Hands an event to the execution's driver, starting one (which loads the
+/// state from the store) when there is none.
+fn deliver(inner: &Arc<Inner>, id: ExecutionId, event: Event, reply: Option<Reply_>) {
+    let mut active = lock(&inner.active);
+    let msg = Msg { event, reply };
+    let msg = match active.get(&id) {
+        Some(tx) => match tx.send(msg) {
+            Ok(()) => return,
+            Err(mpsc::error::SendError(m)) => m,
+        },
+        None => msg,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    // The receiver is alive: it is right here.
+    let _ = tx.send(msg);
+    active.insert(id, tx);
+    drop(active);
+    tokio::spawn(drive(inner.clone(), id, rx, None));
+}
+
+struct Loaded {
+    ex: Execution,
+    def: Arc<SagaDefinition>,
+    calls: Vec<Call>,
+    permit: OwnedSemaphorePermit,
+}
+
+type CallResult = (Call, Result<Value, StepError>);
+
+struct Driver {
+    inner: Arc<Inner>,
+    ex: Execution,
+    def: Arc<SagaDefinition>,
+    handlers: Option<Arc<HashMap<String, Handlers>>>,
+    input: Arc<Value>,
+    calls: JoinSet<CallResult>,
+}
+
+async fn drive(
+    inner: Arc<Inner>,
+    id: ExecutionId,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    loaded: Option<Loaded>,
+) {
+    let (mut d, calls, _permit) = match loaded {
+        Some(l) => (Driver::new(inner.clone(), l.ex, l.def), l.calls, l.permit),
+        None => {
+            let permit = match inner.permits.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            match load(&inner, id).await {
+                Ok((ex, def)) => {
+                    let mut d = Driver::new(inner.clone(), ex, def);
+                    // Whatever was in flight was interrupted.
+                    d.apply_internal(Event::Resume).await;
+                    (d, Vec::new(), permit)
+                }
+                Err(e) => {
+                    // Answer everything queued, then leave.
+                    let msg = e.to_string();
+                    loop {
+                        while let Ok(m) = rx.try_recv() {
+                            if let Some(r) = m.reply {
+                                let _ = r.send(Err(match &e {
+                                    EngineError::NotFound(id) => EngineError::NotFound(*id),
+                                    _ => EngineError::Store(StoreError::Io(msg.clone())),
+                                }));
+                            }
+                        }
+                        let mut active = lock(&inner.active);
+                        if rx.is_empty() {
+                            active.remove(&id);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    for c in calls {
+        d.spawn_call(c);
+    }
+    loop {
+        let now = inner.clock.now_ms();
+        let due = d.ex.next_due_ms();
+        let sleep_to = due.filter(|&t| t <= now + inner.idle_horizon_ms);
+        let busy = !d.calls.is_empty() || sleep_to.is_some();
+        if !busy {
+            let mut active = lock(&inner.active);
+            if rx.is_empty() {
+                active.remove(&id);
+                break;
+            }
+        }
+        let deadline = inner.clock.instant_at(sleep_to.unwrap_or(now + 3_600_000));
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { break };
+                let r = d.apply(m.event).await;
+                if let Some(reply) = m.reply {
+                    let _ = reply.send(r);
+                }
+            }
+            Some(done) = d.calls.join_next(), if !d.calls.is_empty() => {
+                match done {
+                    Ok((call, outcome)) => {
+                        d.apply_internal(Event::Outcome {
+                            step: call.step, phase: call.phase, attempt: call.attempt, outcome,
+                        }).await;
+                    }
+                    Err(e) => tracing::error!(execution = %id, error = %e, "call task failed"),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if sleep_to.is_some() => {
+                d.apply_internal(Event::Tick).await;
+            }
+        }
+    }
+}
+
+async fn load(
+    inner: &Arc<Inner>,
+    id: ExecutionId,
+) -> Result<(Execution, Arc<SagaDefinition>), EngineError> {
+    let ex = inner
+        .store
+        .load(id)
+        .await?
+        .ok_or(EngineError::NotFound(id))?;
+    let def = inner.definition(&ex.saga, ex.saga_version).await?;
+    Ok((ex, def))
+}
+
+impl Driver {
+    fn new(inner: Arc<Inner>, ex: Execution, def: Arc<SagaDefinition>) -> Self {
+        let handlers = read(&inner.handlers).get(&ex.saga).cloned();
+        let input = Arc::new(ex.input.clone());
+        Driver {
+            inner,
+            ex,
+            def,
+            handlers,
+            input,
+            calls: JoinSet::new(),
+        }
+    }
+
+    /// Applies an event: the machine on a copy, the copy journaled, then the
+    /// calls made. On any error the state stays as it was journaled.
+    async fn apply(&mut self, event: Event) -> Result<Execution, EngineError> {
+        let mut next = self.ex.clone();
+        let t = next.handle(&self.def, event, self.inner.env())?;
+        if t.changed {
+            next.seq += 1;
+            let started = std::time::Instant::now();
+            self.inner.store.append(&next).await?;
+            tracing::trace!(execution = %next.id, seq = next.seq, us = started.elapsed().as_micros() as u64, "journaled");
+        }
+        self.ex = next;
+        for c in t.calls {
+            self.spawn_call(c);
+        }
+        if t.changed {
+            self.inner.notify_waiters(&self.ex);
+        }
+        Ok(self.ex.clone())
+    }
+
+    /// Applies an event the engine itself produced (an outcome, a tick).
+    /// A store that fails is retried with backoff: the outcome must not be
+    /// lost while the process lives.
+    async fn apply_internal(&mut self, event: Event) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.apply(event.clone()).await {
+                Ok(_) => return,
+                Err(EngineError::Store(e))
+                    if !matches!(e, StoreError::Conflict { .. } | StoreError::Closed) =>
+                {
+                    tracing::warn!(execution = %self.ex.id, error = %e, "journal write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(execution = %self.ex.id, error = %e, "event dropped");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn spawn_call(&mut self, call: Call) {
+        let step = &self.def.steps[call.step];
+        let ctx = StepContext {
+            execution_id: self.ex.id,
+            saga: Arc::from(self.ex.saga.as_str()),
+            step: Arc::from(step.name.as_str()),
+            phase: call.phase,
+            attempt: call.attempt,
+            input: self.input.clone(),
+            results: Arc::new(self.ex.results()),
+            user: self.ex.user.as_deref().map(Arc::from),
+        };
+        let timeout = self
+            .def
+            .attempt_timeout_ms(call.step, call.phase)
+            .map(Duration::from_millis);
+        let fut: crate::saga::StepFuture = match step.endpoint(call.phase) {
+            Some(Endpoint::Local) => {
+                match self
+                    .handlers
+                    .as_ref()
+                    .and_then(|h| h.get(&step.name))
+                    .and_then(|h| h.get(call.phase))
+                {
+                    Some(f) => f(ctx),
+                    None => {
+                        let msg = format!(
+                            "no function is registered for the {} of step {:?} of saga {:?} in this process; \
+                             register the saga with Engine::builder().saga(...)",
+                            call.phase, step.name, self.ex.saga
+                        );
+                        // Transient: retried with backoff like any passing
+                        // failure (a process that has it may be started),
+                        // and compensated if it runs out.
+                        Box::pin(async move { Err(StepError::transient(msg)) })
+                    }
+                }
+            }
+            Some(Endpoint::Http(h)) => match &self.inner.remote {
+                Some(remote) => {
+                    let remote = remote.clone();
+                    let h = h.clone();
+                    Box::pin(async move { remote.call(&h, &ctx, timeout).await })
+                }
+                None => Box::pin(async move {
+                    Err(StepError::permanent(
+                        "this engine has no HTTP caller; HTTP steps run in `sagatx serve`",
+                    ))
+                }),
+            },
+            None => {
+                Box::pin(async move { Err(StepError::permanent("no endpoint for this phase")) })
+            }
+        };
+        self.calls.spawn(async move {
+            // The step runs in a task of its own so that a panic in user code
+            // becomes an outcome instead of killing the driver.
+            let task = tokio::spawn(async move {
+                match timeout {
+                    Some(t) => match tokio::time::timeout(t, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Err(StepError::unknown_outcome(format!(
+                            "timed out after {} ms",
+                            t.as_millis()
+                        ))),
+                    },
+                    None => fut.await,
+                }
+            });
+            let outcome = match task.await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => Err(StepError::unknown_outcome("the step panicked")),
+                Err(_) => Err(StepError::unknown_outcome("the step was cancelled")),
+            };
+            (call, outcome)
+        });
+    }
+}
+
+/// Finds executions whose due time came and hands them to a driver. Holds
+/// the engine only weakly between polls: dropping every `Engine` handle
+/// ends it.
+async fn scheduler(
+    inner: std::sync::Weak<Inner>,
+    wake: Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    poll: Duration,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        {
+            let Some(inner) = inner.upgrade() else { return };
+            let now = inner.clock.now_ms();
+            match inner.store.due(now, 256).await {
+                Ok(ids) => {
+                    for id in ids {
+                        if !lock(&inner.active).contains_key(&id) {
+                            deliver(&inner, id, Event::Tick, None);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read due executions"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = wake.notified() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}

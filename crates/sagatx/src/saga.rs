@@ -1,0 +1,319 @@
+//! Rust sagas: a builder of steps that are async functions.
+//!
+//! ```
+//! use sagatx::{Saga, StepContext, StepError};
+//! use serde_json::json;
+//!
+//! async fn reserve(ctx: StepContext) -> Result<serde_json::Value, StepError> {
+//!     Ok(json!({"reservation": format!("r-{}", ctx.input()["order"])}))
+//! }
+//! async fn release(_ctx: StepContext) -> Result<(), StepError> { Ok(()) }
+//! async fn charge(ctx: StepContext) -> Result<(), StepError> {
+//!     // Earlier results are visible to later steps.
+//!     let _reservation = &ctx.results()["reserve"];
+//!     Err(StepError::permanent("card declined"))
+//! }
+//!
+//! let saga = Saga::builder("order")
+//!     .step("reserve", reserve).compensate(release)
+//!     .step("charge", charge)
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(saga.definition().steps.len(), 2);
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagatx_core::{
+    DefinitionError, Endpoint, ExecutionId, Mode, Phase, ReplyMode, RetryOverride, RetryPolicy,
+    SagaDefinition, StepDefinition, StepError,
+};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// What a step function receives.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub(crate) execution_id: ExecutionId,
+    pub(crate) saga: Arc<str>,
+    pub(crate) step: Arc<str>,
+    pub(crate) phase: Phase,
+    pub(crate) attempt: u32,
+    pub(crate) input: Arc<Value>,
+    pub(crate) results: Arc<Map<String, Value>>,
+    pub(crate) user: Option<Arc<str>>,
+}
+
+impl StepContext {
+    pub fn execution_id(&self) -> ExecutionId {
+        self.execution_id
+    }
+    pub fn saga(&self) -> &str {
+        &self.saga
+    }
+    pub fn step(&self) -> &str {
+        &self.step
+    }
+    /// `action`, `compensation` or `confirm`.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    /// Counts from 1 within the phase, across crashes and retries.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// The execution's input.
+    pub fn input(&self) -> &Value {
+        &self.input
+    }
+    /// The results of every step that succeeded so far (py-api-saga's
+    /// `saga_results`). A compensation sees its own step's result here.
+    pub fn results(&self) -> &Map<String, Value> {
+        &self.results
+    }
+    /// The user recorded on the execution, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+    /// A key that is the same on every attempt of this step's phase:
+    /// `{execution_id}:{step}:{phase}`. Pass it to the services you call.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}:{}", self.execution_id, self.step, self.phase)
+    }
+}
+
+/// The boxed future of a step call.
+pub type StepFuture = Pin<Box<dyn Future<Output = Result<Value, StepError>> + Send>>;
+
+/// A step function, type-erased.
+pub type StepFn = Arc<dyn Fn(StepContext) -> StepFuture + Send + Sync>;
+
+fn erase<F, Fut, T>(f: F) -> StepFn
+where
+    F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, StepError>> + Send + 'static,
+    T: Serialize + 'static,
+{
+    Arc::new(move |ctx| {
+        let fut = f(ctx);
+        Box::pin(async move {
+            let v = fut.await?;
+            serde_json::to_value(v).map_err(|e| {
+                StepError::permanent(format!(
+                    "the step's result cannot be serialised to JSON: {e}"
+                ))
+            })
+        })
+    })
+}
+
+/// The functions of one step.
+#[derive(Clone, Default)]
+pub(crate) struct Handlers {
+    pub action: Option<StepFn>,
+    pub compensation: Option<StepFn>,
+    pub confirm: Option<StepFn>,
+}
+
+impl Handlers {
+    pub fn get(&self, phase: Phase) -> Option<&StepFn> {
+        match phase {
+            Phase::Action => self.action.as_ref(),
+            Phase::Compensation => self.compensation.as_ref(),
+            Phase::Confirm => self.confirm.as_ref(),
+        }
+    }
+}
+
+/// A saga of Rust functions: its definition and its step functions.
+#[derive(Clone)]
+pub struct Saga {
+    pub(crate) definition: SagaDefinition,
+    pub(crate) handlers: HashMap<String, Handlers>,
+}
+
+impl Saga {
+    pub fn builder(name: impl Into<String>) -> SagaBuilder {
+        SagaBuilder {
+            name: name.into(),
+            mode: Mode::Sequential,
+            autocommit: true,
+            retry: RetryOverride::default(),
+            steps: Vec::new(),
+            handlers: HashMap::new(),
+            error: None,
+        }
+    }
+
+    pub fn definition(&self) -> &SagaDefinition {
+        &self.definition
+    }
+
+    pub fn name(&self) -> &str {
+        &self.definition.name
+    }
+}
+
+/// Builds a [`Saga`]. Methods after `step` configure that step.
+pub struct SagaBuilder {
+    name: String,
+    mode: Mode,
+    autocommit: bool,
+    retry: RetryOverride,
+    steps: Vec<StepDefinition>,
+    handlers: HashMap<String, Handlers>,
+    error: Option<String>,
+}
+
+fn policy_override(p: RetryPolicy) -> RetryOverride {
+    RetryOverride {
+        max_attempts: Some(p.max_attempts),
+        initial_backoff_ms: Some(p.initial_backoff_ms),
+        max_backoff_ms: Some(p.max_backoff_ms),
+        multiplier: Some(p.multiplier),
+    }
+}
+
+impl SagaBuilder {
+    /// Adds a step whose action is `f`.
+    pub fn step<F, Fut, T>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'static,
+        T: Serialize + 'static,
+    {
+        let name = name.into();
+        self.handlers.insert(
+            name.clone(),
+            Handlers {
+                action: Some(erase(f)),
+                ..Default::default()
+            },
+        );
+        self.steps.push(StepDefinition::local(name));
+        self
+    }
+
+    fn last(&mut self, what: &str) -> Option<&mut StepDefinition> {
+        if self.steps.is_empty() && self.error.is_none() {
+            self.error = Some(format!("{what}() was called before any step()"));
+        }
+        self.steps.last_mut()
+    }
+
+    fn set_handler(&mut self, phase: Phase, f: StepFn) {
+        if let Some(s) = self.steps.last() {
+            let h = self.handlers.entry(s.name.clone()).or_default();
+            match phase {
+                Phase::Action => h.action = Some(f),
+                Phase::Compensation => h.compensation = Some(f),
+                Phase::Confirm => h.confirm = Some(f),
+            }
+        }
+    }
+
+    /// The last step's compensation: undoes its action.
+    pub fn compensate<F, Fut, T>(mut self, f: F) -> Self
+    where
+        F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'static,
+        T: Serialize + 'static,
+    {
+        if let Some(s) = self.last("compensate") {
+            s.compensation = Some(Endpoint::Local);
+            self.set_handler(Phase::Compensation, erase(f));
+        }
+        self
+    }
+
+    /// The last step's confirm: runs after every action succeeded.
+    pub fn confirm<F, Fut, T>(mut self, f: F) -> Self
+    where
+        F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'static,
+        T: Serialize + 'static,
+    {
+        if let Some(s) = self.last("confirm") {
+            s.confirm = Some(Endpoint::Local);
+            self.set_handler(Phase::Confirm, erase(f));
+        }
+        self
+    }
+
+    /// The last step's retry policy (its compensation and confirm get at
+    /// least 10 attempts).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        if let Some(s) = self.last("retry") {
+            s.retry = policy_override(policy);
+        }
+        self
+    }
+
+    /// The last step's per-attempt timeout (for a callback step: how long
+    /// it waits for the reply).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        if let Some(s) = self.last("timeout") {
+            s.timeout_ms = Some(t.as_millis().clamp(1, u64::MAX as u128) as u64);
+        }
+        self
+    }
+
+    /// The last step's action only means "accepted"; the step waits for
+    /// [`Engine::reply`](crate::Engine::reply).
+    pub fn callback(mut self) -> Self {
+        if let Some(s) = self.last("callback") {
+            s.reply = ReplyMode::Callback;
+        }
+        self
+    }
+
+    /// The retry policy of every step that sets none.
+    pub fn default_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy_override(policy);
+        self
+    }
+
+    /// Sequential (default) or concurrent.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Run every action at once.
+    pub fn concurrent(self) -> Self {
+        self.mode(Mode::Concurrent)
+    }
+
+    /// When `false`, a saga whose actions all succeeded waits for
+    /// [`Engine::commit`](crate::Engine::commit) or `reject`.
+    pub fn autocommit(mut self, on: bool) -> Self {
+        self.autocommit = on;
+        self
+    }
+
+    /// Checks the saga as a definition would be (API.md §1).
+    pub fn build(self) -> Result<Saga, DefinitionError> {
+        if let Some(message) = self.error {
+            return Err(DefinitionError::Invalid {
+                field: "steps".into(),
+                message,
+            });
+        }
+        let definition = SagaDefinition {
+            name: self.name,
+            mode: self.mode,
+            autocommit: self.autocommit,
+            retry: self.retry,
+            steps: self.steps,
+        };
+        definition.validate()?;
+        Ok(Saga {
+            definition,
+            handlers: self.handlers,
+        })
+    }
+}

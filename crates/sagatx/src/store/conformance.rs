@@ -1,0 +1,412 @@
+//! The store conformance suite: written once against [`Store`], run against
+//! every implementation. A store is correct when [`run`] returns `Ok`.
+//!
+//! The suite uses saga names and ids of its own (prefixed with a random
+//! tag), so it can run on a store that holds other data.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sagatx_core::{Env, Event, Execution, ExecutionId, Phase, SagaDefinition, Status, StepError};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{ListQuery, Store, StoreError};
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!("{}:{}: {}", file!(), line!(), format!($($msg)+)));
+        }
+    };
+}
+
+type R = Result<(), String>;
+
+fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |err| format!("{what}: {err}")
+}
+
+fn def(name: &str, steps: usize, callback: bool) -> SagaDefinition {
+    let steps: Vec<String> = (0..steps)
+        .map(|i| {
+            let reply = if callback && i == 0 {
+                r#","reply":"callback""#
+            } else {
+                ""
+            };
+            format!(r#"{{"name":"s{i}","action":"local","compensation":"local"{reply}}}"#)
+        })
+        .collect();
+    SagaDefinition::from_json(
+        format!(r#"{{"name":"{name}","steps":[{}]}}"#, steps.join(",")).as_bytes(),
+    )
+    .unwrap_or_else(|e| panic!("the suite's own definition is valid: {e}"))
+}
+
+const ENV: Env = Env {
+    now_ms: 1_000,
+    random01: 0.5,
+};
+
+/// A started execution (status running, first call in flight), seq 1.
+fn started(d: &SagaDefinition, id: ExecutionId) -> Execution {
+    let mut ex = Execution::new(
+        id,
+        d,
+        1,
+        json!({"n": id.to_string()}),
+        Some("suite".into()),
+        1_000,
+    );
+    let _ = ex.handle(d, Event::Start, ENV);
+    ex.seq = 1;
+    ex
+}
+
+fn step(ex: &mut Execution, d: &SagaDefinition, ev: Event) -> Result<(), String> {
+    let t = ex.handle(d, ev, ENV).map_err(e("suite transition"))?;
+    if t.changed {
+        ex.seq += 1;
+    }
+    Ok(())
+}
+
+/// Delivers the outcome of step `i`'s action call in flight.
+fn act(
+    ex: &mut Execution,
+    d: &SagaDefinition,
+    i: usize,
+    outcome: Result<serde_json::Value, StepError>,
+) -> Result<(), String> {
+    let ev = Event::Outcome {
+        step: i,
+        phase: Phase::Action,
+        attempt: ex.steps[i].attempts,
+        outcome,
+    };
+    step(ex, d, ev)
+}
+
+/// Runs every check against `store`.
+pub async fn run(store: Arc<dyn Store>) -> R {
+    let tag = Uuid::new_v4().simple().to_string()[..8].to_string();
+    definitions(&*store, &tag).await?;
+    append_and_load(&*store, &tag).await?;
+    list_and_page(&*store, &tag).await?;
+    due_and_unfinished(&*store, &tag).await?;
+    concurrent_writers(store.clone(), &tag).await?;
+    Ok(())
+}
+
+async fn definitions(store: &dyn Store, tag: &str) -> R {
+    let name = format!("conf-def-{tag}");
+    let d1 = def(&name, 2, false);
+    let r = store.put_definition(&d1).await.map_err(e("put v1"))?;
+    ensure!(
+        r.version == 1 && r.created,
+        "first put gives v1 created, got {r:?}"
+    );
+    let r = store.put_definition(&d1).await.map_err(e("put v1 again"))?;
+    ensure!(
+        r.version == 1 && !r.created,
+        "an equal definition keeps v1, got {r:?}"
+    );
+    let d2 = def(&name, 3, false);
+    let r = store.put_definition(&d2).await.map_err(e("put v2"))?;
+    ensure!(
+        r.version == 2 && r.created,
+        "a different definition gives v2, got {r:?}"
+    );
+    let latest = store
+        .get_definition(&name, None)
+        .await
+        .map_err(e("get latest"))?;
+    ensure!(
+        latest == Some((2, d2.clone())),
+        "latest is v2, got {latest:?}"
+    );
+    let v1 = store
+        .get_definition(&name, Some(1))
+        .await
+        .map_err(e("get v1"))?;
+    ensure!(v1 == Some((1, d1.clone())), "v1 is kept, got {v1:?}");
+    let none = store
+        .get_definition(&name, Some(3))
+        .await
+        .map_err(e("get v3"))?;
+    ensure!(none.is_none(), "no v3, got {none:?}");
+    let none = store
+        .get_definition(&format!("conf-none-{tag}"), None)
+        .await
+        .map_err(e("get unknown"))?;
+    ensure!(none.is_none(), "unknown name gives None");
+    // Going back to the first body makes a third version: versions only grow.
+    let r = store
+        .put_definition(&d1)
+        .await
+        .map_err(e("put v1 body again"))?;
+    ensure!(
+        r.version == 3 && r.created,
+        "the old body again is v3, got {r:?}"
+    );
+    let list = store.list_definitions().await.map_err(e("list"))?;
+    ensure!(
+        list.contains(&(name.clone(), 3)),
+        "list holds {name} at v3: {list:?}"
+    );
+    let names: Vec<&String> = list.iter().map(|(n, _)| n).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    ensure!(names == sorted, "list is sorted by name");
+    Ok(())
+}
+
+async fn append_and_load(store: &dyn Store, tag: &str) -> R {
+    let d = def(&format!("conf-append-{tag}"), 2, false);
+    let id = ExecutionId(Uuid::now_v7());
+    let mut ex = started(&d, id);
+    store.append(&ex).await.map_err(e("create"))?;
+    let got = store.load(id).await.map_err(e("load"))?;
+    ensure!(got.as_ref() == Some(&ex), "load gives what was written");
+    match store.append(&ex).await {
+        Err(StoreError::Exists(x)) => ensure!(x == id, "Exists names the id"),
+        other => {
+            return Err(format!(
+                "creating twice must fail with Exists, got {other:?}"
+            ))
+        }
+    }
+    let before = ex.clone();
+    act(&mut ex, &d, 0, Ok(json!({"r": 1})))?;
+    ensure!(ex.seq == 2, "one transition");
+    store.append(&ex).await.map_err(e("update"))?;
+    let got = store.load(id).await.map_err(e("load 2"))?;
+    ensure!(got.as_ref() == Some(&ex), "load gives the update");
+    // A stale writer (seq 2 again, from the old state) is fenced out.
+    let mut stale = before.clone();
+    stale.seq = 2;
+    stale.input = json!("stale");
+    match store.append(&stale).await {
+        Err(StoreError::Conflict {
+            expected: 1,
+            found: Some(2),
+            ..
+        }) => {}
+        other => return Err(format!("a stale write must conflict, got {other:?}")),
+    }
+    let mut ahead = ex.clone();
+    ahead.seq = 9;
+    ensure!(
+        matches!(store.append(&ahead).await, Err(StoreError::Conflict { .. })),
+        "a write that skips sequence numbers must conflict"
+    );
+    let mut ghost = ex.clone();
+    ghost.id = ExecutionId(Uuid::now_v7());
+    ghost.seq = 2;
+    ensure!(
+        matches!(
+            store.append(&ghost).await,
+            Err(StoreError::Conflict { found: None, .. })
+        ),
+        "updating an unknown execution must conflict"
+    );
+    let got = store.load(id).await.map_err(e("load 3"))?;
+    ensure!(got.as_ref() == Some(&ex), "rejected writes change nothing");
+    let none = store
+        .load(ExecutionId(Uuid::now_v7()))
+        .await
+        .map_err(e("load unknown"))?;
+    ensure!(none.is_none(), "an unknown id loads as None");
+    Ok(())
+}
+
+async fn list_and_page(store: &dyn Store, tag: &str) -> R {
+    let da = def(&format!("conf-list-a-{tag}"), 1, false);
+    let db = def(&format!("conf-list-b-{tag}"), 1, false);
+    let mut written = Vec::new();
+    for i in 0..25 {
+        let d = if i % 2 == 0 { &da } else { &db };
+        let mut ex = started(d, ExecutionId(Uuid::now_v7()));
+        store.append(&ex).await.map_err(e("create"))?;
+        if i % 5 == 0 {
+            act(&mut ex, d, 0, Ok(json!(i)))?;
+            store.append(&ex).await.map_err(e("complete"))?;
+        }
+        written.push(ex);
+    }
+    // Newest first, every execution once, over pages of 4.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    for _ in 0..100 {
+        let page = store
+            .list(&ListQuery {
+                saga: Some(da.name.clone()),
+                limit: 4,
+                cursor,
+                ..Default::default()
+            })
+            .await
+            .map_err(e("list page"))?;
+        ensure!(page.items.len() <= 4, "a page holds at most limit items");
+        seen.extend(page.items.iter().map(|x| x.id));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let want: Vec<ExecutionId> = written
+        .iter()
+        .rev()
+        .filter(|x| x.saga == da.name)
+        .map(|x| x.id)
+        .collect();
+    ensure!(
+        seen == want,
+        "paging by saga visits each once, newest first: {} vs {}",
+        seen.len(),
+        want.len()
+    );
+    let done = store
+        .list(&ListQuery {
+            status: Some(Status::Completed),
+            saga: Some(db.name.clone()),
+            limit: 100,
+            cursor: None,
+        })
+        .await
+        .map_err(e("list completed"))?;
+    let want: Vec<ExecutionId> = written
+        .iter()
+        .rev()
+        .filter(|x| x.saga == db.name && x.status == Status::Completed)
+        .map(|x| x.id)
+        .collect();
+    let got: Vec<ExecutionId> = done.items.iter().map(|x| x.id).collect();
+    ensure!(
+        got == want && !want.is_empty(),
+        "status and saga filters combine: {got:?} vs {want:?}"
+    );
+    ensure!(
+        done.next_cursor.is_none(),
+        "a short last page has no cursor"
+    );
+    let all = store
+        .list(&ListQuery {
+            limit: 3,
+            ..Default::default()
+        })
+        .await
+        .map_err(e("list all"))?;
+    ensure!(
+        all.items.len() == 3 && all.next_cursor.is_some(),
+        "an unfiltered page is full and has a cursor"
+    );
+    ensure!(all.items[0].id == written[24].id, "the newest comes first");
+    Ok(())
+}
+
+async fn due_and_unfinished(store: &dyn Store, tag: &str) -> R {
+    let d = def(&format!("conf-due-{tag}"), 2, true);
+    // a: backing off (due at 1100); b: paused on a callback with no deadline;
+    // c: terminal (cancelled before any call); f: running (in flight).
+    let mut a = started(&d, ExecutionId(Uuid::now_v7()));
+    store.append(&a).await.map_err(e("a"))?;
+    act(&mut a, &d, 0, Err(StepError::transient("503")))?;
+    store.append(&a).await.map_err(e("a2"))?;
+    ensure!(
+        a.next_due_ms() == Some(1_100),
+        "a is due at 1100, got {:?}",
+        a.next_due_ms()
+    );
+    let mut b = started(&d, ExecutionId(Uuid::now_v7()));
+    store.append(&b).await.map_err(e("b"))?;
+    act(&mut b, &d, 0, Ok(json!(null)))?;
+    store.append(&b).await.map_err(e("b2"))?;
+    ensure!(b.status == Status::Paused, "b is paused");
+    let mut c = Execution::new(ExecutionId(Uuid::now_v7()), &d, 1, json!(null), None, 1_000);
+    step(&mut c, &d, Event::Cancel)?;
+    c.seq = 1;
+    ensure!(c.status == Status::Compensated, "c is terminal");
+    store.append(&c).await.map_err(e("c"))?;
+    let f = started(&d, ExecutionId(Uuid::now_v7()));
+    store.append(&f).await.map_err(e("f"))?;
+
+    let due = store.due(1_099, 100).await.map_err(e("due early"))?;
+    ensure!(
+        !due.contains(&a.id),
+        "nothing of ours is due before its time"
+    );
+    let due = store.due(1_100, 10_000).await.map_err(e("due"))?;
+    ensure!(due.contains(&a.id), "a is due at its time");
+    ensure!(
+        !due.contains(&b.id) && !due.contains(&c.id) && !due.contains(&f.id),
+        "only a is due"
+    );
+    let one = store.due(u64::MAX / 2, 1).await.map_err(e("due limit"))?;
+    ensure!(one.len() == 1, "due respects its limit");
+
+    // Unfinished: a and f (running), not b (paused) nor c (terminal);
+    // paging visits each once.
+    let mut seen = HashSet::new();
+    let mut cursor = None;
+    for _ in 0..100_000 {
+        let page = store.unfinished(cursor, 2).await.map_err(e("unfinished"))?;
+        ensure!(page.items.len() <= 2, "unfinished respects its limit");
+        for x in &page.items {
+            ensure!(seen.insert(x.id), "unfinished returned {} twice", x.id);
+            ensure!(
+                matches!(
+                    x.status,
+                    Status::Created | Status::Running | Status::Compensating
+                ),
+                "unfinished returned a {} execution",
+                x.status
+            );
+        }
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    ensure!(
+        seen.contains(&a.id) && seen.contains(&f.id),
+        "a and f are unfinished"
+    );
+    ensure!(
+        !seen.contains(&b.id) && !seen.contains(&c.id),
+        "b and c are not"
+    );
+    Ok(())
+}
+
+async fn concurrent_writers(store: Arc<dyn Store>, tag: &str) -> R {
+    let d = Arc::new(def(&format!("conf-conc-{tag}"), 3, false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let store = store.clone();
+        let d = d.clone();
+        tasks.spawn(async move {
+            let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
+            store.append(&ex).await.map_err(e("create"))?;
+            for i in 0..3 {
+                act(&mut ex, &d, i, Ok(json!(i)))?;
+                store.append(&ex).await.map_err(e("update"))?;
+            }
+            Ok::<_, String>(ex)
+        });
+    }
+    let mut n = 0;
+    while let Some(r) = tasks.join_next().await {
+        let ex = r.map_err(e("task"))??;
+        let got = store.load(ex.id).await.map_err(e("load"))?;
+        ensure!(
+            got.as_ref() == Some(&ex),
+            "every concurrent write is durable and readable"
+        );
+        ensure!(ex.status == Status::Completed, "completed");
+        n += 1;
+    }
+    ensure!(n == 64, "all writers finished");
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! An in-memory store: the reference implementation of the trait, for tests
+//! and the in-process benchmark. Nothing survives the process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use sagatx_core::{Execution, ExecutionId, SagaDefinition};
+
+use super::{may_have_work, same_definition, ListQuery, Page, Registered, Store, StoreError};
+
+#[derive(Default)]
+struct Inner {
+    definitions: BTreeMap<String, Vec<SagaDefinition>>,
+    /// Insertion number → execution; the number is the list cursor.
+    executions: BTreeMap<u64, Execution>,
+    by_id: HashMap<ExecutionId, u64>,
+    next: u64,
+}
+
+/// A store that keeps everything in memory.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the maps half-updated
+        // (every update is a single insert), so a poisoned lock is usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn put_definition(&self, def: &SagaDefinition) -> Result<Registered, StoreError> {
+        let mut g = self.lock();
+        let versions = g.definitions.entry(def.name.clone()).or_default();
+        if let Some(last) = versions.last() {
+            if same_definition(last, def) {
+                return Ok(Registered {
+                    version: versions.len() as u32,
+                    created: false,
+                });
+            }
+        }
+        versions.push(def.clone());
+        Ok(Registered {
+            version: versions.len() as u32,
+            created: true,
+        })
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(u32, SagaDefinition)>, StoreError> {
+        let g = self.lock();
+        let Some(versions) = g.definitions.get(name) else {
+            return Ok(None);
+        };
+        let v = version.unwrap_or(versions.len() as u32);
+        Ok(v.checked_sub(1)
+            .and_then(|i| versions.get(i as usize))
+            .map(|d| (v, d.clone())))
+    }
+
+    async fn list_definitions(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let g = self.lock();
+        Ok(g.definitions
+            .iter()
+            .map(|(n, v)| (n.clone(), v.len() as u32))
+            .collect())
+    }
+
+    async fn append(&self, ex: &Execution) -> Result<(), StoreError> {
+        ex.check_invariants().map_err(|e| StoreError::Corrupt {
+            id: ex.id.to_string(),
+            source: sagatx_core::DecodeError::Invariant(e),
+        })?;
+        let mut g = self.lock();
+        if ex.seq == 1 {
+            if g.by_id.contains_key(&ex.id) {
+                return Err(StoreError::Exists(ex.id));
+            }
+            g.next += 1;
+            let n = g.next;
+            g.by_id.insert(ex.id, n);
+            g.executions.insert(n, ex.clone());
+            return Ok(());
+        }
+        let n = g.by_id.get(&ex.id).copied();
+        let held = n.and_then(|n| g.executions.get_mut(&n));
+        match held {
+            Some(cur) if cur.seq + 1 == ex.seq => {
+                *cur = ex.clone();
+                Ok(())
+            }
+            other => Err(StoreError::Conflict {
+                id: ex.id,
+                expected: ex.seq - 1,
+                found: other.map(|c| c.seq),
+            }),
+        }
+    }
+
+    async fn load(&self, id: ExecutionId) -> Result<Option<Execution>, StoreError> {
+        let g = self.lock();
+        Ok(g.by_id.get(&id).and_then(|n| g.executions.get(n)).cloned())
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        let g = self.lock();
+        let upper = q.cursor.unwrap_or(u64::MAX);
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (&n, ex) in g.executions.range(..upper).rev() {
+            if q.status.is_some_and(|s| s != ex.status) {
+                continue;
+            }
+            if q.saga.as_deref().is_some_and(|s| s != ex.saga) {
+                continue;
+            }
+            if items.len() == q.limit {
+                next_cursor = Some(n + 1);
+                break;
+            }
+            items.push(ex.clone());
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<ExecutionId>, StoreError> {
+        let g = self.lock();
+        let mut due: Vec<(u64, ExecutionId)> = g
+            .executions
+            .values()
+            .filter_map(|e| Some((e.next_due_ms()?, e.id)))
+            .filter(|(d, _)| *d <= now_ms)
+            .collect();
+        due.sort();
+        Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+    }
+
+    async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
+        let g = self.lock();
+        let lower = cursor.unwrap_or(0);
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (&n, ex) in g.executions.range(lower..) {
+            if !may_have_work(ex.status) {
+                continue;
+            }
+            if items.len() == limit {
+                next_cursor = Some(n);
+                break;
+            }
+            items.push(ex.clone());
+        }
+        Ok(Page { items, next_cursor })
+    }
+}

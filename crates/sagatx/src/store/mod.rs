@@ -1,0 +1,138 @@
+//! The journal: one narrow async trait and its implementations.
+//!
+//! A [`Store`] keeps saga definitions (by name and version) and executions.
+//! The engine writes an execution's whole state after every transition with
+//! [`Store::append`]; the store accepts the write only when its `seq` follows
+//! the one it holds, which fences out a writer that lost track. Every
+//! implementation passes the one [`conformance`] suite unchanged.
+//!
+//! - [`MemoryStore`]: in memory, for tests and the benchmark; not durable.
+//! - [`SqliteStore`]: the embedded default; WAL, `synchronous=FULL`, one
+//!   writer thread doing group commit, separate read connections.
+
+use async_trait::async_trait;
+use sagatx_core::{DecodeError, Execution, ExecutionId, SagaDefinition, Status};
+
+pub mod conformance;
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryStore;
+pub use sqlite::{Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, SCHEMA_VERSION};
+
+/// Store operations fail with this.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("an execution with id {0} already exists")]
+    Exists(ExecutionId),
+    #[error(
+        "execution {id} changed under this writer (the store holds sequence {found:?}, \
+         the write expected {expected}); another process may be driving it"
+    )]
+    Conflict {
+        id: ExecutionId,
+        expected: u64,
+        found: Option<u64>,
+    },
+    #[error("execution {0} does not exist")]
+    NotFound(ExecutionId),
+    #[error("{path} is not a sagatx journal ({reason}); point the store at a sagatx database or at a new file")]
+    Foreign { path: String, reason: String },
+    #[error("{path} was written by a newer sagatx (schema version {found}, this build knows up to {known}); upgrade sagatx")]
+    FutureSchema {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("the journal entry of execution {id} cannot be read: {source}")]
+    Corrupt {
+        id: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A filter and a page position for [`Store::list`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    pub status: Option<Status>,
+    pub saga: Option<String>,
+    /// At most this many items (the engine bounds it).
+    pub limit: usize,
+    /// From the previous page's `next_cursor`.
+    pub cursor: Option<u64>,
+}
+
+/// One page of executions, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub items: Vec<Execution>,
+    /// Pass back as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<u64>,
+}
+
+/// A registered definition and its version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    pub version: u32,
+    /// `true` when this call created the version, `false` when an equal
+    /// definition was already the latest.
+    pub created: bool,
+}
+
+/// The journal of definitions and executions.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Registers a definition: an equal one (as canonical JSON) to the latest
+    /// version gives that version back; a different one creates the next.
+    async fn put_definition(&self, def: &SagaDefinition) -> Result<Registered, StoreError>;
+
+    /// A definition by name, the given version or the latest.
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(u32, SagaDefinition)>, StoreError>;
+
+    /// Every saga name with its latest version, sorted by name.
+    async fn list_definitions(&self) -> Result<Vec<(String, u32)>, StoreError>;
+
+    /// Journals a transition. `ex.seq == 1` creates the execution (fails with
+    /// [`StoreError::Exists`] if the id is taken); a larger `seq` replaces
+    /// the state only if the store holds `seq - 1` ([`StoreError::Conflict`]
+    /// otherwise). Returns once the write is durable.
+    async fn append(&self, ex: &Execution) -> Result<(), StoreError>;
+
+    /// One execution.
+    async fn load(&self, id: ExecutionId) -> Result<Option<Execution>, StoreError>;
+
+    /// A page of executions, newest first. An entry that cannot be decoded
+    /// is skipped (and logged), not allowed to hide the others.
+    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError>;
+
+    /// Ids of non-terminal executions with a due time at or before `now_ms`,
+    /// earliest first.
+    async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<ExecutionId>, StoreError>;
+
+    /// A page of executions that may have work under way (status `created`,
+    /// `running` or `compensating`), oldest first, after `cursor`; for
+    /// recovery. Undecodable entries are skipped and logged, as in `list`.
+    async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError>;
+}
+
+/// The statuses [`Store::unfinished`] returns.
+pub(crate) fn may_have_work(s: Status) -> bool {
+    matches!(s, Status::Created | Status::Running | Status::Compensating)
+}
+
+/// The latest definition version differs from `def`?
+pub(crate) fn same_definition(a: &SagaDefinition, b: &SagaDefinition) -> bool {
+    a.to_json() == b.to_json()
+}

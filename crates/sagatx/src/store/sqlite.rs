@@ -1,0 +1,667 @@
+//! The embedded SQLite store, the default.
+//!
+//! - WAL mode; `synchronous=FULL` by default ([`Durability`]): a write is on
+//!   disk when `append` returns.
+//! - One writer thread owns the only write connection. It takes every write
+//!   queued at the moment, applies them in one transaction and one fsync
+//!   (group commit), then wakes each waiter. Throughput grows with
+//!   concurrency; at low load the latency is one fsync.
+//! - Reads use a small pool of separate connections on tokio's blocking pool.
+//!
+//! The file is marked with an `application_id`, so a foreign SQLite file is
+//! refused instead of written to; `user_version` holds the schema version.
+//! The format is described in `docs/journal-format.md`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use sagatx_core::{Execution, ExecutionId, SagaDefinition};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{ListQuery, Page, Registered, Store, StoreError};
+
+/// `PRAGMA application_id` of a sagatx journal: "SgTx".
+pub const APPLICATION_ID: i32 = 0x5367_5478;
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+/// Writes applied in one transaction at most.
+pub const MAX_BATCH: usize = 1024;
+/// Writes queued for the writer thread at most (back-pressure beyond).
+pub const QUEUE_DEPTH: usize = 8192;
+/// Read connections kept open at most.
+pub const MAX_READERS: usize = 8;
+
+/// Migrations, applied in order; entry `i` takes the schema to version `i+1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE definitions (
+    name        TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    body        TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+) WITHOUT ROWID;
+CREATE TABLE executions (
+    n           INTEGER PRIMARY KEY,
+    id          BLOB    NOT NULL UNIQUE,
+    saga        TEXT    NOT NULL,
+    status      TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    due_at      INTEGER,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    state       BLOB    NOT NULL
+);
+CREATE INDEX executions_due ON executions (due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX executions_status ON executions (status, n);
+CREATE INDEX executions_saga ON executions (saga, n);
+"#];
+
+/// How hard a commit insists on reaching the disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// `synchronous=FULL`: durable across power loss once `append` returns.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: durable across a process crash; the last
+    /// commits may be lost on power loss. Faster.
+    Normal,
+}
+
+/// Opens a [`SqliteStore`] with settings.
+#[derive(Debug, Clone)]
+pub struct SqliteStoreBuilder {
+    path: PathBuf,
+    durability: Durability,
+}
+
+impl SqliteStoreBuilder {
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Opens (creating if needed) the journal file.
+    pub fn open(self) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(self.path, self.durability)
+    }
+}
+
+enum Write {
+    Append {
+        id: ExecutionId,
+        saga: String,
+        status: &'static str,
+        seq: u64,
+        due_at: Option<u64>,
+        created_at: u64,
+        updated_at: u64,
+        state: Vec<u8>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Definition {
+        def: Box<SagaDefinition>,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<Registered, StoreError>>,
+    },
+}
+
+/// The SQLite journal. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<Write>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+fn io(e: rusqlite::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| StoreError::Open {
+        path: display(path),
+        reason: format!("{e}; check that the directory exists and that this user may write to it"),
+    })?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(io)?;
+    Ok(conn)
+}
+
+/// Checks the file is ours (or new), brings its schema up to date.
+fn prepare(conn: &mut Connection, path: &Path, durability: Durability) -> Result<(), StoreError> {
+    let foreign = |reason: String| StoreError::Foreign {
+        path: display(path),
+        reason,
+    };
+    // Reading the header is the first thing to fail on a file that is not
+    // SQLite at all.
+    let app_id: i32 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| foreign(e.to_string()))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| foreign(e.to_string()))?;
+    if app_id != APPLICATION_ID && !(app_id == 0 && tables == 0) {
+        return Err(foreign(format!(
+            "it is a SQLite database of something else (application_id {app_id:#x}, {tables} schema objects)"
+        )));
+    }
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| StoreError::Open {
+            path: display(path),
+            reason: format!("cannot switch to WAL mode: {e}"),
+        })?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: display(path),
+            reason: format!("the file system refused WAL mode (got {mode})"),
+        });
+    }
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!("PRAGMA synchronous={sync};"))
+        .map_err(io)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(io)?;
+    const _: () = assert!(MIGRATIONS.len() as i64 == SCHEMA_VERSION);
+    let known = SCHEMA_VERSION;
+    if version > known {
+        return Err(StoreError::FutureSchema {
+            path: display(path),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(|e| StoreError::Open {
+            path: display(path),
+            reason: e.to_string(),
+        })?;
+        tx.execute_batch(sql).map_err(|e| StoreError::Open {
+            path: display(path),
+            reason: format!("migration {} failed: {e}", i + 1),
+        })?;
+        tx.execute_batch(&format!(
+            "PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version={};",
+            i + 1
+        ))
+        .map_err(io)?;
+        tx.commit().map_err(|e| StoreError::Open {
+            path: display(path),
+            reason: format!("migration {} could not be committed: {e}", i + 1),
+        })?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Settings for the journal at `path`.
+    pub fn builder(path: impl AsRef<Path>) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            path: path.as_ref().to_path_buf(),
+            durability: Durability::Full,
+        }
+    }
+
+    /// Opens (creating if needed) the journal at `path` with full durability.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::builder(path).open()
+    }
+
+    fn open_with(path: PathBuf, durability: Durability) -> Result<Self, StoreError> {
+        let mut conn = open_conn(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        prepare(&mut conn, &path, durability)?;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let thread_path = path.clone();
+        thread::Builder::new()
+            .name("sagatx-sqlite-writer".into())
+            .spawn(move || writer(conn, rx, thread_path))
+            .map_err(|e| StoreError::Open {
+                path: display(&path),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(SqliteStore {
+            path,
+            writer: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with a read connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_conn(
+                    &path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?,
+            };
+            let out = f(&conn);
+            let mut pool = readers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < MAX_READERS {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("read task failed: {e}")))?
+    }
+}
+
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
+    let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let outcome = apply_batch(&mut conn, &mut batch);
+        let n = batch.len();
+        match outcome {
+            Ok(results) => {
+                for (w, r) in batch.drain(..).zip(results) {
+                    reply(w, r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "journal commit failed");
+                for w in batch.drain(..) {
+                    reply_err(w, StoreError::Io(e.to_string()));
+                }
+            }
+        }
+        tracing::trace!(
+            batch = n,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
+    }
+}
+
+/// Per-write results of one batch; `Err` when the whole transaction failed.
+enum Done {
+    Appended(Result<(), StoreError>),
+    Defined(Result<Registered, StoreError>),
+}
+
+fn reply(w: Write, r: Done) {
+    // A waiter that went away (its task was cancelled) no longer cares.
+    match (w, r) {
+        (Write::Append { reply, .. }, Done::Appended(r)) => {
+            let _ = reply.send(r);
+        }
+        (Write::Definition { reply, .. }, Done::Defined(r)) => {
+            let _ = reply.send(r);
+        }
+        (w, _) => reply_err(w, StoreError::Io("internal: mismatched reply".into())),
+    }
+}
+
+fn reply_err(w: Write, e: StoreError) {
+    match w {
+        Write::Append { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Write::Definition { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
+fn apply_batch(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Done>, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut out = Vec::with_capacity(batch.len());
+    for w in batch.iter() {
+        match w {
+            Write::Append {
+                id,
+                saga,
+                status,
+                seq,
+                due_at,
+                created_at,
+                updated_at,
+                state,
+                ..
+            } => {
+                let idb = id.0.as_bytes().as_slice();
+                let due = due_at.map(|d| d as i64);
+                if *seq == 1 {
+                    let mut st = tx.prepare_cached(
+                        "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
+                         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                    )?;
+                    let n = st.execute(params![
+                        idb,
+                        saga,
+                        status,
+                        due,
+                        *created_at as i64,
+                        *updated_at as i64,
+                        state
+                    ])?;
+                    out.push(Done::Appended(if n == 1 {
+                        Ok(())
+                    } else {
+                        Err(StoreError::Exists(*id))
+                    }));
+                } else {
+                    let mut st = tx.prepare_cached(
+                        "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+                         WHERE id = ?1 AND seq = ?7",
+                    )?;
+                    let n = st.execute(params![
+                        idb,
+                        status,
+                        *seq as i64,
+                        due,
+                        *updated_at as i64,
+                        state,
+                        (*seq - 1) as i64
+                    ])?;
+                    if n == 1 {
+                        out.push(Done::Appended(Ok(())));
+                    } else {
+                        let found: Option<i64> = tx
+                            .prepare_cached("SELECT seq FROM executions WHERE id = ?1")?
+                            .query_row([idb], |r| r.get(0))
+                            .optional()?;
+                        out.push(Done::Appended(Err(StoreError::Conflict {
+                            id: *id,
+                            expected: seq - 1,
+                            found: found.map(|s| s as u64),
+                        })));
+                    }
+                }
+            }
+            Write::Definition { def, now_ms, .. } => {
+                let body = def.to_json();
+                let latest: Option<(i64, String)> = tx
+                    .prepare_cached(
+                        "SELECT version, body FROM definitions WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+                    )?
+                    .query_row([&def.name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let same = latest.as_ref().and_then(|(_, b)| {
+                    serde_json::from_str::<serde_json::Value>(b)
+                        .ok()
+                        .map(|v| v == body)
+                });
+                match (latest, same) {
+                    (Some((v, _)), Some(true)) => out.push(Done::Defined(Ok(Registered {
+                        version: v as u32,
+                        created: false,
+                    }))),
+                    (latest, _) => {
+                        let v = latest.map(|(v, _)| v).unwrap_or(0) + 1;
+                        tx.prepare_cached(
+                            "INSERT INTO definitions (name, version, body, created_at) VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![def.name, v, body.to_string(), *now_ms as i64])?;
+                        out.push(Done::Defined(Ok(Registered {
+                            version: v as u32,
+                            created: true,
+                        })));
+                    }
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn decode_row(id: &[u8], state: &[u8]) -> Result<Execution, StoreError> {
+    Execution::from_raw(state).map_err(|source| StoreError::Corrupt {
+        id: Uuid::from_slice(id)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| format!("{id:02x?}")),
+        source,
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_definition(&self, def: &SagaDefinition) -> Result<Registered, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Write::Definition {
+                def: Box::new(def.clone()),
+                now_ms: now_ms(),
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(u32, SagaDefinition)>, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| {
+            let row: Option<(i64, String)> = match version {
+                Some(v) => c
+                    .prepare_cached("SELECT version, body FROM definitions WHERE name = ?1 AND version = ?2")
+                    .and_then(|mut s| {
+                        s.query_row(params![name, v as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                    }),
+                None => c
+                    .prepare_cached(
+                        "SELECT version, body FROM definitions WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                    }),
+            }
+            .map_err(io)?;
+            match row {
+                None => Ok(None),
+                Some((v, body)) => {
+                    let def = SagaDefinition::from_json(body.as_bytes()).map_err(|e| {
+                        StoreError::Io(format!("stored definition {name} v{v} is unreadable: {e}"))
+                    })?;
+                    Ok(Some((v as u32, def)))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn list_definitions(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        self.read(|c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT name, max(version) FROM definitions GROUP BY name ORDER BY name",
+                )
+                .map_err(io)?;
+            let rows = s
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u32))
+                })
+                .map_err(io)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io)
+        })
+        .await
+    }
+
+    async fn append(&self, ex: &Execution) -> Result<(), StoreError> {
+        let state = ex.to_raw().map_err(|source| StoreError::Corrupt {
+            id: ex.id.to_string(),
+            source,
+        })?;
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Write::Append {
+                id: ex.id,
+                saga: ex.saga.clone(),
+                status: ex.status.as_str(),
+                seq: ex.seq,
+                due_at: ex.next_due_ms(),
+                created_at: ex.created_at_ms,
+                updated_at: ex.updated_at_ms,
+                state,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn load(&self, id: ExecutionId) -> Result<Option<Execution>, StoreError> {
+        self.read(move |c| {
+            let row: Option<Vec<u8>> = c
+                .prepare_cached("SELECT state FROM executions WHERE id = ?1")
+                .and_then(|mut s| {
+                    s.query_row([id.0.as_bytes().as_slice()], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(io)?;
+            row.map(|state| decode_row(id.0.as_bytes(), &state))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        let q = q.clone();
+        self.read(move |c| {
+            let upper = q.cursor.map(|c| c as i64).unwrap_or(i64::MAX);
+            let mut sql = String::from("SELECT n, id, state FROM executions WHERE n < ?");
+            let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(upper)];
+            if let Some(st) = q.status {
+                sql.push_str(" AND status = ?");
+                args.push(Box::new(st.as_str()));
+            }
+            if let Some(saga) = q.saga.clone() {
+                sql.push_str(" AND saga = ?");
+                args.push(Box::new(saga));
+            }
+            sql.push_str(" ORDER BY n DESC LIMIT ?");
+            args.push(Box::new((q.limit + 1) as i64));
+            let mut s = c.prepare_cached(&sql).map_err(io)?;
+            let mut rows = s
+                .query(rusqlite::params_from_iter(args.iter()))
+                .map_err(io)?;
+            let mut items = Vec::new();
+            let mut next_cursor = None;
+            while let Some(r) = rows.next().map_err(io)? {
+                let n: i64 = r.get(0).map_err(io)?;
+                if items.len() == q.limit {
+                    next_cursor = Some(n as u64 + 1);
+                    break;
+                }
+                let id: Vec<u8> = r.get(1).map_err(io)?;
+                let state: Vec<u8> = r.get(2).map_err(io)?;
+                // A damaged entry is reported and left in place for an
+                // operator; it must not hide every other execution.
+                match decode_row(&id, &state) {
+                    Ok(ex) => items.push(ex),
+                    Err(e) => tracing::error!(error = %e, "skipping an unreadable journal entry"),
+                }
+            }
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<ExecutionId>, StoreError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT id FROM executions WHERE due_at IS NOT NULL AND due_at <= ?1 ORDER BY due_at LIMIT ?2",
+                )
+                .map_err(io)?;
+            let rows = s
+                .query_map(params![now_ms as i64, limit as i64], |r| r.get::<_, Vec<u8>>(0))
+                .map_err(io)?;
+            let mut out = Vec::new();
+            for r in rows {
+                let b = r.map_err(io)?;
+                let u = Uuid::from_slice(&b)
+                    .map_err(|e| StoreError::Io(format!("bad execution id in the journal: {e}")))?;
+                out.push(ExecutionId(u));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT n, id, state FROM executions
+                     WHERE status IN ('created', 'running', 'compensating') AND n >= ?1
+                     ORDER BY n LIMIT ?2",
+                )
+                .map_err(io)?;
+            let mut rows = s
+                .query(params![cursor.unwrap_or(0) as i64, (limit + 1) as i64])
+                .map_err(io)?;
+            let mut items = Vec::new();
+            let mut next_cursor = None;
+            while let Some(r) = rows.next().map_err(io)? {
+                let n: i64 = r.get(0).map_err(io)?;
+                if items.len() == limit {
+                    next_cursor = Some(n as u64);
+                    break;
+                }
+                let id: Vec<u8> = r.get(1).map_err(io)?;
+                let state: Vec<u8> = r.get(2).map_err(io)?;
+                // A damaged entry is reported and left in place for an
+                // operator; it must not hide every other execution.
+                match decode_row(&id, &state) {
+                    Ok(ex) => items.push(ex),
+                    Err(e) => tracing::error!(error = %e, "skipping an unreadable journal entry"),
+                }
+            }
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+}

@@ -425,6 +425,13 @@ impl Engine {
 
     /// Waits until the execution is terminal or paused; gives its state.
     pub async fn wait(&self, id: ExecutionId) -> Result<Execution, EngineError> {
+        // However this wait ends (answered, failed, timed out, dropped), its
+        // entry goes, so waiting leaves nothing behind in memory. (Declared
+        // before the receiver, so dropped after it.)
+        let _guard = WaitGuard {
+            inner: &self.inner,
+            id,
+        };
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.waiters).entry(id).or_default().push(tx);
         // Registered first, then read: a change after the read is notified.
@@ -583,10 +590,32 @@ impl Engine {
         lock(&self.inner.active).len()
     }
 
+    /// Callers blocked in [`wait`](Self::wait) now, counted by execution.
+    pub fn waiting_callers(&self) -> usize {
+        lock(&self.inner.waiters).len()
+    }
+
     async fn send(&self, id: ExecutionId, event: Event) -> Result<Execution, EngineError> {
         let (tx, rx) = oneshot::channel();
         deliver(&self.inner, id, event, Some(tx));
         rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+}
+
+struct WaitGuard<'a> {
+    inner: &'a Inner,
+    id: ExecutionId,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let mut waiters = lock(&self.inner.waiters);
+        if let Some(ws) = waiters.get_mut(&self.id) {
+            ws.retain(|w| !w.is_closed());
+            if ws.is_empty() {
+                waiters.remove(&self.id);
+            }
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! An in-memory store: the reference implementation of the trait, for tests
 //! and the in-process benchmark. Nothing survives the process.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -15,6 +15,8 @@ struct Inner {
     /// Insertion number → execution; the number is the list cursor.
     executions: BTreeMap<u64, Execution>,
     by_id: HashMap<ExecutionId, u64>,
+    /// (due time, insertion number) of every execution with a due time.
+    due: BTreeSet<(u64, u64)>,
     next: u64,
 }
 
@@ -92,17 +94,26 @@ impl Store for MemoryStore {
             g.next += 1;
             let n = g.next;
             g.by_id.insert(ex.id, n);
+            if let Some(d) = ex.next_due_ms() {
+                g.due.insert((d, n));
+            }
             g.executions.insert(n, ex.clone());
             return Ok(());
         }
         let n = g.by_id.get(&ex.id).copied();
-        let held = n.and_then(|n| g.executions.get_mut(&n));
-        match held {
-            Some(cur) if cur.seq + 1 == ex.seq => {
-                *cur = ex.clone();
+        let held = n.and_then(|n| g.executions.get(&n));
+        match (n, held) {
+            (Some(n), Some(cur)) if cur.seq + 1 == ex.seq => {
+                if let Some(d) = cur.next_due_ms() {
+                    g.due.remove(&(d, n));
+                }
+                if let Some(d) = ex.next_due_ms() {
+                    g.due.insert((d, n));
+                }
+                g.executions.insert(n, ex.clone());
                 Ok(())
             }
-            other => Err(StoreError::Conflict {
+            (_, other) => Err(StoreError::Conflict {
                 id: ex.id,
                 expected: ex.seq - 1,
                 found: other.map(|c| c.seq),
@@ -138,14 +149,11 @@ impl Store for MemoryStore {
 
     async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<ExecutionId>, StoreError> {
         let g = self.lock();
-        let mut due: Vec<(u64, ExecutionId)> = g
-            .executions
-            .values()
-            .filter_map(|e| Some((e.next_due_ms()?, e.id)))
-            .filter(|(d, _)| *d <= now_ms)
-            .collect();
-        due.sort();
-        Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+        Ok(g.due
+            .range(..=(now_ms, u64::MAX))
+            .take(limit)
+            .filter_map(|(_, n)| g.executions.get(n).map(|e| e.id))
+            .collect())
     }
 
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {

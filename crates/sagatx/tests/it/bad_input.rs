@@ -101,6 +101,16 @@ async fn an_unusable_location_gives_a_clear_error() {
         err.to_string().contains("check that the directory exists"),
         "{err}"
     );
+    // A read-only location (a read-only file system; permission bits do
+    // not stop root, which the tests may run as).
+    let err = SqliteStore::open("/proc/sagatx-test.db")
+        .err()
+        .expect("refused");
+    assert!(matches!(err, StoreError::Open { .. }), "{err}");
+    assert!(
+        err.to_string().contains("/proc/sagatx-test.db"),
+        "names the path: {err}"
+    );
     // A directory where the file should be.
     let err = SqliteStore::open(dir.path()).err().expect("refused");
     assert!(

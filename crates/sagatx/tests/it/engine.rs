@@ -642,3 +642,54 @@ fn an_interrupted_action_is_called_again_after_restart() {
     );
     assert_eq!(seen[2].attempt, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_that_time_out_leave_nothing_behind() {
+    let rec = Recorder::default();
+    let engine = memory_engine(vec![callback_saga(&rec)]).await;
+    let ex = engine.run("remote", json!({})).await.expect("run");
+    assert_eq!(ex.status, Status::Paused);
+    assert_eq!(engine.waiting_callers(), 0);
+    // A paused execution answers at once; a missing one fails; neither stays.
+    engine.wait(ex.id).await.expect("wait");
+    let _ = engine.wait(ExecutionId(uuid::Uuid::now_v7())).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let saga = Saga::builder("blocked")
+        .step("a", move |_c: StepContext| {
+            let g = g.clone();
+            async move {
+                g.notified().await;
+                Ok::<_, StepError>(())
+            }
+        })
+        .build()
+        .expect("valid");
+    engine
+        .register(saga.definition().clone())
+        .await
+        .expect("register");
+    let engine2 = Engine::builder()
+        .store_arc(engine.store().clone())
+        .saga(saga)
+        .build()
+        .await
+        .expect("engine");
+    let id = engine2.start("blocked", json!({})).await.expect("start");
+    let still = engine2
+        .wait_timeout(id, Duration::from_millis(50))
+        .await
+        .expect("state");
+    assert_eq!(still.status, Status::Running);
+    assert_eq!(
+        engine2.waiting_callers(),
+        0,
+        "a timed-out wait is forgotten"
+    );
+    gate.notify_one();
+    assert_eq!(
+        engine2.wait(id).await.expect("wait").status,
+        Status::Completed
+    );
+    assert_eq!(engine2.waiting_callers(), 0);
+}

@@ -3,5 +3,6 @@
 mod bad_input;
 mod crash;
 mod engine;
+mod examples;
 mod store;
 mod support;

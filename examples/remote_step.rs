@@ -36,7 +36,10 @@ fn saga() -> Result<Saga, sagatx::core::DefinitionError> {
         .callback()
         .timeout(Duration::from_secs(24 * 3600))
         .step("confirm-order", |ctx: StepContext| async move {
-            println!("  confirm-order: paid with {}", ctx.results()["ask-payment"]);
+            println!(
+                "  confirm-order: paid with {}",
+                ctx.results()["ask-payment"]
+            );
             Ok::<_, StepError>(json!({"confirmed": true}))
         })
         .build()
@@ -55,15 +58,30 @@ async fn engine() -> Result<Engine, Box<dyn std::error::Error>> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["start"] => {
             let engine = engine().await?;
-            let ex = engine.run("order-payment", json!({"customer": "ada"})).await?;
-            println!("execution {} is {} awaiting {:?}", ex.id, ex.status, ex.awaiting);
-            println!("now, from any process: cargo run --example remote_step -- reply {} ok", ex.id);
+            let ex = engine
+                .run("order-payment", json!({"customer": "ada"}))
+                .await?;
+            println!(
+                "execution {} is {} awaiting {:?}",
+                ex.id, ex.status, ex.awaiting
+            );
+            println!(
+                "now, from any process: cargo run --example remote_step -- reply {} ok",
+                ex.id
+            );
         }
         ["reply", id, outcome] => {
-            let id: ExecutionId = id.parse().map_err(|e| format!("{id} is not an execution id: {e}"))?;
+            let id: ExecutionId = id
+                .parse()
+                .map_err(|e| format!("{id} is not an execution id: {e}"))?;
             let reply = match *outcome {
                 "ok" => Reply::Ok(json!({"payment": "p-9"})),
                 "fail" => Reply::Err("card declined".into()),
@@ -89,7 +107,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .ok_or("the first process printed no execution id")?
                 .to_string();
             println!("-- the first process has exited; a second one delivers the reply --");
-            let status = std::process::Command::new(&exe).args(["reply", &id, "ok"]).status()?;
+            let status = std::process::Command::new(&exe)
+                .args(["reply", &id, "ok"])
+                .status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
         _ => {

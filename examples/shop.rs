@@ -65,7 +65,9 @@ fn saga(services: Arc<Services>) -> Result<Saga, sagatx::core::DefinitionError> 
                 let sold = &ctx.results()["update-product-state"]["state"];
                 if ctx.input()["fail_shipping"] == json!(true) {
                     println!("  shipping {product}: refused (the product is {sold})");
-                    return Err(StepError::permanent("shipping service: no courier available"));
+                    return Err(StepError::permanent(
+                        "shipping service: no courier available",
+                    ));
                 }
                 println!("  shipping {product}: ready_to_dispatch (the product is {sold})");
                 set(&s.shipping_state, &product, "ready_to_dispatch");
@@ -80,7 +82,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fail = std::env::args().any(|a| a == "--fail-shipping");
     let services = Arc::new(Services::default());
     let store = SqliteStore::open("sagatx.db")?;
-    let engine = Engine::builder().store(store).saga(saga(services)?).build().await?;
+    let engine = Engine::builder()
+        .store(store)
+        .saga(saga(services)?)
+        .build()
+        .await?;
     let recovered = engine.recover().await?;
     if recovered.resumed > 0 {
         println!("recovered {} interrupted execution(s)", recovered.resumed);
@@ -88,7 +94,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("running product-shipping (fail_shipping: {fail})");
     let ex = engine
-        .run("product-shipping", json!({"product": "123", "fail_shipping": fail}))
+        .run(
+            "product-shipping",
+            json!({"product": "123", "fail_shipping": fail}),
+        )
         .await?;
     println!("execution {} is {}", ex.id, ex.status);
     for s in &ex.steps {
@@ -111,7 +120,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("results: {}", Value::Object(ex.results()));
     }
     let total = engine
-        .list(sagatx::ListQuery { limit: 1000, ..Default::default() })
+        .list(sagatx::ListQuery {
+            limit: 1000,
+            ..Default::default()
+        })
         .await?
         .items
         .len();

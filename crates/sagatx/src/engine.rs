@@ -383,9 +383,31 @@ impl Engine {
             .acquire_owned()
             .await
             .map_err(|_| EngineError::ShuttingDown)?;
-        match inner.store.append(&ex).await {
+        // The mailbox is in place before the journal write, so an event for
+        // this id that arrives meanwhile waits for this driver instead of
+        // starting a second one.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let claimed = match lock(&inner.active).entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(tx);
+                true
+            }
+        };
+        let written = if claimed {
+            inner.store.append(&ex).await
+        } else {
+            Err(StoreError::Exists(id))
+        };
+        match written {
             Ok(()) => {}
-            Err(StoreError::Exists(_)) => {
+            Err(e) => {
+                if claimed {
+                    lock(&inner.active).remove(&id);
+                }
+                if !matches!(e, StoreError::Exists(_)) {
+                    return Err(e.into());
+                }
                 let existing = inner
                     .store
                     .load(id)
@@ -397,11 +419,8 @@ impl Engine {
                     Err(EngineError::IdTaken(id))
                 };
             }
-            Err(e) => return Err(e.into()),
         }
         tracing::debug!(execution = %id, saga, "started");
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&inner.active).insert(id, tx);
         inner.notify_waiters(&ex);
         tokio::spawn(drive(
             self.inner.clone(),
@@ -547,12 +566,11 @@ impl Engine {
                     event: Event::Resume,
                     reply: None,
                 });
-                {
-                    let mut active = lock(&inner.active);
-                    if active.contains_key(&id) {
-                        continue;
+                match lock(&inner.active).entry(id) {
+                    std::collections::hash_map::Entry::Occupied(_) => continue,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(tx);
                     }
-                    active.insert(id, tx);
                 }
                 tokio::spawn(drive(
                     inner.clone(),

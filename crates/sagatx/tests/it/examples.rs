@@ -41,7 +41,10 @@ fn shop_completes_then_compensates_a_failed_shipping() {
     assert_eq!(failed.status.code(), Some(1), "{out}");
     assert!(out.contains("sold_out -> in_stock (compensation)"), "{out}");
     assert!(out.contains("is compensated"), "{out}");
-    assert!(out.contains("holds 2 execution(s)"), "both runs are in the journal: {out}");
+    assert!(
+        out.contains("holds 2 execution(s)"),
+        "both runs are in the journal: {out}"
+    );
     assert!(dir.path().join("sagatx.db").exists());
 }
 
@@ -56,6 +59,9 @@ fn remote_step_resumes_in_another_process() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("is paused awaiting Some(Reply)"), "{text}");
-    assert!(text.contains("confirm-order: paid with {\"payment\":\"p-9\"}"), "{text}");
+    assert!(
+        text.contains("confirm-order: paid with {\"payment\":\"p-9\"}"),
+        "{text}"
+    );
     assert!(text.trim_end().ends_with("is completed"), "{text}");
 }

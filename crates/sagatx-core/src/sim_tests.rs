@@ -18,6 +18,11 @@ struct Case {
     autocommit: bool,
     max_attempts: u32,
     seed: u64,
+    /// Percentages: a crash per event, a cancel per event, a permanent
+    /// failure per action outcome.
+    crash_pct: u64,
+    cancel_pct: u64,
+    permanent_pct: u64,
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -34,14 +39,31 @@ fn arb_case() -> impl Strategy<Value = Case> {
         prop::bool::weighted(0.7),
         1u32..4,
         any::<u64>(),
+        prop::sample::select(vec![0u64, 3, 12]),
+        prop::sample::select(vec![0u64, 2]),
+        prop::sample::select(vec![0u64, 5, 15]),
     )
-        .prop_map(|(steps, concurrent, autocommit, max_attempts, seed)| Case {
-            steps,
-            concurrent,
-            autocommit,
-            max_attempts,
-            seed,
-        })
+        .prop_map(
+            |(
+                steps,
+                concurrent,
+                autocommit,
+                max_attempts,
+                seed,
+                crash_pct,
+                cancel_pct,
+                permanent_pct,
+            )| Case {
+                steps,
+                concurrent,
+                autocommit,
+                max_attempts,
+                seed,
+                crash_pct,
+                cancel_pct,
+                permanent_pct,
+            },
+        )
 }
 
 /// A small deterministic generator (xorshift*), seeded by proptest.
@@ -172,14 +194,14 @@ fn run(case: Case) -> Result<(), TestCaseError> {
             break;
         }
         let calls: Vec<Call>;
-        if crashes < 4 && rng.pct(4) {
+        if crashes < 8 && rng.pct(case.crash_pct) {
             // Crash: calls in flight are lost (they may or may not have
             // happened); the state comes back from the journal form.
             crashes += 1;
             pending.clear();
             h.ex = Execution::from_raw(&h.ex.to_raw().expect("encode")).expect("decode");
             calls = h.ev(Event::Resume);
-        } else if rng.pct(2) {
+        } else if rng.pct(case.cancel_pct) {
             calls = h.try_ev(Event::Cancel).unwrap_or_default();
         } else if !pending.is_empty() {
             let c = pending.swap_remove(rng.below(pending.len()));
@@ -192,12 +214,16 @@ fn run(case: Case) -> Result<(), TestCaseError> {
                 });
             }
             let roll = rng.below(100);
-            let permanent_pct = if c.phase == Phase::Action { 15 } else { 4 };
+            let permanent_pct = if c.phase == Phase::Action {
+                case.permanent_pct
+            } else {
+                case.permanent_pct / 3
+            };
             let outcome = if roll < 10 {
                 Ok(serde_json::Value::Null)
             } else if roll < 55 {
                 Ok(json!({"step": c.step, "attempt": c.attempt}))
-            } else if roll < 55 + permanent_pct {
+            } else if roll < 55 + permanent_pct as usize {
                 Err(StepError::permanent("rejected"))
             } else if roll < 85 {
                 Err(StepError::transient("503"))
@@ -293,7 +319,10 @@ fn run(case: Case) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    // 2,000 cases by default; PROPTEST_CASES=200000 for a long soak.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)
+    ))]
     #[test]
     fn random_executions_end_terminal_and_keep_the_guarantees(case in arb_case()) {
         run(case)?;

@@ -83,6 +83,14 @@ pub struct StartOptions {
     pub version: Option<u32>,
 }
 
+/// What [`Engine::submit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    pub id: ExecutionId,
+    /// `false` when an execution with this id, saga and input existed.
+    pub created: bool,
+}
+
 /// What [`Engine::recover`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -364,7 +372,20 @@ impl Engine {
         input: Value,
         opts: StartOptions,
     ) -> Result<ExecutionId, EngineError> {
+        self.submit(saga, input, opts).await.map(|s| s.id)
+    }
+
+    /// Like [`start_with`](Self::start_with), and tells whether this call
+    /// created the execution or found it (an idempotent start with a chosen
+    /// id: same saga and input, and same version when one is given).
+    pub async fn submit(
+        &self,
+        saga: &str,
+        input: Value,
+        opts: StartOptions,
+    ) -> Result<Started, EngineError> {
         let inner = &self.inner;
+        let pinned_version = opts.version;
         if *inner.stop.borrow() {
             return Err(EngineError::ShuttingDown);
         }
@@ -413,8 +434,11 @@ impl Engine {
                     .load(id)
                     .await?
                     .ok_or(EngineError::NotFound(id))?;
-                return if existing.saga == ex.saga && existing.input == ex.input {
-                    Ok(id)
+                let same = existing.saga == ex.saga
+                    && existing.input == ex.input
+                    && pinned_version.is_none_or(|v| v == existing.saga_version);
+                return if same {
+                    Ok(Started { id, created: false })
                 } else {
                     Err(EngineError::IdTaken(id))
                 };
@@ -433,7 +457,7 @@ impl Engine {
                 permit,
             }),
         ));
-        Ok(id)
+        Ok(Started { id, created: true })
     }
 
     /// Starts an execution and waits until it is terminal or paused.
@@ -840,6 +864,8 @@ impl Driver {
             input: self.input.clone(),
             results: Arc::new(self.ex.results()),
             user: self.ex.user.as_deref().map(Arc::from),
+            callback: call.phase == sagatx_core::Phase::Action
+                && step.reply == sagatx_core::ReplyMode::Callback,
         };
         let timeout = self
             .def

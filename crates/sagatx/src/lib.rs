@@ -47,7 +47,7 @@ mod saga;
 pub mod store;
 
 pub use engine::{
-    Engine, EngineBuilder, EngineError, RecoveryReport, RemoteCaller, StartOptions,
+    Engine, EngineBuilder, EngineError, RecoveryReport, RemoteCaller, StartOptions, Started,
     DEFAULT_MAX_ACTIVE,
 };
 pub use saga::{Saga, SagaBuilder, StepContext, StepFn, StepFuture};

@@ -46,6 +46,7 @@ pub struct StepContext {
     pub(crate) input: Arc<Value>,
     pub(crate) results: Arc<Map<String, Value>>,
     pub(crate) user: Option<Arc<str>>,
+    pub(crate) callback: bool,
 }
 
 impl StepContext {
@@ -79,6 +80,12 @@ impl StepContext {
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
     }
+    /// Whether this is the action of a `callback` step: its success only
+    /// means "accepted", and the outcome comes later as a reply.
+    pub fn is_callback(&self) -> bool {
+        self.callback
+    }
+
     /// A key that is the same on every attempt of this step's phase:
     /// `{execution_id}:{step}:{phase}`. Pass it to the services you call.
     pub fn idempotency_key(&self) -> String {

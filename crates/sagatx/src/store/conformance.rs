@@ -96,6 +96,15 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     list_and_page(&*store, &tag).await?;
     due_and_unfinished(&*store, &tag).await?;
     concurrent_writers(store.clone(), &tag).await?;
+    secret(&*store).await?;
+    Ok(())
+}
+
+async fn secret(store: &dyn Store) -> R {
+    let a = store.secret().await.map_err(e("secret"))?;
+    let b = store.secret().await.map_err(e("secret again"))?;
+    ensure!(a == b, "the secret does not change");
+    ensure!(a != [0u8; 32], "the secret is random, not zero");
     Ok(())
 }
 

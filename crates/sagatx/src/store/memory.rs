@@ -21,9 +21,21 @@ struct Inner {
 }
 
 /// A store that keeps everything in memory.
-#[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    secret: [u8; 32],
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        let mut secret = [0u8; 32];
+        secret[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        secret[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            secret,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -154,6 +166,10 @@ impl Store for MemoryStore {
             .take(limit)
             .filter_map(|(_, n)| g.executions.get(n).map(|e| e.id))
             .collect())
+    }
+
+    async fn secret(&self) -> Result<[u8; 32], StoreError> {
+        Ok(self.secret)
     }
 
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {

@@ -121,6 +121,11 @@ pub trait Store: Send + Sync + 'static {
     /// earliest first.
     async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<ExecutionId>, StoreError>;
 
+    /// A random 32-byte secret made when the store was created and kept
+    /// with it: the key of the capabilities in reply URLs, so that every
+    /// process on one store accepts the replies of the others.
+    async fn secret(&self) -> Result<[u8; 32], StoreError>;
+
     /// A page of executions that may have work under way (status `created`,
     /// `running` or `compensating`), oldest first, after `cursor`; for
     /// recovery. Undecodable entries are skipped and logged, as in `list`.

@@ -28,7 +28,7 @@ use super::{ListQuery, Page, Registered, Store, StoreError};
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Writes applied in one transaction at most.
 pub const MAX_BATCH: usize = 1024;
 /// Writes queued for the writer thread at most (back-pressure beyond).
@@ -37,7 +37,8 @@ pub const QUEUE_DEPTH: usize = 8192;
 pub const MAX_READERS: usize = 8;
 
 /// Migrations, applied in order; entry `i` takes the schema to version `i+1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE definitions (
     name        TEXT    NOT NULL,
     version     INTEGER NOT NULL,
@@ -59,7 +60,15 @@ CREATE TABLE executions (
 CREATE INDEX executions_due ON executions (due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX executions_status ON executions (status, n);
 CREATE INDEX executions_saga ON executions (saga, n);
-"#];
+"#,
+    r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('secret', randomblob(32));
+"#,
+];
 
 /// How hard a commit insists on reaching the disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,6 +123,7 @@ enum Write {
 /// The SQLite journal. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
     path: PathBuf,
+    secret: [u8; 32],
     writer: mpsc::Sender<Write>,
     readers: Arc<Mutex<Vec<Connection>>>,
 }
@@ -228,6 +238,18 @@ impl SqliteStore {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         prepare(&mut conn, &path, durability)?;
+        let blob: Vec<u8> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'secret'", [], |r| {
+                r.get(0)
+            })
+            .map_err(io)?;
+        let secret: [u8; 32] = blob
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Foreign {
+                path: display(&path),
+                reason: format!("its secret is {} bytes, not 32", blob.len()),
+            })?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread_path = path.clone();
         thread::Builder::new()
@@ -239,6 +261,7 @@ impl SqliteStore {
             })?;
         Ok(SqliteStore {
             path,
+            secret,
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
         })
@@ -629,6 +652,10 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn secret(&self) -> Result<[u8; 32], StoreError> {
+        Ok(self.secret)
     }
 
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {

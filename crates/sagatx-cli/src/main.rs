@@ -1,1 +1,299 @@
-fn main() {}
+//! `sagatx`: the coordinator and its command line (API.md §7).
+//!
+//! Exit codes: 0 success; 1 `run` ended in a status other than `completed`;
+//! 2 the command could not do its work (bad arguments, server unreachable,
+//! an error from the server), with a message that says what to do.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+mod client;
+mod graph;
+mod show;
+
+use client::Client;
+
+#[derive(Parser)]
+#[command(
+    name = "sagatx",
+    version,
+    about = "Sagas over HTTP: the sagatx coordinator and its client"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Remote {
+    /// The coordinator's address.
+    #[arg(long, default_value = "http://127.0.0.1:7700", env = "SAGATX_SERVER")]
+    server: String,
+    /// Bearer token, when the server has one.
+    #[arg(long, env = "SAGATX_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: String,
+        /// sqlite://PATH (relative to the working directory),
+        /// sqlite:///ABSOLUTE/PATH, or postgres://…
+        #[arg(long, default_value = "sqlite://sagatx.db")]
+        store: String,
+        /// Require `Authorization: Bearer <token>` on every /v1 route.
+        #[arg(long, env = "SAGATX_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Where step services reach this server (for reply URLs); by
+        /// default http:// and the listen address.
+        #[arg(long)]
+        public_url: Option<String>,
+    },
+    /// Start an execution of the definition in FILE and follow it until it
+    /// is terminal or paused; exit 0 for completed, 1 otherwise.
+    Run {
+        file: PathBuf,
+        /// The execution's input, as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// A table of executions, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        saga: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// One execution with its step timeline.
+    Show {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Stop an execution and compensate what it did.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Resume a failed execution's compensations or confirms.
+    Retry {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Run the confirms of an execution awaiting commit.
+    Commit {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Compensate an execution awaiting commit.
+    Reject {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print the saga in FILE as a Mermaid flowchart.
+    Graph { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_definition(file: &PathBuf) -> Result<Value> {
+    let bytes = std::fs::read(file)
+        .with_context(|| format!("cannot read {}; check the path", file.display()))?;
+    let def = sagatx_core::SagaDefinition::from_json(&bytes)
+        .map_err(|e| anyhow!("{} is not a valid saga definition: {e}", file.display()))?;
+    Ok(def.to_json())
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            store,
+            token,
+            public_url,
+        } => serve(listen, store, token, public_url).await,
+        Command::Run {
+            file,
+            input,
+            remote,
+        } => {
+            let def = read_definition(&file)?;
+            let input: Value = serde_json::from_str(&input)
+                .map_err(|e| anyhow!("--input is not valid JSON: {e}"))?;
+            let c = Client::new(&remote.server, remote.token.as_deref())?;
+            follow(&c, def, input).await
+        }
+        Command::List {
+            status,
+            saga,
+            limit,
+            remote,
+        } => {
+            let c = Client::new(&remote.server, remote.token.as_deref())?;
+            let mut q = vec![("limit".to_string(), limit.to_string())];
+            if let Some(s) = status {
+                q.push(("status".into(), s));
+            }
+            if let Some(s) = saga {
+                q.push(("saga".into(), s));
+            }
+            let page = c.get("/v1/executions", &q).await?;
+            println!("{}", show::table(&page));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { id, remote } => {
+            let c = Client::new(&remote.server, remote.token.as_deref())?;
+            let ex = c.get(&format!("/v1/executions/{id}"), &[]).await?;
+            println!("{}", show::execution(&ex));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id, remote } => act(&remote, &id, "cancel").await,
+        Command::Retry { id, remote } => act(&remote, &id, "retry").await,
+        Command::Commit { id, remote } => act(&remote, &id, "commit").await,
+        Command::Reject { id, remote } => act(&remote, &id, "reject").await,
+        Command::Graph { file } => {
+            let bytes = std::fs::read(&file)
+                .with_context(|| format!("cannot read {}; check the path", file.display()))?;
+            let def = sagatx_core::SagaDefinition::from_json(&bytes)
+                .map_err(|e| anyhow!("{} is not a valid saga definition: {e}", file.display()))?;
+            print!("{}", graph::mermaid(&def));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn act(remote: &Remote, id: &str, what: &str) -> Result<ExitCode> {
+    let c = Client::new(&remote.server, remote.token.as_deref())?;
+    let ex = c
+        .post(&format!("/v1/executions/{id}/{what}"), &json!({}))
+        .await?;
+    println!(
+        "execution {} is {}",
+        ex["id"].as_str().unwrap_or(id),
+        ex["status"].as_str().unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts an execution and prints each step's progress until it is
+/// terminal or paused.
+async fn follow(c: &Client, def: Value, input: Value) -> Result<ExitCode> {
+    let mut ex = c
+        .post("/v1/executions", &json!({"saga": def, "input": input}))
+        .await?;
+    let id = ex["id"].as_str().unwrap_or_default().to_string();
+    println!(
+        "execution {id} of {} v{}",
+        ex["saga"].as_str().unwrap_or("?"),
+        ex["saga_version"]
+    );
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        show::progress(&ex, &mut seen);
+        let status = ex["status"].as_str().unwrap_or_default();
+        if matches!(status, "completed" | "compensated" | "failed" | "paused") {
+            println!("{}", show::summary(&ex));
+            return Ok(if status == "completed" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ex = c.get(&format!("/v1/executions/{id}"), &[]).await?;
+    }
+}
+
+async fn serve(
+    listen: String,
+    store: String,
+    token: Option<String>,
+    public_url: Option<String>,
+) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SAGATX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let store = sagatx::store::open(&store).map_err(|e| anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+        anyhow!("cannot listen on {listen}: {e}; is another server running there? choose another with --listen")
+    })?;
+    if token.as_deref().is_some_and(str::is_empty) {
+        bail!("--token is empty; give a token or leave the option out");
+    }
+    let addr = listener.local_addr()?;
+    eprintln!("sagatx serve: listening on http://{addr}");
+    let cfg = sagatx_server::ServerConfig {
+        token,
+        public_url,
+        max_calls: None,
+    };
+    sagatx_server::serve(listener, store, cfg, shutdown_signal())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    eprintln!("sagatx serve: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

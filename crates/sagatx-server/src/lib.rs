@@ -1,1 +1,113 @@
+//! The sagatx coordinator: sagas whose steps are HTTP calls, defined in
+//! JSON and driven over the HTTP API of API.md §2.
+//!
+//! - [`serve`]: runs the coordinator on a bound listener until a shutdown
+//!   future resolves (tests bind port 0).
+//! - [`api::router`]: the axum router, for tests without sockets.
+//! - [`HttpCaller`]: the step caller of API.md §4 (rustls, pooled
+//!   connections, a bounded number of calls in flight).
+//! - [`Capabilities`]: the capabilities of reply URLs.
 
+use std::future::Future;
+use std::sync::Arc;
+
+use sagatx::{Engine, EngineError, Store, StoreError};
+use tokio::net::TcpListener;
+
+pub mod api;
+pub mod caller;
+pub mod capability;
+
+pub use caller::HttpCaller;
+pub use capability::Capabilities;
+
+/// What the handlers share: a cheap clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub token: Option<Arc<str>>,
+    pub caps: Capabilities,
+}
+
+/// Settings of [`serve`].
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// Every `/v1` route requires `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Where step services reach this server, for reply URLs; by default
+    /// `http://` and the listener's address.
+    pub public_url: Option<String>,
+    /// HTTP calls in flight at most (default [`caller::DEFAULT_MAX_CALLS`]).
+    pub max_calls: Option<usize>,
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    #[error("the listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Makes rustls use the `ring` provider (once per process).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds the engine and state of a coordinator on `store`, and resumes
+/// the executions a previous process left unfinished.
+pub async fn build(
+    store: Arc<dyn Store>,
+    base_url: String,
+    cfg: &ServerConfig,
+) -> Result<AppState, ServerError> {
+    let caps = Capabilities::new(store.secret().await?, base_url);
+    let caller = HttpCaller::new(
+        caps.clone(),
+        cfg.max_calls.unwrap_or(caller::DEFAULT_MAX_CALLS),
+    )
+    .map_err(|e| ServerError::Client(e.to_string()))?;
+    let engine = Engine::builder()
+        .store_arc(store)
+        .remote_caller(Arc::new(caller))
+        .build()
+        .await?;
+    let report = engine.recover().await?;
+    if report.resumed > 0 {
+        tracing::info!(resumed = report.resumed, "resumed unfinished executions");
+    }
+    Ok(AppState {
+        engine,
+        token: cfg.token.as_deref().map(Arc::from),
+        caps,
+    })
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves; requests
+/// under way finish, calls in flight finish or are left to recovery.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let addr = listener.local_addr()?;
+    let base = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let state = build(store, base, &cfg).await?;
+    let engine = state.engine.clone();
+    tracing::info!(%addr, "sagatx coordinator listening");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    engine.shutdown();
+    Ok(())
+}

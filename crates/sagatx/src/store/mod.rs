@@ -16,9 +16,11 @@ use sagatx_core::{DecodeError, Execution, ExecutionId, SagaDefinition, Status};
 pub mod conformance;
 mod memory;
 mod sqlite;
+mod url;
 
 pub use memory::MemoryStore;
 pub use sqlite::{Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, SCHEMA_VERSION};
+pub use url::{open, StoreUrl};
 
 /// Store operations fail with this.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,565 @@
+//! The HTTP API of API.md §2: thin handlers that translate requests into
+//! engine calls. No business rule lives here.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sagatx::{EngineError, ExecutionId, ListQuery, Reply, StartOptions, Status, StoreError};
+use sagatx_core::{DefinitionError, SagaDefinition};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::AppState;
+
+/// Request bodies larger than this are refused with 413.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// `?wait=` at most, in seconds.
+pub const MAX_WAIT_SECS: u64 = 60;
+/// `limit` at most.
+pub const MAX_LIMIT: usize = 1000;
+
+/// An error as the API reports it: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<DefinitionError> for ApiError {
+    fn from(e: DefinitionError) -> Self {
+        match e {
+            DefinitionError::Malformed { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
+            }
+            _ => ApiError::invalid(e.to_string()),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::UnknownSaga(_)
+            | EngineError::UnknownVersion { .. }
+            | EngineError::NotFound(_)
+            | EngineError::UnknownStep { .. } => ApiError::not_found(msg),
+            EngineError::Definition(d) => d.into(),
+            EngineError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            EngineError::IdTaken(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_conflict",
+                "this Idempotency-Key was used with another body; use a new key for a new execution",
+            ),
+            EngineError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
+            }
+            EngineError::Store(StoreError::Corrupt { .. }) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_journal", msg)
+            }
+            _ => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("{msg}; the request was not applied, try again"),
+            ),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The raw body, at most 1 MiB (413 beyond, in the API's error format).
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                    )
+                } else {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text())
+                }
+            })
+    }
+}
+
+/// A JSON body: 413 over 1 MiB, 400 with line and column when it is not
+/// JSON, 422 naming the field when it does not fit.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_body(&bytes).map(Body)
+    }
+}
+
+/// Query parameters; a bad one is a 422 that names it.
+pub struct Q<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Q(q.0))
+            .map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!(
+                "malformed JSON at line {}, column {}: {}",
+                e.line(),
+                e.column(),
+                strip_position(&e.to_string())
+            ),
+        )
+    })?;
+    serde_path_to_error::deserialize(&value).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = strip_position(&e.into_inner().to_string());
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::invalid(format!("{field}: {msg}"))
+    })
+}
+
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// The router of every route of API.md §2 (the dashboard is its own issue).
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/sagas", post(register).get(list_sagas))
+        .route("/sagas/{name}", get(get_saga))
+        .route("/executions", post(start).get(list_executions))
+        .route("/executions/{id}", get(get_execution))
+        .route("/executions/{id}/commit", post(commit))
+        .route("/executions/{id}/reject", post(reject))
+        .route("/executions/{id}/cancel", post(cancel))
+        .route("/executions/{id}/retry", post(retry))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // The reply route checks a capability or the token itself.
+        .route("/executions/{id}/steps/{step}/reply", post(reply));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(healthz))
+        .route("/", get(index))
+        .fallback(unknown_route)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+fn bearer_ok(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    match value.strip_prefix("Bearer ") {
+        // Constant-time compare: the token is a secret.
+        Some(given) => {
+            given.len() == token.len()
+                && given
+                    .bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        }
+        None => false,
+    }
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this server requires Authorization: Bearer <token> (the token given to sagatx serve)",
+    )
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if bearer_ok(&state, req.headers()) {
+        Ok(next.run(req).await)
+    } else {
+        Err(unauthorized())
+    }
+}
+
+async fn unknown_route(req: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route {} {}; see GET /openapi.json for the API",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    state.engine.store().list_definitions().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+async fn index() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        "<!doctype html><title>sagatx</title><h1>sagatx</h1><p>The coordinator runs. \
+         The API is under <code>/v1</code>; <code>/healthz</code> tells it is up.</p>",
+    )
+}
+
+fn parse_id(id: &str) -> ApiResult<ExecutionId> {
+    id.parse()
+        .map_err(|_| ApiError::not_found(format!("no execution with id {id:?} (not a UUID)")))
+}
+
+// ---- sagas
+
+async fn register(
+    State(state): State<AppState>,
+    RawBody(body): RawBody,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let def = SagaDefinition::from_json(&body)?;
+    let name = def.name.clone();
+    let reg = state.engine.register(def).await?;
+    let status = if reg.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({"name": name, "version": reg.version}))))
+}
+
+async fn list_sagas(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let list = state
+        .engine
+        .store()
+        .list_definitions()
+        .await
+        .map_err(EngineError::from)?;
+    let items: Vec<Value> = list
+        .into_iter()
+        .map(|(name, version)| json!({"name": name, "version": version}))
+        .collect();
+    Ok(Json(json!({"items": items, "next_cursor": null})))
+}
+
+async fn get_saga(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (version, def) = state
+        .engine
+        .store()
+        .get_definition(&name, None)
+        .await
+        .map_err(EngineError::from)?
+        .ok_or_else(|| ApiError::not_found(format!("no saga named {name:?}")))?;
+    let mut v = def.to_json();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("version".into(), json!(version));
+    }
+    Ok(Json(v))
+}
+
+// ---- executions
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    saga: Value,
+    #[serde(default)]
+    input: Value,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    wait: Option<f64>,
+}
+
+fn wait_of(q: &WaitQuery) -> ApiResult<Option<Duration>> {
+    match q.wait {
+        None => Ok(None),
+        Some(w) if w.is_finite() && (0.0..=MAX_WAIT_SECS as f64).contains(&w) => {
+            Ok(Some(Duration::from_secs_f64(w)))
+        }
+        Some(_) => Err(ApiError::invalid(format!(
+            "wait: must be a number of seconds from 0 to {MAX_WAIT_SECS}"
+        ))),
+    }
+}
+
+/// The namespace of execution ids derived from an `Idempotency-Key`.
+const IDEMPOTENCY_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5a6a_7478_0000_4000_8000_6964_656d_706f);
+
+async fn start(
+    State(state): State<AppState>,
+    Q(q): Q<WaitQuery>,
+    headers: HeaderMap,
+    Body(body): Body<StartBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let wait = wait_of(&q)?;
+    let (saga, version) = match &body.saga {
+        Value::String(name) => (name.clone(), None),
+        Value::Object(_) => {
+            let def = SagaDefinition::from_value(&body.saga).map_err(|e| match e {
+                DefinitionError::Invalid { field, message } => {
+                    ApiError::invalid(format!("saga.{field}: {message}"))
+                }
+                other => other.into(),
+            })?;
+            let name = def.name.clone();
+            let reg = state.engine.register(def).await?;
+            (name, Some(reg.version))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "saga: must be a saga name or an inline definition object",
+            ))
+        }
+    };
+    let id = match headers.get("idempotency-key") {
+        Some(k) => {
+            let k = k
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 256)
+                .ok_or_else(|| {
+                    ApiError::invalid("Idempotency-Key: must be 1 to 256 visible ASCII characters")
+                })?;
+            Some(ExecutionId(uuid::Uuid::new_v5(
+                &IDEMPOTENCY_NAMESPACE,
+                k.as_bytes(),
+            )))
+        }
+        None => None,
+    };
+    let started = state
+        .engine
+        .submit(
+            &saga,
+            body.input,
+            StartOptions {
+                id,
+                user: body.user,
+                version,
+            },
+        )
+        .await?;
+    let ex = match wait {
+        Some(w) => state.engine.wait_timeout(started.id, w).await?,
+        None => state.engine.get(started.id).await?,
+    };
+    let status = if started.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(ex.view())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    saga: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list_executions(
+    State(state): State<AppState>,
+    Q(p): Q<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let limit = p.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::invalid(format!(
+            "limit: must be from 1 to {MAX_LIMIT}"
+        )));
+    }
+    let status = p
+        .status
+        .map(|s| s.parse::<Status>())
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("status: {e}")))?;
+    let cursor = p
+        .cursor
+        .map(|c| c.parse::<u64>())
+        .transpose()
+        .map_err(|_| {
+            ApiError::invalid("cursor: not a cursor from a previous page's next_cursor")
+        })?;
+    let page = state
+        .engine
+        .list(ListQuery {
+            status,
+            saga: p.saga,
+            limit,
+            cursor,
+        })
+        .await?;
+    let items: Vec<Value> = page.items.iter().map(|e| e.view()).collect();
+    Ok(Json(json!({
+        "items": items,
+        "next_cursor": page.next_cursor.map(|c| c.to_string()),
+    })))
+}
+
+async fn get_execution(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let ex = state.engine.get(parse_id(&id)?).await?;
+    Ok(Json(ex.view()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplyBody {
+    ok: bool,
+    #[serde(default)]
+    result: Value,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CapQuery {
+    cap: Option<String>,
+}
+
+async fn reply(
+    State(state): State<AppState>,
+    Path((id, step)): Path<(String, String)>,
+    Q(q): Q<CapQuery>,
+    headers: HeaderMap,
+    Body(body): Body<ReplyBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = parse_id(&id)?;
+    let cap_ok = q.cap.as_deref().map(|c| state.caps.verify(id, &step, c));
+    match cap_ok {
+        Some(false) => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "bad_capability",
+                "the cap parameter does not open this step; use the reply_url the step received",
+            ))
+        }
+        Some(true) => {}
+        None if bearer_ok(&state, &headers) => {}
+        None => return Err(unauthorized()),
+    }
+    let reply = if body.ok {
+        Reply::Ok(body.result)
+    } else {
+        Reply::Err(body.error.unwrap_or_else(|| "rejected".to_string()))
+    };
+    let ex = state.engine.reply(id, &step, reply).await?;
+    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+}
+
+async fn commit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let ex = state.engine.commit(parse_id(&id)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+}
+
+async fn reject(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let ex = state.engine.reject(parse_id(&id)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let ex = state.engine.cancel(parse_id(&id)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let ex = state.engine.retry(parse_id(&id)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+}

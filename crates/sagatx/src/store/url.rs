@@ -1,0 +1,73 @@
+//! Opening a store from a URL, as `sagatx serve --store` takes it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{SqliteStore, Store, StoreError};
+
+/// Where a store lives, parsed from `sqlite://PATH` (relative to the
+/// working directory), `sqlite:///abs/path`, or `postgres://…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        if let Some(path) = s.strip_prefix("sqlite://") {
+            if path.is_empty() || path == "/" {
+                return Err(StoreError::Open {
+                    path: s.to_string(),
+                    reason:
+                        "the URL names no file; write sqlite://sagatx.db or sqlite:///abs/path.db"
+                            .into(),
+                });
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(s.to_string()));
+        }
+        Err(StoreError::Open {
+            path: s.to_string(),
+            reason: "not a store URL; use sqlite://PATH (relative), sqlite:///ABSOLUTE/PATH or postgres://…".into(),
+        })
+    }
+}
+
+/// Opens the store a URL names.
+pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    match url.parse::<StoreUrl>()? {
+        StoreUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        StoreUrl::Postgres(_) => Err(StoreError::Open {
+            path: url.to_string(),
+            reason: "PostgreSQL stores are not available in this build yet; use sqlite://".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_as_the_cli_documents() {
+        assert_eq!(
+            "sqlite://sagatx.db".parse::<StoreUrl>().ok(),
+            Some(StoreUrl::Sqlite("sagatx.db".into()))
+        );
+        assert_eq!(
+            "sqlite:///var/lib/s.db".parse::<StoreUrl>().ok(),
+            Some(StoreUrl::Sqlite("/var/lib/s.db".into()))
+        );
+        assert!(matches!(
+            "postgres://u@h/db".parse::<StoreUrl>(),
+            Ok(StoreUrl::Postgres(_))
+        ));
+        assert!("mysql://x".parse::<StoreUrl>().is_err());
+        assert!("sqlite://".parse::<StoreUrl>().is_err());
+    }
+}

@@ -276,6 +276,19 @@ fn check_endpoint(field: &str, e: &Endpoint) -> Result<(), DefinitionError> {
 impl SagaDefinition {
     /// Parses and validates a definition from JSON bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Self, DefinitionError> {
+        // serde would read a struct from an array too; a definition is an
+        // object. (Malformed input still gets its line and column below.)
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if matches!(
+            first,
+            Some(b'[' | b'"' | b't' | b'f' | b'n' | b'-' | b'0'..=b'9')
+        ) && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+        {
+            return Err(DefinitionError::invalid(
+                "definition",
+                "must be a JSON object",
+            ));
+        }
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let def: SagaDefinition = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -297,6 +310,9 @@ impl SagaDefinition {
 
     /// Parses and validates a definition from a JSON value (an inline one).
     pub fn from_value(value: &serde_json::Value) -> Result<Self, DefinitionError> {
+        if !value.is_object() {
+            return Err(DefinitionError::invalid("saga", "must be a JSON object"));
+        }
         let def: SagaDefinition = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let message = strip_position(&e.into_inner().to_string());

@@ -1,0 +1,658 @@
+//! Every row of API.md §2 and every rule of §4, against a real listening
+//! coordinator and real step services on 127.0.0.1.
+
+use serde_json::{json, Value};
+
+use crate::harness::{answer, saga, Answer, Coordinator, Services};
+
+#[tokio::test]
+async fn definitions_get_versions() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let d1 = saga(&svc, "order", &[("reserve", true)]);
+    let (s, v) = c.post("/v1/sagas", d1.clone()).await;
+    assert_eq!(
+        (s, v.clone()),
+        (201, json!({"name": "order", "version": 1}))
+    );
+    let (s, v) = c.post("/v1/sagas", d1.clone()).await;
+    assert_eq!(
+        (s, v),
+        (200, json!({"name": "order", "version": 1})),
+        "equal: same version"
+    );
+    let d2 = saga(&svc, "order", &[("reserve", true), ("ship", false)]);
+    let (s, v) = c.post("/v1/sagas", d2).await;
+    assert_eq!((s, v), (201, json!({"name": "order", "version": 2})));
+    let (s, v) = c.get("/v1/sagas").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        v,
+        json!({"items": [{"name": "order", "version": 2}], "next_cursor": null})
+    );
+    let (s, v) = c.get("/v1/sagas/order").await;
+    assert_eq!(s, 200);
+    assert_eq!(v["version"], 2);
+    assert_eq!(v["steps"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["mode"], "sequential", "defaults are written out");
+    let (s, v) = c.get("/v1/sagas/nope").await;
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn a_saga_completes_and_services_receive_the_envelope() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let def = saga(&svc, "order", &[("reserve", true), ("charge", true)]);
+    let ex = c.run(def, json!({"order_id": 7})).await;
+    assert_eq!(ex["status"], "completed", "{ex}");
+    assert_eq!(
+        ex["results"]["reserve"],
+        json!({"op": "reserve", "attempt": 1})
+    );
+    for field in [
+        "id",
+        "saga",
+        "saga_version",
+        "status",
+        "awaiting",
+        "input",
+        "results",
+        "steps",
+        "error",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(ex.get(field).is_some(), "missing {field}");
+    }
+    let got = svc.received();
+    assert_eq!(svc.ops(), ["reserve", "charge"]);
+    let id = ex["id"].as_str().expect("id");
+    let charge = &got[1];
+    assert_eq!(
+        charge.body,
+        json!({
+            "execution_id": id, "saga": "order", "step": "charge", "phase": "action",
+            "attempt": 1, "input": {"order_id": 7},
+            "results": {"reserve": {"op": "reserve", "attempt": 1}},
+        })
+    );
+    assert_eq!(
+        charge.headers["idempotency-key"],
+        format!("{id}:charge:action")
+    );
+    assert_eq!(charge.headers["content-type"], "application/json");
+    let tp = &charge.headers["traceparent"];
+    assert!(
+        tp.starts_with(&format!("00-{}-", id.replace('-', ""))),
+        "{tp}"
+    );
+}
+
+#[tokio::test]
+async fn a_rejection_compensates_in_reverse_and_retries_keep_their_key() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script("charge", vec![answer(503, json!({"error": "busy"}))]);
+    svc.script("ship", vec![answer(402, json!({"error": "card declined"}))]);
+    let def = saga(
+        &svc,
+        "order",
+        &[("reserve", true), ("charge", true), ("ship", true)],
+    );
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    assert_eq!(
+        svc.ops(),
+        [
+            "reserve",
+            "charge",
+            "charge",
+            "ship",
+            "undo-charge",
+            "undo-reserve"
+        ]
+    );
+    let got = svc.received();
+    assert_eq!(got[1].body["attempt"], 1);
+    assert_eq!(got[2].body["attempt"], 2);
+    assert_eq!(
+        got[1].headers["idempotency-key"],
+        got[2].headers["idempotency-key"]
+    );
+    assert_eq!(got[4].body["phase"], "compensation");
+    assert!(got[4].headers["idempotency-key"].ends_with(":charge:compensation"));
+    assert_eq!(ex["steps"][1]["attempts"], 2);
+    assert_eq!(
+        ex["error"],
+        json!({"step": "ship", "message": "HTTP 402: card declined", "compensations": [
+            {"step": "reserve", "status": "compensated", "error": null},
+            {"step": "charge", "status": "compensated", "error": null},
+        ]})
+    );
+    assert_eq!(ex["steps"][2]["status"], "failed");
+    assert_eq!(
+        ex["steps"][2]["compensation_attempts"], 0,
+        "a rejected step is not compensated"
+    );
+}
+
+#[tokio::test]
+async fn a_step_whose_retries_run_out_on_5xx_is_compensated_too() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script("charge", vec![answer(500, Value::Null); 3]);
+    let def = saga(&svc, "order", &[("reserve", true), ("charge", true)]);
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    assert_eq!(
+        svc.ops(),
+        [
+            "reserve",
+            "charge",
+            "charge",
+            "charge",
+            "undo-charge",
+            "undo-reserve"
+        ]
+    );
+    assert_eq!(ex["error"]["message"], "HTTP 500");
+}
+
+#[tokio::test]
+async fn a_dead_port_is_a_transient_failure_and_the_server_keeps_serving() {
+    let c = Coordinator::start(None).await;
+    let def = json!({"name": "dead", "retry": {"max_attempts": 2, "initial_backoff_ms": 10},
+        "steps": [{"name": "a", "action": {"url": "http://127.0.0.1:9/nothing"}}]});
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    assert_eq!(ex["steps"][0]["attempts"], 2);
+    let msg = ex["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("cannot connect to http://127.0.0.1:9/nothing"),
+        "{msg}"
+    );
+    let (s, _) = c.get("/healthz").await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn unknown_sagas_and_executions_are_404() {
+    let c = Coordinator::start(None).await;
+    let (s, v) = c
+        .post("/v1/executions", json!({"saga": "nope", "input": 1}))
+        .await;
+    assert_eq!(s, 404, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("nope"));
+    let (s, _) = c
+        .get("/v1/executions/0193c7e2-0000-7000-8000-000000000000")
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = c.get("/v1/executions/not-a-uuid").await;
+    assert_eq!(s, 404);
+    let (s, v) = c.get("/v1/nothing/here").await;
+    assert_eq!(s, 404);
+    assert_eq!(v["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn a_callback_step_waits_for_its_reply_at_the_reply_url() {
+    let svc = Services::start().await;
+    // With a token: the reply URL's capability replaces it.
+    let c = Coordinator::start(Some("s3cret")).await;
+    let mut def = saga(
+        &svc,
+        "remote",
+        &[("reserve", true), ("ship", true), ("bill", false)],
+    );
+    def["steps"][1]["reply"] = json!("callback");
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(
+        (ex["status"].clone(), ex["awaiting"].clone()),
+        (json!("paused"), json!("reply")),
+        "{ex}"
+    );
+    let id = ex["id"].as_str().expect("id").to_string();
+    let ship = &svc.received()[1];
+    let reply_url = ship.body["reply_url"]
+        .as_str()
+        .expect("reply_url")
+        .to_string();
+    assert!(reply_url.starts_with(&format!(
+        "{}/v1/executions/{id}/steps/ship/reply?cap=",
+        c.base
+    )));
+    let plain = reqwest::Client::new();
+    // A bad capability is refused.
+    let bad = plain
+        .post(format!(
+            "{}/v1/executions/{id}/steps/ship/reply?cap=00",
+            c.base
+        ))
+        .json(&json!({"ok": true}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(bad.status().as_u16(), 401);
+    // The capability opens only its own step.
+    let other = reply_url.replace("/steps/ship/", "/steps/reserve/");
+    let r = plain
+        .post(&other)
+        .json(&json!({"ok": true}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = plain
+        .post(&reply_url)
+        .json(&json!({"ok": true, "result": {"tracking": "t-1"}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 202);
+    let done = c.until(&id, |e| e["status"] == "completed").await;
+    assert_eq!(done["results"]["ship"], json!({"tracking": "t-1"}));
+    // Same reply again: 202, no second effect.
+    let r = plain
+        .post(&reply_url)
+        .json(&json!({"ok": true, "result": {"tracking": "t-1"}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(svc.ops(), ["reserve", "ship", "bill"]);
+    // A different reply: 409. A reply to a step that never waited: 409.
+    let r = plain
+        .post(&reply_url)
+        .json(&json!({"ok": false, "error": "x"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 409);
+    let (s, _) = c
+        .post(
+            &format!("/v1/executions/{id}/steps/bill/reply"),
+            json!({"ok": true}),
+        )
+        .await;
+    assert_eq!(s, 409);
+    // Without the capability, the bearer token is needed.
+    let r = plain
+        .post(format!("{}/v1/executions/{id}/steps/ship/reply", c.base))
+        .json(&json!({"ok": true}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+}
+
+#[tokio::test]
+async fn a_rejected_reply_compensates_the_earlier_steps_only() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let mut def = saga(&svc, "remote", &[("reserve", true), ("ship", true)]);
+    def["steps"][1]["reply"] = json!("callback");
+    let ex = c.run(def, json!({})).await;
+    let id = ex["id"].as_str().expect("id");
+    let (s, _) = c
+        .post(
+            &format!("/v1/executions/{id}/steps/ship/reply"),
+            json!({"ok": false, "error": "no courier"}),
+        )
+        .await;
+    assert_eq!(s, 202);
+    let done = c.until(id, |e| e["status"] == "compensated").await;
+    assert_eq!(done["error"]["message"], "no courier");
+    assert_eq!(svc.ops(), ["reserve", "ship", "undo-reserve"]);
+}
+
+#[tokio::test]
+async fn a_callback_without_a_reply_in_time_is_compensated() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let mut def = saga(&svc, "remote", &[("ship", true)]);
+    def["steps"][0]["reply"] = json!("callback");
+    def["steps"][0]["timeout_ms"] = json!(300);
+    let ex = c.run(def, json!({})).await;
+    let id = ex["id"].as_str().expect("id");
+    let done = c.until(id, |e| e["status"] == "compensated").await;
+    assert_eq!(done["steps"][0]["error"], "no reply within 300 ms");
+    assert_eq!(svc.ops(), ["ship", "undo-ship"]);
+}
+
+#[tokio::test]
+async fn without_autocommit_commit_runs_confirms_and_reject_compensates() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let mut def = saga(&svc, "tcc", &[("a", true), ("b", true)]);
+    def["autocommit"] = json!(false);
+    def["steps"][0]["confirm"] = svc.url("confirm-a");
+    def["steps"][1]["confirm"] = svc.url("confirm-b");
+    let ex = c.run(def.clone(), json!(1)).await;
+    assert_eq!(
+        (ex["status"].clone(), ex["awaiting"].clone()),
+        (json!("paused"), json!("commit"))
+    );
+    let id = ex["id"].as_str().expect("id");
+    let (s, v) = c
+        .post(&format!("/v1/executions/{id}/commit"), json!({}))
+        .await;
+    assert_eq!(s, 202, "{v}");
+    c.until(id, |e| e["status"] == "completed").await;
+    assert_eq!(svc.ops(), ["a", "b", "confirm-a", "confirm-b"]);
+    let (s, _) = c
+        .post(&format!("/v1/executions/{id}/commit"), json!({}))
+        .await;
+    assert_eq!(s, 409);
+
+    let ex = c.run(def, json!(2)).await;
+    let id = ex["id"].as_str().expect("id");
+    let (s, _) = c
+        .post(&format!("/v1/executions/{id}/reject"), json!({}))
+        .await;
+    assert_eq!(s, 202);
+    let done = c.until(id, |e| e["status"] == "compensated").await;
+    assert_eq!(done["error"]["message"], "rejected");
+    assert_eq!(done["error"]["step"], Value::Null);
+    let (s, _) = c
+        .post(&format!("/v1/executions/{id}/reject"), json!({}))
+        .await;
+    assert_eq!(s, 409);
+}
+
+#[tokio::test]
+async fn cancel_stops_and_compensates() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script(
+        "charge",
+        vec![Answer {
+            status: 200,
+            body: json!({"late": true}),
+            delay_ms: 400,
+        }],
+    );
+    let def = saga(
+        &svc,
+        "slow",
+        &[("reserve", true), ("charge", true), ("ship", true)],
+    );
+    let (s, ex) = c
+        .post("/v1/executions", json!({"saga": def, "input": {}}))
+        .await;
+    assert_eq!(s, 201);
+    let id = ex["id"].as_str().expect("id");
+    c.until(id, |e| e["steps"][1]["status"] == "running").await;
+    let (s, v) = c
+        .post(&format!("/v1/executions/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["status"], "compensating");
+    let done = c.until(id, |e| e["status"] == "compensated").await;
+    assert_eq!(done["error"]["message"], "cancelled");
+    // The call in flight finished; no new action started.
+    assert_eq!(
+        svc.ops(),
+        ["reserve", "charge", "undo-charge", "undo-reserve"]
+    );
+    let (s, _) = c
+        .post(&format!("/v1/executions/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(s, 409, "terminal");
+}
+
+#[tokio::test]
+async fn retry_resumes_a_failed_compensation() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script("charge", vec![answer(400, json!({"error": "bad card"}))]);
+    svc.script(
+        "undo-reserve",
+        vec![answer(409, json!({"error": "locked"}))],
+    );
+    let def = saga(&svc, "order", &[("reserve", true), ("charge", true)]);
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "failed", "{ex}");
+    assert_eq!(ex["error"]["compensations"][0]["error"], "HTTP 409: locked");
+    let id = ex["id"].as_str().expect("id");
+    let (s, v) = c
+        .post(&format!("/v1/executions/{id}/retry"), json!({}))
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let done = c.until(id, |e| e["status"] == "compensated").await;
+    assert_eq!(done["steps"][0]["compensation_attempts"], 2);
+    let (s, _) = c
+        .post(&format!("/v1/executions/{id}/retry"), json!({}))
+        .await;
+    assert_eq!(s, 409);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_start_safe_to_repeat() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let def = saga(&svc, "order", &[("a", false)]);
+    let body = json!({"saga": def, "input": {"n": 1}});
+    let send = |b: Value| {
+        c.http
+            .post(format!("{}/v1/executions", c.base))
+            .header("Idempotency-Key", "order-7")
+            .json(&b)
+            .send()
+    };
+    let r1 = send(body.clone()).await.expect("send");
+    assert_eq!(r1.status().as_u16(), 201);
+    let e1: Value = r1.json().await.expect("json");
+    let r2 = send(body.clone()).await.expect("send");
+    assert_eq!(r2.status().as_u16(), 200);
+    let e2: Value = r2.json().await.expect("json");
+    assert_eq!(e1["id"], e2["id"]);
+    let r3 = send(json!({"saga": body["saga"], "input": {"n": 2}}))
+        .await
+        .expect("send");
+    assert_eq!(r3.status().as_u16(), 409);
+    assert_eq!(svc.ops(), ["a"], "one execution only");
+}
+
+#[tokio::test]
+async fn lists_page_newest_first_with_filters() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script("bad", vec![answer(400, Value::Null); 3]);
+    let good = saga(&svc, "good", &[("a", false)]);
+    let bad = saga(&svc, "bad", &[("bad", false)]);
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let ex = c
+            .run(
+                if i % 3 == 0 {
+                    bad.clone()
+                } else {
+                    good.clone()
+                },
+                json!(i),
+            )
+            .await;
+        ids.push(ex["id"].clone());
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(cur) => format!("/v1/executions?limit=3&cursor={cur}"),
+            None => "/v1/executions?limit=3".to_string(),
+        };
+        let (s, page) = c.get(&path).await;
+        assert_eq!(s, 200, "{page}");
+        seen.extend(
+            page["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|e| e["id"].clone()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cur) => cursor = Some(cur.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    let (_, page) = c.get("/v1/executions?saga=bad&status=compensated").await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(3));
+    for (q, field) in [
+        ("limit=1001", "limit"),
+        ("limit=0", "limit"),
+        ("status=done", "status"),
+        ("cursor=x", "cursor"),
+        ("limit=ten", "query"),
+    ] {
+        let (s, v) = c.get(&format!("/v1/executions?{q}")).await;
+        assert_eq!(s, 422, "{q}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(field),
+            "{q}: {v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn wait_answers_at_once_for_paused_and_refuses_over_sixty() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let def = saga(&svc, "order", &[("a", false)]);
+    let (s, v) = c
+        .post(
+            "/v1/executions?wait=61",
+            json!({"saga": def, "input": null}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("wait"));
+    // Without wait, the answer comes before the saga ends: it is durable
+    // and running (or already done).
+    let (s, v) = c
+        .post("/v1/executions", json!({"saga": def, "input": null}))
+        .await;
+    assert_eq!(s, 201);
+    assert!(
+        ["running", "completed"].contains(&v["status"].as_str().unwrap_or_default()),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn the_token_guards_the_api_but_not_health() {
+    let c = Coordinator::start(Some("s3cret")).await;
+    let plain = reqwest::Client::new();
+    for path in ["/v1/executions", "/v1/sagas"] {
+        let r = plain
+            .get(format!("{}{path}", c.base))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 401, "{path}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let r = plain
+            .get(format!("{}{path}", c.base))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    let (s, _) = c.get("/v1/executions").await;
+    assert_eq!(s, 200, "with the token");
+    let r = plain
+        .get(format!("{}/healthz", c.base))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    let r = plain
+        .get(format!("{}/", c.base))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn nonsense_gets_clear_errors() {
+    let c = Coordinator::start(None).await;
+    let raw = |path: &str, body: Vec<u8>| {
+        c.http
+            .post(format!("{}{path}", c.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // Malformed JSON: 400 with line and column.
+    let r = raw("/v1/sagas", b"{\n  \"name\": oops\n}".to_vec())
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("line 2, column"),
+        "{v}"
+    );
+    let r = raw("/v1/executions", b"{\"saga\": ".to_vec())
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    // Unknown fields, wrong types, bad definitions: 422 naming the field.
+    for (path, body, field) in [
+        ("/v1/executions", json!({"saga": "x", "inptu": 1}), "inptu"),
+        ("/v1/executions", json!({"saga": 7}), "saga"),
+        (
+            "/v1/executions",
+            json!({"saga": {"name": "x", "steps": []}}),
+            "saga.steps",
+        ),
+        (
+            "/v1/sagas",
+            json!({"name": "x", "steps": [{"name": "a", "action": {"url": "ftp://h"}}]}),
+            "steps[0].action.url",
+        ),
+        ("/v1/sagas", json!({"name": "x", "steps": "many"}), "steps"),
+        ("/v1/sagas", json!([1, 2]), "definition"),
+    ] {
+        let r = raw(path, body.to_string().into_bytes())
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 422, "{body}");
+        let v: Value = r.json().await.expect("json");
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(msg.starts_with(field), "{body}: {msg}");
+    }
+    // Over 1 MiB: 413.
+    let big = format!(
+        "{{\"saga\": \"x\", \"input\": \"{}\"}}",
+        "a".repeat(1 << 20)
+    );
+    let r = raw("/v1/executions", big.into_bytes()).await.expect("send");
+    assert_eq!(r.status().as_u16(), 413);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "too_large");
+    // Still serving.
+    let (s, _) = c.get("/healthz").await;
+    assert_eq!(s, 200);
+}

@@ -1,0 +1,4 @@
+//! The coordinator's integration tests (one binary).
+
+mod api;
+mod harness;

@@ -1,0 +1,185 @@
+//! `run` exit codes, `list`, `show`, `graph`, actions and errors.
+
+use crate::{free_port, run, text, Server, Services};
+
+#[test]
+fn graph_prints_the_quickstart_as_mermaid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(
+        &[
+            "graph",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/order.json"),
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "flowchart LR\n  start((\"order\"))\n  done((\"done\"))\n  s0[\"reserve\"]\n  s1[\"charge\"]\n  \
+         s2[\"ship\"]\n  start --> s0\n  s0 --> s1\n  s1 --> s2\n  s2 --> done\n  \
+         s0_undo[\"undo reserve\"]\n  s0 -. compensation .-> s0_undo\n  \
+         s1_undo[\"undo charge\"]\n  s1 -. compensation .-> s1_undo\n"
+    );
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"name": "x", "steps": [{"name": "a"}]}"#).expect("write");
+    let out = run(&["graph", bad.to_str().expect("path")], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("is not a valid saga definition: steps[0]"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn run_list_show_and_actions_against_a_real_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = Services::start(0);
+    let server = Server::start(dir.path(), free_port());
+    let order = svc.order_json(dir.path());
+    let order = order.to_str().expect("path");
+
+    let ok = run(
+        &[
+            "run",
+            order,
+            "--input",
+            r#"{"order_id": 7}"#,
+            "--server",
+            &server.url,
+        ],
+        dir.path(),
+    );
+    let out = text(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{out}");
+    assert!(out.contains("ship                 succeeded"), "{out}");
+    assert!(out.trim_end().ends_with("is completed"), "{out}");
+
+    let failed = run(
+        &[
+            "run",
+            order,
+            "--input",
+            r#"{"order_id": 8, "card": "declined"}"#,
+            "--server",
+            &server.url,
+        ],
+        dir.path(),
+    );
+    let out = text(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("is compensated: HTTP 402: card declined (step charge)"),
+        "{out}"
+    );
+    let failed_id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("execution "))
+        .and_then(|l| l.split(' ').next())
+        .expect("id")
+        .to_string();
+
+    let list = run(&["list", "--server", &server.url], dir.path());
+    let out = text(&list);
+    assert!(list.status.success(), "{out}");
+    assert!(out.contains(&failed_id), "full ids: {out}");
+    assert_eq!(out.matches("order ┆ 1").count(), 2, "{out}");
+    let only = run(
+        &["list", "--status", "compensated", "--server", &server.url],
+        dir.path(),
+    );
+    assert_eq!(
+        text(&only).matches("compensated").count(),
+        1,
+        "{}",
+        text(&only)
+    );
+
+    let show = run(&["show", &failed_id, "--server", &server.url], dir.path());
+    let out = text(&show);
+    assert!(show.status.success(), "{out}");
+    assert!(out.contains("status    compensated"), "{out}");
+    assert!(out.contains("reserve ┆ compensated"), "{out}");
+    assert!(out.contains("HTTP 402: card declined"), "{out}");
+
+    let cancel = run(&["cancel", &failed_id, "--server", &server.url], dir.path());
+    assert_eq!(cancel.status.code(), Some(2));
+    assert!(
+        text(&cancel).contains("already compensated (HTTP 409"),
+        "{}",
+        text(&cancel)
+    );
+    let missing = run(
+        &[
+            "show",
+            "0193c7e2-0000-7000-8000-000000000000",
+            "--server",
+            &server.url,
+        ],
+        dir.path(),
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing).contains("HTTP 404"), "{}", text(&missing));
+    assert!(
+        dir.path().join("sagatx.db").exists(),
+        "serve's default store is ./sagatx.db"
+    );
+}
+
+#[test]
+fn errors_say_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let out = run(
+        &["list", "--server", &format!("http://127.0.0.1:{port}")],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("start it with `sagatx serve`"),
+        "{}",
+        text(&out)
+    );
+
+    let out = run(&["serve", "--store", "mysql://x"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("use sqlite://PATH"), "{}", text(&out));
+
+    std::fs::write(
+        dir.path().join("notes.db"),
+        "not a database at all, just notes ".repeat(100),
+    )
+    .expect("write");
+    let out = run(&["serve", "--store", "sqlite://notes.db"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("is not a sagatx journal"),
+        "{}",
+        text(&out)
+    );
+
+    let out = run(&["run", "missing.json"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("cannot read missing.json"),
+        "{}",
+        text(&out)
+    );
+
+    let out = run(&["run", "x.json", "--input", "{nope"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), free_port());
+    let pid = server.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let code = server.child.wait().expect("wait");
+    assert_eq!(code.code(), Some(0), "a clean stop");
+}

@@ -201,6 +201,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         .route("/", get(index))
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -268,6 +269,16 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         )
     })?;
     Ok(Json(json!({"status": "ok"})))
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn index() -> impl IntoResponse {

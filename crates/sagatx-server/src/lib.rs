@@ -9,7 +9,9 @@
 //! - [`Capabilities`]: the capabilities of reply URLs.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use sagatx::{Engine, EngineError, Store, StoreError};
 use tokio::net::TcpListener;
@@ -27,6 +29,34 @@ pub struct AppState {
     pub engine: Engine,
     pub token: Option<Arc<str>>,
     pub caps: Capabilities,
+    pub metrics: PrometheusHandle,
+}
+
+/// The process's Prometheus recorder, installed on first use. (A process
+/// has one global recorder; several servers in one process share it.)
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            const SECONDS: &[f64] = &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 300.0,
+            ];
+            const SIZES: &[f64] = &[
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZES))
+                .map(|b| b.build_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed already; then
+            // this handle renders nothing, which /metrics shows plainly.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
 }
 
 /// Settings of [`serve`].
@@ -67,6 +97,8 @@ pub async fn build(
     base_url: String,
     cfg: &ServerConfig,
 ) -> Result<AppState, ServerError> {
+    // Before the engine exists, so that its first events are recorded.
+    let _ = metrics_handle();
     let caps = Capabilities::new(store.secret().await?, base_url);
     let caller = HttpCaller::new(
         caps.clone(),
@@ -86,6 +118,7 @@ pub async fn build(
         engine,
         token: cfg.token.as_deref().map(Arc::from),
         caps,
+        metrics: metrics_handle(),
     })
 }
 

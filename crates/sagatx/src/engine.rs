@@ -445,6 +445,8 @@ impl Engine {
             }
         }
         tracing::debug!(execution = %id, saga, "started");
+        metrics::counter!("sagatx_executions_started_total", "saga" => ex.saga.clone())
+            .increment(1);
         inner.notify_waiters(&ex);
         tokio::spawn(drive(
             self.inner.clone(),
@@ -741,6 +743,8 @@ async fn drive(
             }
         }
     };
+    let in_flight = metrics::gauge!("sagatx_executions_in_flight");
+    in_flight.increment(1.0);
     for c in calls {
         d.spawn_call(c);
     }
@@ -768,6 +772,18 @@ async fn drive(
             Some(done) = d.calls.join_next(), if !d.calls.is_empty() => {
                 match done {
                     Ok((call, outcome)) => {
+                        let label = match &outcome {
+                            Ok(_) => "ok",
+                            Err(e) => e.class.as_str(),
+                        };
+                        metrics::counter!(
+                            "sagatx_step_attempts_total",
+                            "saga" => d.ex.saga.clone(),
+                            "step" => d.def.steps[call.step].name.clone(),
+                            "phase" => call.phase.as_str(),
+                            "outcome" => label,
+                        )
+                        .increment(1);
                         d.apply_internal(Event::Outcome {
                             step: call.step, phase: call.phase, attempt: call.attempt, outcome,
                         }).await;
@@ -780,6 +796,7 @@ async fn drive(
             }
         }
     }
+    in_flight.decrement(1.0);
 }
 
 async fn load(
@@ -820,9 +837,19 @@ impl Driver {
             self.inner.store.append(&next).await?;
             tracing::trace!(execution = %next.id, seq = next.seq, us = started.elapsed().as_micros() as u64, "journaled");
         }
+        let finished = next.status.is_terminal() && !self.ex.status.is_terminal();
         self.ex = next;
         for c in t.calls {
             self.spawn_call(c);
+        }
+        if finished {
+            let ex = &self.ex;
+            let status = ex.status.as_str();
+            metrics::counter!("sagatx_executions_finished_total", "saga" => ex.saga.clone(), "status" => status)
+                .increment(1);
+            let seconds = ex.updated_at_ms.saturating_sub(ex.created_at_ms) as f64 / 1000.0;
+            metrics::histogram!("sagatx_execution_duration_seconds", "saga" => ex.saga.clone(), "status" => status)
+                .record(seconds);
         }
         if t.changed {
             self.inner.notify_waiters(&self.ex);

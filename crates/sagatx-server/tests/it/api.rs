@@ -656,3 +656,115 @@ async fn nonsense_gets_clear_errors() {
     let (s, _) = c.get("/healthz").await;
     assert_eq!(s, 200);
 }
+
+/// Parses Prometheus text: `name{labels} value` lines into (series, value).
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let v: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (series.to_string(), v)
+        })
+        .collect()
+}
+
+fn metric(m: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
+    m.iter()
+        .filter(|(s, _)| {
+            s.starts_with(name) && s[name.len()..].starts_with(['{', ' ']) || s == name
+        })
+        .filter(|(s, _)| labels.iter().all(|l| s.contains(l)))
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_move_as_executions_run() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script("charge", vec![answer(503, Value::Null)]);
+    let def = saga(&svc, "metered", &[("reserve", true), ("charge", true)]);
+    let before = {
+        let r = c
+            .http
+            .get(format!("{}/metrics", c.base))
+            .send()
+            .await
+            .expect("send");
+        parse_prometheus(&r.text().await.expect("text"))
+    };
+    assert_eq!(
+        metric(
+            &before,
+            "sagatx_executions_started_total",
+            &["saga=\"metered\""]
+        ),
+        0.0
+    );
+    for _ in 0..2 {
+        let ex = c.run(def.clone(), json!({})).await;
+        assert_eq!(ex["status"], "completed");
+    }
+    let r = c
+        .http
+        .get(format!("{}/metrics", c.base))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .starts_with("text/plain"));
+    let m = parse_prometheus(&r.text().await.expect("text"));
+    assert_eq!(
+        metric(&m, "sagatx_executions_started_total", &["saga=\"metered\""]),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sagatx_executions_finished_total",
+            &["saga=\"metered\"", "status=\"completed\""]
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sagatx_step_attempts_total",
+            &[
+                "step=\"charge\"",
+                "phase=\"action\"",
+                "outcome=\"transient\""
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sagatx_step_attempts_total",
+            &["saga=\"metered\"", "outcome=\"ok\""]
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sagatx_execution_duration_seconds_count",
+            &["saga=\"metered\"", "status=\"completed\""]
+        ),
+        2.0
+    );
+    assert!(metric(&m, "sagatx_store_commit_seconds_count", &[]) >= 6.0);
+    assert!(metric(&m, "sagatx_store_batch_size_count", &[]) >= 1.0);
+    assert!(m
+        .iter()
+        .any(|(s, _)| s.starts_with("sagatx_executions_in_flight")));
+}

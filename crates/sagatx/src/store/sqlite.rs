@@ -313,6 +313,9 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
         let started = std::time::Instant::now();
         let outcome = apply_batch(&mut conn, &mut batch);
         let n = batch.len();
+        let elapsed = started.elapsed();
+        metrics::histogram!("sagatx_store_commit_seconds").record(elapsed.as_secs_f64());
+        metrics::histogram!("sagatx_store_batch_size").record(n as f64);
         match outcome {
             Ok(results) => {
                 for (w, r) in batch.drain(..).zip(results) {
@@ -328,7 +331,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
         }
         tracing::trace!(
             batch = n,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us = elapsed.as_micros() as u64,
             "group commit"
         );
     }

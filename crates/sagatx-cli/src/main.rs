@@ -255,6 +255,7 @@ async fn serve(
         )
         .with_writer(std::io::stderr)
         .init();
+    let stop = shutdown_signal()?;
     let store = sagatx::store::open(&store).map_err(|e| anyhow!("{e}"))?;
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
         anyhow!("cannot listen on {listen}: {e}; is another server running there? choose another with --listen")
@@ -269,31 +270,34 @@ async fn serve(
         public_url,
         max_calls: None,
     };
-    sagatx_server::serve(listener, store, cfg, shutdown_signal())
+    sagatx_server::serve(listener, store, cfg, stop)
         .await
         .map_err(|e| anyhow!("{e}"))?;
     eprintln!("sagatx serve: stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Ctrl-C or SIGTERM. The handlers are installed now, before the port
+/// opens, so a signal that comes early still stops the server cleanly.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| anyhow!("cannot install the SIGTERM handler: {e}"))?;
+        let mut int = signal(SignalKind::interrupt())
+            .map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

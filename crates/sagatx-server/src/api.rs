@@ -202,6 +202,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
         .route("/", get(index))
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -260,7 +261,8 @@ async fn unknown_route(req: Request) -> ApiError {
     ))
 }
 
-async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "the store is open"), (status = 503, description = "store unavailable", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     state.engine.store().list_definitions().await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -271,7 +273,8 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({"status": "ok"})))
 }
 
-async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(crate) async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
@@ -281,7 +284,13 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn index() -> impl IntoResponse {
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "this document", body = Object)))]
+pub(crate) async fn openapi_json() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+#[utoipa::path(get, path = "/", tag = "operations", responses((status = 200, description = "the dashboard", content_type = "text/html")))]
+pub(crate) async fn index() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         "<!doctype html><title>sagatx</title><h1>sagatx</h1><p>The coordinator runs. \
@@ -296,7 +305,8 @@ fn parse_id(id: &str) -> ApiResult<ExecutionId> {
 
 // ---- sagas
 
-async fn register(
+#[utoipa::path(post, path = "/v1/sagas", tag = "sagas", request_body(content = Object, description = "A saga definition (API.md §1)"), responses((status = 201, description = "a new version", body = crate::openapi::SagaRef), (status = 200, description = "equal to the latest version", body = crate::openapi::SagaRef), (status = 400, description = "malformed JSON", body = crate::openapi::ErrorBody), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 413, description = "body over 1 MiB", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn register(
     State(state): State<AppState>,
     RawBody(body): RawBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
@@ -311,7 +321,8 @@ async fn register(
     Ok((status, Json(json!({"name": name, "version": reg.version}))))
 }
 
-async fn list_sagas(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/sagas", tag = "sagas", responses((status = 200, description = "every saga with its latest version", body = crate::openapi::SagaList), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn list_sagas(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     let list = state
         .engine
         .store()
@@ -325,7 +336,8 @@ async fn list_sagas(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({"items": items, "next_cursor": null})))
 }
 
-async fn get_saga(
+#[utoipa::path(get, path = "/v1/sagas/{name}", tag = "sagas", params(("name" = String, Path, description = "saga name")), responses((status = 200, description = "the latest definition with its version", body = Object), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn get_saga(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
@@ -347,7 +359,7 @@ async fn get_saga(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StartBody {
+pub(crate) struct StartBody {
     saga: Value,
     #[serde(default)]
     input: Value,
@@ -357,7 +369,7 @@ struct StartBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WaitQuery {
+pub(crate) struct WaitQuery {
     wait: Option<f64>,
 }
 
@@ -377,7 +389,8 @@ fn wait_of(q: &WaitQuery) -> ApiResult<Option<Duration>> {
 const IDEMPOTENCY_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x5a6a_7478_0000_4000_8000_6964_656d_706f);
 
-async fn start(
+#[utoipa::path(post, path = "/v1/executions", tag = "executions", params(("wait" = Option<f64>, Query, description = "seconds (at most 60) to wait for a terminal or paused status"), ("Idempotency-Key" = Option<String>, Header, description = "makes the request safe to retry")), request_body = crate::openapi::StartRequest, responses((status = 201, description = "started", body = crate::openapi::ExecutionView), (status = 200, description = "the same Idempotency-Key and body again", body = crate::openapi::ExecutionView), (status = 400, description = "malformed JSON", body = crate::openapi::ErrorBody), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody), (status = 413, description = "body over 1 MiB", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn start(
     State(state): State<AppState>,
     Q(q): Q<WaitQuery>,
     headers: HeaderMap,
@@ -445,14 +458,15 @@ async fn start(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+pub(crate) struct ListParams {
     status: Option<String>,
     saga: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
 }
 
-async fn list_executions(
+#[utoipa::path(get, path = "/v1/executions", tag = "executions", params(("status" = Option<String>, Query, description = "filter by status"), ("saga" = Option<String>, Query, description = "filter by saga name"), ("limit" = Option<usize>, Query, description = "default 50, at most 1000"), ("cursor" = Option<String>, Query, description = "the previous page's next_cursor")), responses((status = 200, description = "newest first", body = crate::openapi::ExecutionPage), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn list_executions(
     State(state): State<AppState>,
     Q(p): Q<ListParams>,
 ) -> ApiResult<Json<Value>> {
@@ -490,7 +504,8 @@ async fn list_executions(
     })))
 }
 
-async fn get_execution(
+#[utoipa::path(get, path = "/v1/executions/{id}", tag = "executions", params(("id" = String, Path, description = "execution id")), responses((status = 200, description = "the execution", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn get_execution(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
@@ -500,7 +515,7 @@ async fn get_execution(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReplyBody {
+pub(crate) struct ReplyBody {
     ok: bool,
     #[serde(default)]
     result: Value,
@@ -509,11 +524,12 @@ struct ReplyBody {
 }
 
 #[derive(Deserialize)]
-struct CapQuery {
+pub(crate) struct CapQuery {
     cap: Option<String>,
 }
 
-async fn reply(
+#[utoipa::path(post, path = "/v1/executions/{id}/steps/{step}/reply", tag = "executions", params(("id" = String, Path, description = "execution id"), ("step" = String, Path, description = "step name"), ("cap" = Option<String>, Query, description = "the capability of the step's reply_url; replaces the bearer token")), request_body = crate::openapi::ReplyRequest, responses((status = 202, description = "accepted (again: no second effect)", body = crate::openapi::ExecutionView), (status = 400, description = "malformed JSON", body = crate::openapi::ErrorBody), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn reply(
     State(state): State<AppState>,
     Path((id, step)): Path<(String, String)>,
     Q(q): Q<CapQuery>,
@@ -543,7 +559,8 @@ async fn reply(
     Ok((StatusCode::ACCEPTED, Json(ex.view())))
 }
 
-async fn commit(
+#[utoipa::path(post, path = "/v1/executions/{id}/commit", tag = "executions", description = "run the confirms (autocommit false)", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn commit(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
@@ -551,7 +568,8 @@ async fn commit(
     Ok((StatusCode::ACCEPTED, Json(ex.view())))
 }
 
-async fn reject(
+#[utoipa::path(post, path = "/v1/executions/{id}/reject", tag = "executions", description = "compensate (autocommit false)", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn reject(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
@@ -559,7 +577,8 @@ async fn reject(
     Ok((StatusCode::ACCEPTED, Json(ex.view())))
 }
 
-async fn cancel(
+#[utoipa::path(post, path = "/v1/executions/{id}/cancel", tag = "executions", description = "stop and compensate", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
@@ -567,7 +586,8 @@ async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(ex.view())))
 }
 
-async fn retry(
+#[utoipa::path(post, path = "/v1/executions/{id}/retry", tag = "executions", description = "resume failed compensations or confirms", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {

@@ -768,3 +768,56 @@ async fn metrics_move_as_executions_run() {
         .iter()
         .any(|(s, _)| s.starts_with("sagatx_executions_in_flight")));
 }
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route() {
+    let c = Coordinator::start(Some("t")).await;
+    // Served without the token.
+    let r = reqwest::get(format!("{}/openapi.json", c.base))
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    let doc: Value = r.json().await.expect("json");
+    assert!(
+        doc["openapi"].as_str().unwrap_or("").starts_with("3."),
+        "{}",
+        doc["openapi"]
+    );
+    let routes = [
+        ("post", "/v1/sagas"),
+        ("get", "/v1/sagas"),
+        ("get", "/v1/sagas/{name}"),
+        ("post", "/v1/executions"),
+        ("get", "/v1/executions"),
+        ("get", "/v1/executions/{id}"),
+        ("post", "/v1/executions/{id}/steps/{step}/reply"),
+        ("post", "/v1/executions/{id}/commit"),
+        ("post", "/v1/executions/{id}/reject"),
+        ("post", "/v1/executions/{id}/cancel"),
+        ("post", "/v1/executions/{id}/retry"),
+        ("get", "/healthz"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+        ("get", "/"),
+    ];
+    let paths = doc["paths"].as_object().expect("paths");
+    let documented: usize = paths
+        .values()
+        .map(|p| p.as_object().map_or(0, |o| o.len()))
+        .sum();
+    assert_eq!(
+        documented,
+        routes.len(),
+        "documented operations: {:?}",
+        paths.keys().collect::<Vec<_>>()
+    );
+    for (method, path) in routes {
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} is not documented");
+        assert!(
+            op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+            "{method} {path}"
+        );
+    }
+    assert!(doc["components"]["schemas"]["ExecutionView"]["properties"]["steps"].is_object());
+}

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
+mod bench;
 mod client;
 mod graph;
 mod show;
@@ -111,6 +112,25 @@ enum Command {
     },
     /// Print the saga in FILE as a Mermaid flowchart.
     Graph { file: PathBuf },
+    /// The benchmark: throughput, latency, CPU, memory and bytes written.
+    Bench {
+        /// Workloads to run, comma-separated: memory, sqlite, http,
+        /// recovery, idle (default: all).
+        #[arg(long, value_delimiter = ',')]
+        workload: Vec<String>,
+        /// Tiny sizes: checks that the benchmark works, measures nothing.
+        #[arg(long)]
+        quick: bool,
+        /// Print the rows as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The step service of the benchmark's http workload.
+    #[command(hide = true)]
+    BenchService {
+        #[arg(long)]
+        listen: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -189,6 +209,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Retry { id, remote } => act(&remote, &id, "retry").await,
         Command::Commit { id, remote } => act(&remote, &id, "commit").await,
         Command::Reject { id, remote } => act(&remote, &id, "reject").await,
+        Command::Bench {
+            workload,
+            quick,
+            json,
+        } => {
+            let workloads = if workload.is_empty() {
+                bench::ALL.iter().map(|s| s.to_string()).collect()
+            } else {
+                workload
+            };
+            eprintln!(
+                "sagatx bench: workloads {} ({}), on {} CPUs",
+                workloads.join(", "),
+                if quick { "quick sizes" } else { "full sizes" },
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            );
+            let rows = bench::run(&bench::Options { workloads, quick }).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"rows": rows, "quick": quick}))?
+                );
+            } else {
+                println!("{}", bench::table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchService { listen } => {
+            bench::service(&listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Graph { file } => {
             let bytes = std::fs::read(&file)
                 .with_context(|| format!("cannot read {}; check the path", file.display()))?;

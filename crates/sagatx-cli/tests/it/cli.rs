@@ -183,3 +183,42 @@ fn serve_stops_cleanly_on_sigterm() {
     let code = server.child.wait().expect("wait");
     assert_eq!(code.code(), Some(0), "a clean stop");
 }
+
+#[test]
+fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(&["bench", "--quick", "--json"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output is JSON");
+    assert_eq!(v["quick"], true);
+    let rows = v["rows"].as_array().expect("rows");
+    let workloads: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r["workload"].as_str()).collect();
+    assert_eq!(
+        workloads.into_iter().collect::<Vec<_>>(),
+        ["http", "idle", "memory", "recovery", "sqlite"]
+    );
+    for r in rows {
+        for k in [
+            "variant",
+            "concurrency",
+            "sagas",
+            "seconds",
+            "sagas_per_second",
+            "p50_us",
+            "p99_us",
+            "cpu_seconds_per_1000",
+            "peak_rss_mib",
+        ] {
+            assert!(!r[k].is_null(), "{k} missing in {r}");
+        }
+        assert!(r["sagas"].as_u64().unwrap_or(0) > 0, "{r}");
+    }
+    let out = run(&["bench", "--workload", "nope"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("no workload \"nope\""),
+        "{}",
+        text(&out)
+    );
+}

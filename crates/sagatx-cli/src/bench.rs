@@ -1,0 +1,683 @@
+//! `sagatx bench`: the project's benchmark. Each workload has fixed,
+//! printed parameters and a warm-up; the figures are throughput, latency
+//! percentiles, CPU seconds per 1,000 sagas, peak RSS and bytes written to
+//! the store per saga. Performance goals live here, never in timed tests.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use sagatx::{Engine, MemoryStore, Saga, SqliteStore, Status, StepContext, StepError, Store};
+use sagatx_core::{Env, Event, Execution, ExecutionId, Mode};
+use serde_json::{json, Value};
+
+/// Which workloads, at what size.
+pub struct Options {
+    pub workloads: Vec<String>,
+    pub quick: bool,
+}
+
+/// One measured row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub workload: String,
+    pub variant: String,
+    pub concurrency: usize,
+    pub sagas: usize,
+    pub seconds: f64,
+    pub sagas_per_second: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    pub cpu_seconds_per_1000: f64,
+    pub peak_rss_mib: f64,
+    pub bytes_written_per_saga: Option<f64>,
+    pub note: String,
+}
+
+pub const ALL: [&str; 5] = ["memory", "sqlite", "http", "recovery", "idle"];
+
+fn proc_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Peak resident set of a process, MiB.
+fn peak_rss_mib(pid: &str) -> f64 {
+    proc_field(&format!("/proc/{pid}/status"), "VmHWM:").unwrap_or(0) as f64 / 1024.0
+}
+
+fn rss_mib(pid: &str) -> f64 {
+    proc_field(&format!("/proc/{pid}/status"), "VmRSS:").unwrap_or(0) as f64 / 1024.0
+}
+
+/// Bytes a process caused to be written to storage.
+fn write_bytes(pid: &str) -> Option<u64> {
+    proc_field(&format!("/proc/{pid}/io"), "write_bytes:")
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Sample {
+    latencies_us: Vec<f64>,
+    seconds: f64,
+    cpu: f64,
+    bytes: Option<u64>,
+}
+
+fn row(workload: &str, variant: &str, c: usize, s: Sample, pid: &str, note: &str) -> Row {
+    let mut l = s.latencies_us;
+    l.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| -> f64 {
+        if l.is_empty() {
+            return 0.0;
+        }
+        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+        l[i]
+    };
+    let n = l.len().max(1);
+    Row {
+        workload: workload.into(),
+        variant: variant.into(),
+        concurrency: c,
+        sagas: l.len(),
+        seconds: s.seconds,
+        sagas_per_second: l.len() as f64 / s.seconds.max(1e-9),
+        p50_us: pct(0.50),
+        p90_us: pct(0.90),
+        p99_us: pct(0.99),
+        max_us: l.last().copied().unwrap_or(0.0),
+        cpu_seconds_per_1000: s.cpu / n as f64 * 1000.0,
+        peak_rss_mib: peak_rss_mib(pid),
+        bytes_written_per_saga: s.bytes.map(|b| b as f64 / n as f64),
+        note: note.into(),
+    }
+}
+
+async fn noop(_: StepContext) -> Result<(), StepError> {
+    Ok(())
+}
+
+async fn reject(_: StepContext) -> Result<(), StepError> {
+    Err(StepError::permanent("rejected"))
+}
+
+fn three(name: &str, fail_third: bool, mode: Mode) -> Result<Saga> {
+    let b = Saga::builder(name)
+        .mode(mode)
+        .step("a", noop)
+        .compensate(noop)
+        .step("b", noop)
+        .compensate(noop);
+    let b = if fail_third {
+        b.step("c", reject)
+    } else {
+        b.step("c", noop)
+    };
+    b.build().map_err(|e| anyhow!("{e}"))
+}
+
+/// Runs `n` sagas on `engine` with `c` concurrent callers; latencies of
+/// each start-to-end.
+async fn drive(
+    engine: &Engine,
+    saga: &str,
+    n: usize,
+    c: usize,
+    expect: Status,
+) -> Result<Vec<f64>> {
+    let per = n.div_ceil(c);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..c {
+        let engine = engine.clone();
+        let saga = saga.to_string();
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for _ in 0..per {
+                let t = Instant::now();
+                let ex = engine.run(&saga, Value::Null).await?;
+                if ex.status != expect {
+                    bail!("a {saga} saga ended {} instead of {expect}", ex.status);
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Ok(lat)
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.map_err(|e| anyhow!("bench task: {e}"))??);
+    }
+    Ok(all)
+}
+
+async fn measure(
+    engine: &Engine,
+    saga: &str,
+    n: usize,
+    c: usize,
+    expect: Status,
+) -> Result<Sample> {
+    // Warm-up: a tenth, not measured.
+    drive(engine, saga, (n / 10).max(c), c, expect).await?;
+    let cpu0 = cpu_seconds("self");
+    let w0 = write_bytes("self");
+    let t = Instant::now();
+    let latencies_us = drive(engine, saga, n, c, expect).await?;
+    Ok(Sample {
+        latencies_us,
+        seconds: t.elapsed().as_secs_f64(),
+        cpu: cpu_seconds("self") - cpu0,
+        bytes: w0.and_then(|w0| Some(write_bytes("self")?.saturating_sub(w0))),
+    })
+}
+
+async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    let n = if o.quick { 2_000 } else { 200_000 };
+    let engine = Engine::builder()
+        .store(MemoryStore::new())
+        .saga(three("ok", false, Mode::Sequential)?)
+        .saga(three("fail", true, Mode::Sequential)?)
+        .saga(three("conc", false, Mode::Concurrent)?)
+        .build()
+        .await?;
+    for (saga, variant, expect) in [
+        ("ok", "3 steps, sequential", Status::Completed),
+        ("fail", "3rd rejected, 2 compensations", Status::Compensated),
+        ("conc", "3 steps, concurrent", Status::Completed),
+    ] {
+        for c in [1, 64] {
+            progress(&format!("memory: {variant}, {n} sagas, concurrency {c}"));
+            let s = measure(&engine, saga, n, c, expect).await?;
+            out.push(row(
+                "memory",
+                variant,
+                c,
+                s,
+                "self",
+                "MemoryStore, in-process",
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn sqlite(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let engine = Engine::builder()
+        .store(SqliteStore::open(dir.path().join("bench.db"))?)
+        .saga(three("ok", false, Mode::Sequential)?)
+        .saga(three("fail", true, Mode::Sequential)?)
+        .build()
+        .await?;
+    for (saga, variant, expect) in [
+        ("ok", "3 steps, sequential", Status::Completed),
+        ("fail", "3rd rejected, 2 compensations", Status::Compensated),
+    ] {
+        for c in [1, 64, 1024] {
+            let n = match (o.quick, c) {
+                (true, 1) => 200,
+                (true, _) => 2_000,
+                (false, 1) => 5_000,
+                (false, _) => 100_000,
+            };
+            progress(&format!("sqlite: {variant}, {n} sagas, concurrency {c}"));
+            let s = measure(&engine, saga, n, c, expect).await?;
+            out.push(row(
+                "sqlite",
+                variant,
+                c,
+                s,
+                "self",
+                "synchronous=FULL, group commit",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn progress(msg: &str) {
+    eprintln!("sagatx bench: {msg}");
+}
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn_self(args: &[&str], dir: &Path) -> Result<KillOnDrop> {
+    let exe = std::env::current_exe().context("cannot find the sagatx binary")?;
+    let child = Command::new(exe)
+        .args(args)
+        .current_dir(dir)
+        .env("SAGATX_LOG", "warn")
+        .env_remove("SAGATX_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start a sagatx child process")?;
+    Ok(KillOnDrop(child))
+}
+
+async fn wait_port(port: u16) -> Result<Duration> {
+    let t = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("nothing listens on port {port}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(t.elapsed())
+}
+
+/// A minimal step service for the `http` workload (`sagatx bench-service`).
+pub async fn service(listen: &str) -> Result<()> {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route("/ok", post(|| async { "{}" }))
+        .route(
+            "/reject",
+            post(|| async {
+                (
+                    axum::http::StatusCode::PAYMENT_REQUIRED,
+                    r#"{"error":"rejected"}"#,
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn http(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    sagatx_server::install_crypto();
+    let dir = tempfile::tempdir()?;
+    let (sp, vp) = (free_port()?, free_port()?);
+    let server = spawn_self(
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{sp}"),
+            "--store",
+            "sqlite://bench.db",
+        ],
+        dir.path(),
+    )?;
+    let _svc = spawn_self(
+        &["bench-service", "--listen", &format!("127.0.0.1:{vp}")],
+        dir.path(),
+    )?;
+    wait_port(sp).await?;
+    wait_port(vp).await?;
+    let spid = server.0.id().to_string();
+    let base = format!("http://127.0.0.1:{sp}");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let step = |name: &str, action: &str| {
+        json!({"name": name, "action": {"url": format!("http://127.0.0.1:{vp}/{action}")},
+               "compensation": {"url": format!("http://127.0.0.1:{vp}/ok")}})
+    };
+    let defs = [
+        (
+            "ok",
+            json!({"name": "ok", "steps": [step("a", "ok"), step("b", "ok"), step("c", "ok")]}),
+        ),
+        (
+            "fail",
+            json!({"name": "fail", "steps": [step("a", "ok"), step("b", "ok"), step("c", "reject")]}),
+        ),
+    ];
+    for (_, d) in &defs {
+        let r = client
+            .post(format!("{base}/v1/sagas"))
+            .json(d)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("registering the bench saga failed: {}", r.text().await?);
+        }
+    }
+    for (saga, variant, expect) in [
+        ("ok", "3 HTTP steps", "completed"),
+        ("fail", "3rd rejected, 2 compensations", "compensated"),
+    ] {
+        for c in [1, 16, 64, 256] {
+            let n = match (o.quick, c) {
+                (true, _) => 100,
+                (false, 1) => 2_000,
+                (false, _) => 20_000,
+            };
+            progress(&format!("http: {variant}, {n} sagas, concurrency {c}"));
+            let run = |n: usize| {
+                let client = client.clone();
+                let base = base.clone();
+                async move {
+                    let per = n.div_ceil(c);
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for _ in 0..c {
+                        let client = client.clone();
+                        let url = format!("{base}/v1/executions?wait=30");
+                        tasks.spawn(async move {
+                            let mut lat = Vec::with_capacity(per);
+                            for _ in 0..per {
+                                let t = Instant::now();
+                                let r = client
+                                    .post(&url)
+                                    .json(&json!({"saga": saga, "input": null}))
+                                    .send()
+                                    .await?;
+                                let v: Value = r.json().await?;
+                                if v["status"] != expect {
+                                    bail!("an HTTP saga ended {} instead of {expect}", v["status"]);
+                                }
+                                lat.push(t.elapsed().as_secs_f64() * 1e6);
+                            }
+                            Ok(lat)
+                        });
+                    }
+                    let mut all = Vec::new();
+                    while let Some(r) = tasks.join_next().await {
+                        all.extend(r.map_err(|e| anyhow!("bench task: {e}"))??);
+                    }
+                    Ok::<_, anyhow::Error>(all)
+                }
+            };
+            run((n / 10).max(c)).await?;
+            let cpu0 = cpu_seconds(&spid);
+            let w0 = write_bytes(&spid);
+            let t = Instant::now();
+            let latencies_us = run(n).await?;
+            let s = Sample {
+                latencies_us,
+                seconds: t.elapsed().as_secs_f64(),
+                cpu: cpu_seconds(&spid) - cpu0,
+                bytes: w0.and_then(|w0| Some(write_bytes(&spid)?.saturating_sub(w0))),
+            };
+            out.push(row(
+                "http",
+                variant,
+                c,
+                s,
+                &spid,
+                "server process: CPU, RSS and bytes written are the server's",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `n` executions straight into the store, each as left by a crash:
+/// `running`, with its first action in flight (or, `paused`, waiting for a
+/// callback's reply).
+async fn seed(store: Arc<dyn Store>, name: &str, n: usize, paused: bool) -> Result<()> {
+    let def = sagatx_core::SagaDefinition::from_json(
+        format!(
+            r#"{{"name":"{name}","steps":[
+            {{"name":"a","action":"local","compensation":"local"{}}},
+            {{"name":"b","action":"local","compensation":"local"}},
+            {{"name":"c","action":"local"}}]}}"#,
+            if paused { r#","reply":"callback""# } else { "" }
+        )
+        .as_bytes(),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    let version = store.put_definition(&def).await?.version;
+    let env = Env {
+        now_ms: 1,
+        random01: 0.5,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let chunk = 2048;
+    for start in (0..n).step_by(chunk) {
+        let store = store.clone();
+        let def = def.clone();
+        tasks.spawn(async move {
+            let mut inner = tokio::task::JoinSet::new();
+            for _ in start..(start + chunk).min(n) {
+                let mut ex = Execution::new(
+                    ExecutionId(uuid::Uuid::now_v7()),
+                    &def,
+                    version,
+                    Value::Null,
+                    None,
+                    1,
+                );
+                ex.handle(&def, Event::Start, env)
+                    .map_err(|e| anyhow!("{e}"))?;
+                if paused {
+                    ex.handle(
+                        &def,
+                        Event::Outcome {
+                            step: 0,
+                            phase: sagatx_core::Phase::Action,
+                            attempt: 1,
+                            outcome: Ok(Value::Null),
+                        },
+                        env,
+                    )
+                    .map_err(|e| anyhow!("{e}"))?;
+                }
+                ex.seq = 1;
+                let store = store.clone();
+                inner.spawn(async move { store.append(&ex).await });
+            }
+            while let Some(r) = inner.join_next().await {
+                r.map_err(|e| anyhow!("{e}"))??;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+        while tasks.len() >= 4 {
+            if let Some(r) = tasks.join_next().await {
+                r.map_err(|e| anyhow!("{e}"))??;
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| anyhow!("{e}"))??;
+    }
+    Ok(())
+}
+
+async fn recovery(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    let n = if o.quick { 2_000 } else { 100_000 };
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("recovery.db");
+    progress(&format!("recovery: writing {n} interrupted executions"));
+    seed(Arc::new(SqliteStore::open(&path)?), "rec", n, false).await?;
+    progress(&format!("recovery: recovering {n} executions"));
+    let done = Arc::new(AtomicUsize::new(0));
+    let d2 = done.clone();
+    let saga = Saga::builder("rec")
+        .step("a", noop)
+        .compensate(noop)
+        .step("b", noop)
+        .compensate(noop)
+        .step("c", move |_c: StepContext| {
+            let d = d2.clone();
+            async move {
+                d.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, StepError>(())
+            }
+        })
+        .build()
+        .map_err(|e| anyhow!("{e}"))?;
+    let cpu0 = cpu_seconds("self");
+    let t = Instant::now();
+    let engine = Engine::builder()
+        .store(SqliteStore::open(&path)?)
+        .saga(saga)
+        .build()
+        .await?;
+    engine.recover().await?;
+    while done.load(Ordering::Relaxed) < n {
+        if t.elapsed() > Duration::from_secs(1800) {
+            bail!("recovery did not finish in 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Wait for the last journal writes too.
+    while engine.active() > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let s = Sample {
+        latencies_us: vec![secs * 1e6; n],
+        seconds: secs,
+        cpu: cpu_seconds("self") - cpu0,
+        bytes: None,
+    };
+    let mut r = row(
+        "recovery",
+        "interrupted mid-saga, to terminal",
+        0,
+        s,
+        "self",
+        "latency columns: the whole recovery",
+    );
+    r.sagas = n;
+    out.push(r);
+    Ok(())
+}
+
+async fn idle(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    let n = if o.quick { 5_000 } else { 1_000_000 };
+    let dir = tempfile::tempdir()?;
+    progress(&format!(
+        "idle: writing {n} executions paused on a callback"
+    ));
+    seed(
+        Arc::new(SqliteStore::open(dir.path().join("idle.db"))?),
+        "idle",
+        n,
+        true,
+    )
+    .await?;
+    progress("idle: starting sagatx serve on them");
+    let port = free_port()?;
+    let t = Instant::now();
+    let server = spawn_self(
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--store",
+            "sqlite://idle.db",
+        ],
+        dir.path(),
+    )?;
+    let startup = wait_port(port).await?;
+    // Let recovery and the scheduler settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = server.0.id().to_string();
+    let rss = rss_mib(&pid);
+    let r = Row {
+        workload: "idle".into(),
+        variant: format!("{n} paused executions"),
+        concurrency: 0,
+        sagas: n,
+        seconds: t.elapsed().as_secs_f64(),
+        sagas_per_second: 0.0,
+        p50_us: startup.as_secs_f64() * 1e6,
+        p90_us: 0.0,
+        p99_us: 0.0,
+        max_us: 0.0,
+        cpu_seconds_per_1000: 0.0,
+        peak_rss_mib: peak_rss_mib(&pid),
+        bytes_written_per_saga: None,
+        note: format!(
+            "server start-up {:.0} ms (p50 column); RSS now {rss:.1} MiB",
+            startup.as_secs_f64() * 1e3
+        ),
+    };
+    out.push(r);
+    Ok(())
+}
+
+/// Runs the chosen workloads.
+pub async fn run(o: &Options) -> Result<Vec<Row>> {
+    let mut out = Vec::new();
+    for w in &o.workloads {
+        match w.as_str() {
+            "memory" => memory(o, &mut out).await?,
+            "sqlite" => sqlite(o, &mut out).await?,
+            "http" => http(o, &mut out).await?,
+            "recovery" => recovery(o, &mut out).await?,
+            "idle" => idle(o, &mut out).await?,
+            "tx" | "postgres" => {
+                bail!("the {w} workload needs work not built yet (see the issues)")
+            }
+            other => bail!("no workload {other:?}; choose from {}", ALL.join(", ")),
+        }
+    }
+    Ok(out)
+}
+
+/// The summary table.
+pub fn table(rows: &[Row]) -> String {
+    use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header([
+        "workload",
+        "variant",
+        "conc",
+        "sagas",
+        "sagas/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "max µs",
+        "CPU s/1k",
+        "peak RSS MiB",
+        "bytes/saga",
+    ]);
+    for r in rows {
+        t.add_row([
+            r.workload.clone(),
+            r.variant.clone(),
+            r.concurrency.to_string(),
+            r.sagas.to_string(),
+            format!("{:.0}", r.sagas_per_second),
+            format!("{:.0}", r.p50_us),
+            format!("{:.0}", r.p90_us),
+            format!("{:.0}", r.p99_us),
+            format!("{:.0}", r.max_us),
+            format!("{:.3}", r.cpu_seconds_per_1000),
+            format!("{:.1}", r.peak_rss_mib),
+            r.bytes_written_per_saga
+                .map(|b| format!("{b:.0}"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t.to_string()
+}

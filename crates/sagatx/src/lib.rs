@@ -45,6 +45,7 @@
 mod engine;
 mod saga;
 pub mod store;
+pub mod transaction;
 
 pub use engine::{
     Engine, EngineBuilder, EngineError, RecoveryReport, RemoteCaller, StartOptions, Started,

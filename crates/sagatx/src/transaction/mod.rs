@@ -1,0 +1,556 @@
+//! Two-phase commit over data managers (the `transaction` package that
+//! nti.transactions extends), the retrying [`TransactionLoop`], and
+//! [`with_transaction`] (pymongo's).
+//!
+//! Words: a *2PC commit* is this module's commit of a [`Transaction`]; it
+//! is not the commit of a saga (API.md's `autocommit`) nor a journal write.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use sagatx::transaction::{after_commit, TransactionManager};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let tm = TransactionManager::new();
+//! let tx = tm.begin();
+//! let (sent, mut seen) = tokio::sync::mpsc::channel::<&str>(1);
+//! // Runs only if the transaction commits.
+//! after_commit(&tx, move || { let _ = sent.try_send("mail sent"); Ok(()) });
+//! tx.commit().await.unwrap();
+//! assert_eq!(seen.try_recv().ok(), Some("mail sent"));
+//! # });
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use sagatx_core::ErrorClass;
+
+mod hooks;
+mod looping;
+mod with;
+
+pub use hooks::{after_commit, after_commit_voting, near_end, put_nowait, CallbackManager};
+pub use looping::{Hooks, LoopError, TransactionLoop, TransactionLoopBuilder};
+pub use with::{with_transaction, WithTransaction, DEFAULT_DEADLINE};
+
+/// An error of a data manager or a transaction's work, with its class:
+/// `Transient` is worth retrying the whole transaction, `UnknownOutcome`
+/// (at commit) means the commit may or may not have happened, `Permanent`
+/// is final.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TxError {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl TxError {
+    pub fn transient(m: impl Into<String>) -> Self {
+        TxError {
+            class: ErrorClass::Transient,
+            message: m.into(),
+        }
+    }
+    pub fn permanent(m: impl Into<String>) -> Self {
+        TxError {
+            class: ErrorClass::Permanent,
+            message: m.into(),
+        }
+    }
+    pub fn unknown_outcome(m: impl Into<String>) -> Self {
+        TxError {
+            class: ErrorClass::UnknownOutcome,
+            message: m.into(),
+        }
+    }
+}
+
+/// What can go wrong with a transaction as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransactionError {
+    /// A data manager failed before or during the vote: every manager was
+    /// aborted; nothing was committed. Safe to retry when the cause is
+    /// transient.
+    #[error("the transaction was aborted: {manager} failed in {phase}: {error}")]
+    Aborted {
+        manager: String,
+        phase: &'static str,
+        error: TxError,
+    },
+    /// A failure after every manager voted yes: some managers may have
+    /// committed and others not. The transaction needs recovery (for
+    /// prepared PostgreSQL transactions, `recover` resolves it).
+    #[error(
+        "COMMIT FAILED AFTER THE VOTE: {manager} failed in tpc_finish ({error}); \
+         {finished} of {total} managers committed; the transaction needs recovery"
+    )]
+    CommitFailed {
+        manager: String,
+        error: TxError,
+        finished: usize,
+        total: usize,
+    },
+    /// Aborting failed in some managers (the others were aborted).
+    #[error("aborting failed in {}: {}", failures.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", "), failures.first().map(|f| f.1.message.as_str()).unwrap_or(""))]
+    AbortFailed { failures: Vec<(String, TxError)> },
+    /// The application committed or aborted a transaction that a
+    /// [`TransactionLoop`] controls.
+    #[error("the transaction is controlled by a transaction loop; return from the handler instead of calling {0}")]
+    Lifecycle(&'static str),
+    /// The transaction manager's current transaction changed while a loop
+    /// controlled it (the handler began another one).
+    #[error("the handler began another transaction while the loop controlled transaction {expected}; found {found:?}")]
+    Foreign { expected: u64, found: Option<u64> },
+    /// The transaction is not active any more.
+    #[error("the transaction is {0}; begin a new one")]
+    NotActive(&'static str),
+    /// A joined manager cannot take savepoints.
+    #[error("{0} does not support savepoints")]
+    SavepointUnsupported(String),
+    /// The savepoint belongs to an older state of the transaction.
+    #[error("the savepoint is no longer valid (rolled back past, or the transaction ended)")]
+    InvalidSavepoint,
+}
+
+impl TransactionError {
+    /// The class that decides whether retrying the transaction may help.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            TransactionError::Aborted { error, .. } => error.class,
+            TransactionError::CommitFailed { .. } => ErrorClass::UnknownOutcome,
+            _ => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// Where a savepoint can take a manager back to.
+pub trait SavepointRollback: Send {
+    fn rollback(&mut self) -> Result<(), TxError>;
+}
+
+/// A participant of two-phase commit. Methods run in this order on commit:
+/// `tpc_begin`, `commit`, `tpc_vote`, `tpc_finish` (or `tpc_abort` after a
+/// failure); `abort` when the transaction is aborted before commit starts.
+#[async_trait]
+pub trait DataManager: Send + Sync {
+    /// Managers commit in the order of their keys (stable for equal keys).
+    fn sort_key(&self) -> String;
+    /// A name for messages.
+    fn name(&self) -> String {
+        self.sort_key()
+    }
+    /// Throw away the work done in the transaction (no commit started).
+    async fn abort(&self, tx: &TxInfo) -> Result<(), TxError>;
+    async fn tpc_begin(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Send the changes (phase one, part one).
+    async fn commit(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Promise to commit: after a yes, `tpc_finish` must succeed (phase one,
+    /// part two).
+    async fn tpc_vote(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Make the changes permanent (phase two).
+    async fn tpc_finish(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Undo after a failed commit; must not fail for a manager that did not
+    /// vote yet.
+    async fn tpc_abort(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// A savepoint, for managers that support them.
+    fn savepoint(&self) -> Result<Box<dyn SavepointRollback>, TxError> {
+        Err(TxError::permanent(format!(
+            "{} does not support savepoints",
+            self.name()
+        )))
+    }
+}
+
+/// What a data manager is told about the transaction.
+#[derive(Debug, Clone)]
+pub struct TxInfo {
+    pub id: u64,
+    /// A description for logs (the loop's `describe_transaction`).
+    pub note: String,
+}
+
+/// The status of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Active,
+    Committing,
+    Committed,
+    /// The commit failed after the vote; `commit` may be called again to
+    /// finish the managers that did not.
+    CommitFailed,
+    Aborted,
+}
+
+impl TxStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            TxStatus::Active => "active",
+            TxStatus::Committing => "committing",
+            TxStatus::Committed => "committed",
+            TxStatus::CommitFailed => "failed after the vote",
+            TxStatus::Aborted => "aborted",
+        }
+    }
+}
+
+struct Joined {
+    dm: Arc<dyn DataManager>,
+    /// `tpc_finish` succeeded.
+    finished: bool,
+}
+
+struct State {
+    status: TxStatus,
+    joined: Vec<Joined>,
+    /// Incremented by every savepoint rollback and by the end of the
+    /// transaction: savepoints of an older generation are invalid.
+    generation: u64,
+    read_only: bool,
+    loop_controlled: bool,
+    note: String,
+}
+
+struct Inner {
+    id: u64,
+    state: Mutex<State>,
+}
+
+/// A transaction that data managers join. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Transaction {
+    inner: Arc<Inner>,
+}
+
+static NEXT_TX: AtomicU64 = AtomicU64::new(1);
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Updates under this lock are single assignments and pushes; a panic
+    // elsewhere cannot leave the state half-written.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Default for Transaction {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Transaction {
+    /// A new, active transaction (usually through [`TransactionManager::begin`]).
+    pub fn new() -> Self {
+        Transaction {
+            inner: Arc::new(Inner {
+                id: NEXT_TX.fetch_add(1, Ordering::Relaxed),
+                state: Mutex::new(State {
+                    status: TxStatus::Active,
+                    joined: Vec::new(),
+                    generation: 0,
+                    read_only: false,
+                    loop_controlled: false,
+                    note: String::new(),
+                }),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    pub fn status(&self) -> TxStatus {
+        lock(&self.inner.state).status
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.status() == TxStatus::Active
+    }
+
+    fn info(&self) -> TxInfo {
+        TxInfo {
+            id: self.inner.id,
+            note: lock(&self.inner.state).note.clone(),
+        }
+    }
+
+    /// Sets the description data managers and logs see.
+    pub fn note(&self, text: impl Into<String>) {
+        lock(&self.inner.state).note = text.into();
+    }
+
+    /// Says the work changed nothing: a [`TransactionLoop`] aborts instead
+    /// of committing (no expensive commit for a read).
+    pub fn set_read_only(&self) {
+        lock(&self.inner.state).read_only = true;
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        lock(&self.inner.state).read_only
+    }
+
+    pub(crate) fn set_loop_controlled(&self, on: bool) {
+        lock(&self.inner.state).loop_controlled = on;
+    }
+
+    /// Adds a data manager. Joining the same manager twice is a no-op.
+    pub fn join(&self, dm: Arc<dyn DataManager>) -> Result<(), TransactionError> {
+        let mut st = lock(&self.inner.state);
+        if st.status != TxStatus::Active {
+            return Err(TransactionError::NotActive(st.status.as_str()));
+        }
+        if !st.joined.iter().any(|j| Arc::ptr_eq(&j.dm, &dm)) {
+            st.joined.push(Joined {
+                dm,
+                finished: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// The names of the joined managers, in joining order.
+    pub fn managers(&self) -> Vec<String> {
+        lock(&self.inner.state)
+            .joined
+            .iter()
+            .map(|j| j.dm.name())
+            .collect()
+    }
+
+    /// A savepoint of every joined manager.
+    pub fn savepoint(&self) -> Result<Savepoint, TransactionError> {
+        let st = lock(&self.inner.state);
+        if st.status != TxStatus::Active {
+            return Err(TransactionError::NotActive(st.status.as_str()));
+        }
+        let mut rollbacks = Vec::with_capacity(st.joined.len());
+        for j in &st.joined {
+            rollbacks.push(
+                j.dm.savepoint()
+                    .map_err(|_| TransactionError::SavepointUnsupported(j.dm.name()))?,
+            );
+        }
+        Ok(Savepoint {
+            tx: self.clone(),
+            joined_at: st.joined.len(),
+            generation: st.generation,
+            rollbacks,
+        })
+    }
+
+    /// Aborts: every manager's `abort`, in sort order.
+    pub async fn abort(&self) -> Result<(), TransactionError> {
+        {
+            let st = lock(&self.inner.state);
+            if st.loop_controlled {
+                return Err(TransactionError::Lifecycle("abort()"));
+            }
+        }
+        self.abort_inner().await
+    }
+
+    pub(crate) async fn abort_inner(&self) -> Result<(), TransactionError> {
+        let dms = {
+            let mut st = lock(&self.inner.state);
+            match st.status {
+                TxStatus::Active => {}
+                TxStatus::Aborted => return Ok(()),
+                s => return Err(TransactionError::NotActive(s.as_str())),
+            }
+            st.status = TxStatus::Aborted;
+            st.generation += 1;
+            sorted(&st.joined)
+        };
+        let info = self.info();
+        let mut failures = Vec::new();
+        for dm in dms {
+            if let Err(e) = dm.abort(&info).await {
+                failures.push((dm.name(), e));
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(TransactionError::AbortFailed { failures })
+        }
+    }
+
+    /// Two-phase commit over every joined manager, in sort order.
+    pub async fn commit(&self) -> Result<(), TransactionError> {
+        {
+            let st = lock(&self.inner.state);
+            if st.loop_controlled {
+                return Err(TransactionError::Lifecycle("commit()"));
+            }
+        }
+        self.commit_inner().await
+    }
+
+    pub(crate) async fn commit_inner(&self) -> Result<(), TransactionError> {
+        let info = self.info();
+        let resuming = {
+            let mut st = lock(&self.inner.state);
+            match st.status {
+                TxStatus::Active => {
+                    st.status = TxStatus::Committing;
+                    false
+                }
+                // Retry only the commit: finish the managers that did not.
+                TxStatus::CommitFailed => true,
+                s => return Err(TransactionError::NotActive(s.as_str())),
+            }
+        };
+        if !resuming {
+            let dms = sorted(&lock(&self.inner.state).joined);
+            for (phase, n) in [("tpc_begin", 0), ("commit", 1), ("tpc_vote", 2)] {
+                for dm in &dms {
+                    let r = match n {
+                        0 => dm.tpc_begin(&info).await,
+                        1 => dm.commit(&info).await,
+                        _ => dm.tpc_vote(&info).await,
+                    };
+                    if let Err(error) = r {
+                        for other in &dms {
+                            if let Err(e) = other.tpc_abort(&info).await {
+                                tracing::error!(manager = %other.name(), error = %e, "tpc_abort failed");
+                            }
+                        }
+                        let mut st = lock(&self.inner.state);
+                        st.status = TxStatus::Aborted;
+                        st.generation += 1;
+                        return Err(TransactionError::Aborted {
+                            manager: dm.name(),
+                            phase,
+                            error,
+                        });
+                    }
+                }
+            }
+        }
+        // Phase two. Every manager voted yes: each must now finish.
+        let order: Vec<usize> = {
+            let st = lock(&self.inner.state);
+            let mut idx: Vec<usize> = (0..st.joined.len()).collect();
+            idx.sort_by_key(|&i| st.joined[i].dm.sort_key());
+            idx
+        };
+        let total = order.len();
+        for i in order {
+            let (dm, done) = {
+                let st = lock(&self.inner.state);
+                (st.joined[i].dm.clone(), st.joined[i].finished)
+            };
+            if done {
+                continue;
+            }
+            match dm.tpc_finish(&info).await {
+                Ok(()) => lock(&self.inner.state).joined[i].finished = true,
+                Err(error) => {
+                    let mut st = lock(&self.inner.state);
+                    st.status = TxStatus::CommitFailed;
+                    let finished = st.joined.iter().filter(|j| j.finished).count();
+                    tracing::error!(manager = %dm.name(), %error, finished, total, "commit failed after the vote");
+                    return Err(TransactionError::CommitFailed {
+                        manager: dm.name(),
+                        error,
+                        finished,
+                        total,
+                    });
+                }
+            }
+        }
+        let mut st = lock(&self.inner.state);
+        st.status = TxStatus::Committed;
+        st.generation += 1;
+        Ok(())
+    }
+}
+
+/// Managers by sort key; equal keys keep their joining order (stable sort).
+fn sorted(joined: &[Joined]) -> Vec<Arc<dyn DataManager>> {
+    let mut v: Vec<Arc<dyn DataManager>> = joined.iter().map(|j| j.dm.clone()).collect();
+    v.sort_by_key(|d| d.sort_key());
+    v
+}
+
+/// A point a transaction can roll back to.
+pub struct Savepoint {
+    tx: Transaction,
+    joined_at: usize,
+    generation: u64,
+    rollbacks: Vec<Box<dyn SavepointRollback>>,
+}
+
+impl Savepoint {
+    /// Rolls every manager back to the savepoint; managers that joined after
+    /// it are aborted and unjoined. The savepoint stays usable; savepoints
+    /// taken after it do not.
+    pub async fn rollback(&mut self) -> Result<(), TransactionError> {
+        let later: Vec<Arc<dyn DataManager>> = {
+            let mut st = lock(&self.tx.inner.state);
+            if st.status != TxStatus::Active || st.generation != self.generation {
+                return Err(TransactionError::InvalidSavepoint);
+            }
+            st.generation += 1;
+            self.generation = st.generation;
+            let keep = self.joined_at.min(st.joined.len());
+            st.joined
+                .split_off(keep)
+                .into_iter()
+                .map(|j| j.dm)
+                .collect()
+        };
+        for r in &mut self.rollbacks {
+            r.rollback().map_err(|error| TransactionError::Aborted {
+                manager: "savepoint".into(),
+                phase: "rollback",
+                error,
+            })?;
+        }
+        let info = self.tx.info();
+        let mut failures = Vec::new();
+        for dm in later {
+            if let Err(e) = dm.abort(&info).await {
+                failures.push((dm.name(), e));
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(TransactionError::AbortFailed { failures })
+        }
+    }
+}
+
+/// Holds the current transaction (ZODB's transaction manager): `begin`
+/// replaces it. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct TransactionManager {
+    current: Arc<Mutex<Option<Transaction>>>,
+}
+
+impl TransactionManager {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Begins a new transaction and makes it current. (An unfinished
+    /// previous one is simply forgotten; abort it first if it joined
+    /// managers.)
+    pub fn begin(&self) -> Transaction {
+        let tx = Transaction::new();
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        tx
+    }
+
+    /// The current transaction, if one was begun.
+    pub fn get(&self) -> Option<Transaction> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,634 @@
+//! Unit tests of two-phase commit, the loop and `with_transaction`.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::*;
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// A data manager that records every call and can be told to fail.
+struct Dm {
+    name: String,
+    key: String,
+    log: Log,
+    /// phase → how many more times it fails, and with what.
+    fail: Mutex<Vec<(&'static str, u32, TxError)>>,
+    savepoints: bool,
+}
+
+fn dm(log: &Log, name: &str, key: &str) -> Arc<Dm> {
+    Arc::new(Dm {
+        name: name.into(),
+        key: key.into(),
+        log: log.clone(),
+        fail: Mutex::new(Vec::new()),
+        savepoints: true,
+    })
+}
+
+impl Dm {
+    fn fail_in(self: &Arc<Self>, phase: &'static str, times: u32, e: TxError) -> Arc<Self> {
+        self.fail.lock().expect("lock").push((phase, times, e));
+        self.clone()
+    }
+    fn call(&self, phase: &'static str) -> Result<(), TxError> {
+        self.log
+            .lock()
+            .expect("lock")
+            .push(format!("{}:{phase}", self.name));
+        let mut f = self.fail.lock().expect("lock");
+        for (p, n, e) in f.iter_mut() {
+            if *p == phase && *n > 0 {
+                *n -= 1;
+                return Err(e.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Rollback {
+    name: String,
+    log: Log,
+}
+impl SavepointRollback for Rollback {
+    fn rollback(&mut self) -> Result<(), TxError> {
+        self.log
+            .lock()
+            .expect("lock")
+            .push(format!("{}:rollback", self.name));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DataManager for Dm {
+    fn sort_key(&self) -> String {
+        self.key.clone()
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.call("abort")
+    }
+    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.call("tpc_begin")
+    }
+    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.call("commit")
+    }
+    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.call("tpc_vote")
+    }
+    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.call("tpc_finish")
+    }
+    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.call("tpc_abort")
+    }
+    fn savepoint(&self) -> Result<Box<dyn SavepointRollback>, TxError> {
+        if self.savepoints {
+            Ok(Box::new(Rollback {
+                name: self.name.clone(),
+                log: self.log.clone(),
+            }))
+        } else {
+            Err(TxError::permanent("no savepoints"))
+        }
+    }
+}
+
+fn take(log: &Log) -> Vec<String> {
+    std::mem::take(&mut *log.lock().expect("lock"))
+}
+
+#[tokio::test]
+async fn commit_runs_each_phase_over_managers_in_stable_sort_order() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join(dm(&log, "c", "b")).expect("join");
+    tx.join(dm(&log, "a", "a")).expect("join");
+    tx.join(dm(&log, "d", "b")).expect("join");
+    tx.commit().await.expect("commit");
+    let want: Vec<String> = ["tpc_begin", "commit", "tpc_vote", "tpc_finish"]
+        .iter()
+        .flat_map(|p| ["a", "c", "d"].map(|n| format!("{n}:{p}")))
+        .collect();
+    assert_eq!(take(&log), want);
+    assert_eq!(tx.status(), TxStatus::Committed);
+    assert!(matches!(
+        tx.commit().await,
+        Err(TransactionError::NotActive(_))
+    ));
+    assert!(matches!(
+        tx.join(dm(&log, "late", "z")),
+        Err(TransactionError::NotActive(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_failing_vote_aborts_every_manager() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join(dm(&log, "a", "1")).expect("join");
+    tx.join(dm(&log, "b", "2").fail_in("tpc_vote", 1, TxError::transient("conflict")))
+        .expect("join");
+    let err = tx.commit().await.expect_err("aborted");
+    assert!(
+        matches!(&err, TransactionError::Aborted { manager, phase: "tpc_vote", .. } if manager == "b"),
+        "{err}"
+    );
+    assert_eq!(err.class(), ErrorClass::Transient);
+    let l = take(&log);
+    assert!(
+        l.ends_with(&["a:tpc_abort".to_string(), "b:tpc_abort".to_string()]),
+        "{l:?}"
+    );
+    assert!(!l.iter().any(|x| x.ends_with("tpc_finish")));
+    assert_eq!(tx.status(), TxStatus::Aborted);
+}
+
+#[tokio::test]
+async fn a_failure_after_the_vote_is_serious_and_the_commit_can_be_finished() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join(dm(&log, "a", "1")).expect("join");
+    tx.join(dm(&log, "b", "2").fail_in("tpc_finish", 1, TxError::unknown_outcome("network")))
+        .expect("join");
+    tx.join(dm(&log, "c", "3")).expect("join");
+    let err = tx.commit().await.expect_err("failed");
+    assert!(
+        matches!(
+            err,
+            TransactionError::CommitFailed {
+                finished: 1,
+                total: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("needs recovery"), "{err}");
+    assert_eq!(tx.status(), TxStatus::CommitFailed);
+    take(&log);
+    // Retrying finishes only the managers that did not.
+    tx.commit().await.expect("finished");
+    assert_eq!(take(&log), ["b:tpc_finish", "c:tpc_finish"]);
+    assert_eq!(tx.status(), TxStatus::Committed);
+}
+
+#[tokio::test]
+async fn abort_reaches_every_manager_and_reports_failures() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join(dm(&log, "a", "1").fail_in("abort", 1, TxError::permanent("stuck")))
+        .expect("join");
+    tx.join(dm(&log, "b", "2")).expect("join");
+    let err = tx.abort().await.expect_err("abort failed");
+    assert!(
+        matches!(&err, TransactionError::AbortFailed { failures } if failures.len() == 1),
+        "{err}"
+    );
+    assert_eq!(take(&log), ["a:abort", "b:abort"]);
+    assert_eq!(tx.status(), TxStatus::Aborted);
+}
+
+#[tokio::test]
+async fn rolling_back_a_savepoint_aborts_and_unjoins_later_managers() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join(dm(&log, "a", "1")).expect("join");
+    let mut sp = tx.savepoint().expect("savepoint");
+    tx.join(dm(&log, "b", "2")).expect("join");
+    let mut later = tx.savepoint().expect("savepoint 2");
+    sp.rollback().await.expect("rollback");
+    assert_eq!(take(&log), ["a:rollback", "b:abort"]);
+    assert_eq!(tx.managers(), ["a"]);
+    assert!(matches!(
+        later.rollback().await,
+        Err(TransactionError::InvalidSavepoint)
+    ));
+    // The first savepoint stays usable.
+    sp.rollback().await.expect("again");
+    take(&log);
+    tx.commit().await.expect("commit");
+    assert!(take(&log).iter().all(|l| l.starts_with("a:")));
+    let no_sp = Arc::new(Dm {
+        name: "x".into(),
+        key: "x".into(),
+        log: log.clone(),
+        fail: Mutex::new(Vec::new()),
+        savepoints: false,
+    });
+    let tx = Transaction::new();
+    tx.join(no_sp).expect("join");
+    assert!(matches!(tx.savepoint(), Err(TransactionError::SavepointUnsupported(n)) if n == "x"));
+}
+
+#[tokio::test]
+async fn after_commit_calls_run_last_only_on_commit_and_cannot_break_it() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    let l = log.clone();
+    near_end(&tx, move || {
+        l.lock().expect("lock").push("near-end".into());
+        Ok(())
+    });
+    let l = log.clone();
+    after_commit(&tx, move || {
+        l.lock().expect("lock").push("after-commit".into());
+        Err(TxError::permanent("mail server down"))
+    });
+    tx.join(dm(&log, "db", "db")).expect("join");
+    tx.commit()
+        .await
+        .expect("a failing after-commit call does not fail the commit");
+    let l = take(&log);
+    assert_eq!(
+        l.iter()
+            .filter(|x| !x.starts_with("db:tpc_") && !x.starts_with("db:commit"))
+            .collect::<Vec<_>>(),
+        ["after-commit", "near-end"]
+    );
+    let finish = l.iter().position(|x| x == "db:tpc_finish").expect("finish");
+    assert!(finish < l.iter().position(|x| x == "after-commit").expect("after"));
+
+    let tx = Transaction::new();
+    let l = log.clone();
+    after_commit(&tx, move || {
+        l.lock().expect("lock").push("never".into());
+        Ok(())
+    });
+    tx.abort().await.expect("abort");
+    assert!(take(&log).is_empty(), "no call on abort");
+
+    let tx = Transaction::new();
+    tx.join(dm(&log, "db", "db")).expect("join");
+    after_commit_voting(&tx, || Ok(()), || Err(TxError::permanent("veto")));
+    let err = tx.commit().await.expect_err("vetoed");
+    assert!(
+        matches!(
+            err,
+            TransactionError::Aborted {
+                phase: "tpc_vote",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_queue_put_is_visible_only_after_commit_and_a_full_queue_aborts() {
+    let (q, mut rx) = tokio::sync::mpsc::channel::<u32>(1);
+    let tx = Transaction::new();
+    put_nowait(&tx, &q, 7).expect("put");
+    assert!(rx.try_recv().is_err(), "not before commit");
+    tx.commit().await.expect("commit");
+    assert_eq!(rx.try_recv().ok(), Some(7));
+
+    q.try_send(1).expect("fill the queue");
+    let tx = Transaction::new();
+    put_nowait(&tx, &q, 8).expect("put");
+    let err = tx.commit().await.expect_err("full");
+    assert!(err.to_string().contains("the queue is full"), "{err}");
+    assert_eq!(rx.try_recv().ok(), Some(1));
+    assert!(rx.try_recv().is_err(), "the aborted put never arrives");
+
+    let tx = Transaction::new();
+    put_nowait(&tx, &q, 9).expect("put");
+    tx.abort().await.expect("abort");
+    assert!(rx.try_recv().is_err());
+}
+
+#[derive(Default)]
+struct Events(Mutex<Vec<String>>, Option<Duration>);
+
+impl Events {
+    fn push(&self, s: String) {
+        self.0.lock().expect("lock").push(s);
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().expect("lock"))
+    }
+}
+
+impl Hooks for Events {
+    fn will_first_attempt(&self) {
+        self.push("will_first_attempt".into());
+    }
+    fn will_retry(&self, a: u32) {
+        self.push(format!("will_retry {a}"));
+    }
+    fn will_sleep(&self, a: u32, sleep: &mut Duration) {
+        self.push(format!("will_sleep {a}"));
+        if let Some(d) = self.1 {
+            *sleep = d;
+        }
+    }
+    fn began(&self, _: &Transaction) {
+        self.push("began".into());
+    }
+    fn committed(&self, _: &Transaction) {
+        self.push("committed".into());
+    }
+    fn aborted(&self, _: &Transaction, e: Option<&LoopError>) {
+        self.push(format!(
+            "aborted{}",
+            if e.is_some() { " with error" } else { "" }
+        ));
+    }
+    fn prep_for_retry(&self, a: u32) {
+        self.push(format!("prep_for_retry {a}"));
+    }
+    fn describe_transaction(&self) -> String {
+        "GET /orders".into()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_loop_retries_transient_errors_with_events_in_order_and_backoff() {
+    let events = Arc::new(Events::default());
+    let lp = TransactionLoop::builder()
+        .attempts(3)
+        .hooks(events.clone())
+        .build();
+    let n = AtomicU32::new(0);
+    let t0 = tokio::time::Instant::now();
+    let v = lp
+        .run(|tx| {
+            let k = n.fetch_add(1, Ordering::SeqCst);
+            async move {
+                assert_eq!(tx.info().note, "GET /orders");
+                if k == 0 {
+                    Err(TxError::transient("deadlock"))
+                } else {
+                    Ok(42)
+                }
+            }
+        })
+        .await
+        .expect("second attempt commits");
+    assert_eq!(v, 42);
+    let slept = t0.elapsed();
+    assert!(
+        (Duration::from_millis(80)..=Duration::from_millis(120)).contains(&slept),
+        "{slept:?}"
+    );
+    assert_eq!(
+        events.take(),
+        [
+            "will_first_attempt",
+            "began",
+            "aborted with error",
+            "will_retry 2",
+            "prep_for_retry 2",
+            "will_sleep 2",
+            "began",
+            "committed"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn will_sleep_can_change_the_sleep_and_attempts_run_out() {
+    let events = Arc::new(Events(Mutex::default(), Some(Duration::from_secs(5))));
+    let lp = TransactionLoop::builder()
+        .attempts(2)
+        .hooks(events.clone())
+        .build();
+    let t0 = tokio::time::Instant::now();
+    let err = lp
+        .run(|_| async { Err::<(), _>(TxError::transient("busy")) })
+        .await
+        .expect_err("runs out");
+    assert_eq!(
+        err,
+        LoopError::Handler(TxError::transient("busy")),
+        "the last error"
+    );
+    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+    assert_eq!(events.take().iter().filter(|e| *e == "began").count(), 2);
+}
+
+#[tokio::test]
+async fn the_loop_does_not_retry_permanent_errors_and_respects_retry_if() {
+    let n = AtomicU32::new(0);
+    let lp = TransactionLoop::builder().attempts(5).build();
+    let err = lp
+        .run(|_| {
+            n.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(TxError::permanent("bad input")) }
+        })
+        .await
+        .expect_err("not retried");
+    assert_eq!(err.class(), ErrorClass::Permanent);
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    let lp = TransactionLoop::builder()
+        .attempts(3)
+        .backoff(sagatx_core::RetryPolicy {
+            initial_backoff_ms: 0,
+            max_backoff_ms: 0,
+            ..Default::default()
+        })
+        .retry_if(|e| e.to_string().contains("bad input"))
+        .build();
+    n.store(0, Ordering::SeqCst);
+    let _ = lp
+        .run(|_| {
+            n.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(TxError::permanent("bad input")) }
+        })
+        .await;
+    assert_eq!(n.load(Ordering::SeqCst), 3, "retry_if decides");
+}
+
+#[tokio::test]
+async fn read_only_work_and_a_veto_abort_instead_of_committing() {
+    struct Veto;
+    impl Hooks for Veto {
+        fn commit_veto(&self, _: &Transaction) -> bool {
+            true
+        }
+    }
+    let log = Log::default();
+    let lp = TransactionLoop::builder().build();
+    let d = dm(&log, "db", "db");
+    let v = lp
+        .run(|tx| {
+            tx.join(d.clone()).expect("join");
+            tx.set_read_only();
+            async { Ok(1) }
+        })
+        .await
+        .expect("ok");
+    assert_eq!(v, 1);
+    assert_eq!(take(&log), ["db:abort"]);
+    let lp = TransactionLoop::builder().hooks(Arc::new(Veto)).build();
+    lp.run(|tx| {
+        tx.join(d.clone()).expect("join");
+        async { Ok(()) }
+    })
+    .await
+    .expect("ok");
+    assert_eq!(take(&log), ["db:abort"]);
+}
+
+#[tokio::test]
+async fn lifecycle_and_foreign_transaction_errors() {
+    let lp = TransactionLoop::builder().build();
+    let err = lp
+        .run(|tx| async move {
+            let e = tx.commit().await.expect_err("the loop is in control");
+            assert_eq!(e, TransactionError::Lifecycle("commit()"));
+            let e = tx.abort().await.expect_err("the loop is in control");
+            assert_eq!(e, TransactionError::Lifecycle("abort()"));
+            Err::<(), _>(TxError::permanent(e.to_string()))
+        })
+        .await
+        .expect_err("handler error");
+    assert!(
+        err.to_string().contains("controlled by a transaction loop"),
+        "{err}"
+    );
+    let tm = lp.manager().clone();
+    let err = lp
+        .run(|_| {
+            tm.begin();
+            async { Ok(()) }
+        })
+        .await
+        .expect_err("foreign");
+    assert!(
+        matches!(
+            err,
+            LoopError::Transaction(TransactionError::Foreign { .. })
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_transaction_retries_the_callback_on_transient_errors() {
+    let log = Log::default();
+    let opts = WithTransaction::new(TransactionManager::new());
+    let n = AtomicU32::new(0);
+    let d = dm(&log, "db", "db").fail_in("tpc_vote", 1, TxError::transient("write conflict"));
+    let v = with_transaction(&opts, |tx| {
+        let k = n.fetch_add(1, Ordering::SeqCst);
+        tx.join(d.clone()).expect("join");
+        async move {
+            if k == 0 {
+                Err(TxError::transient("TransientTransactionError"))
+            } else {
+                Ok(k)
+            }
+        }
+    })
+    .await
+    .expect("commits");
+    // 1: callback error; 2: vote conflict (transient); 3: commits.
+    assert_eq!(v, 2);
+    assert_eq!(
+        take(&log).iter().filter(|l| *l == "db:tpc_finish").count(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_transaction_retries_only_the_commit_when_its_result_is_unknown() {
+    let log = Log::default();
+    let opts = WithTransaction::new(TransactionManager::new());
+    let n = AtomicU32::new(0);
+    let a = dm(&log, "a", "1");
+    let b = dm(&log, "b", "2").fail_in("tpc_finish", 2, TxError::unknown_outcome("no answer"));
+    with_transaction(&opts, |tx| {
+        n.fetch_add(1, Ordering::SeqCst);
+        tx.join(a.clone()).expect("join");
+        tx.join(b.clone()).expect("join");
+        async { Ok(()) }
+    })
+    .await
+    .expect("commits");
+    assert_eq!(n.load(Ordering::SeqCst), 1, "the callback ran once");
+    let l = take(&log);
+    assert_eq!(
+        l.iter().filter(|x| *x == "a:tpc_finish").count(),
+        1,
+        "committed at most once: {l:?}"
+    );
+    assert_eq!(l.iter().filter(|x| *x == "b:tpc_finish").count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_transaction_gives_up_after_its_deadline() {
+    let opts = WithTransaction::new(TransactionManager::new());
+    let t0 = tokio::time::Instant::now();
+    let n = AtomicU32::new(0);
+    let err = with_transaction(&opts, |_| {
+        n.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            Err::<(), _>(TxError::transient("still busy"))
+        }
+    })
+    .await
+    .expect_err("gives up");
+    assert_eq!(err, LoopError::Handler(TxError::transient("still busy")));
+    // Attempts start until 120 s have passed: 18 attempts of 7 s.
+    assert_eq!(n.load(Ordering::SeqCst), 18);
+    assert_eq!(t0.elapsed(), Duration::from_secs(126));
+    let short = WithTransaction {
+        deadline: Duration::from_secs(10),
+        ..WithTransaction::new(TransactionManager::new())
+    };
+    n.store(0, Ordering::SeqCst);
+    let _ = with_transaction(&short, |_| {
+        n.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            Err::<(), _>(TxError::transient("busy"))
+        }
+    })
+    .await;
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn with_transaction_leaves_a_transaction_the_callback_ended() {
+    let log = Log::default();
+    let opts = WithTransaction::new(TransactionManager::new());
+    let d = dm(&log, "db", "db");
+    with_transaction(&opts, |tx| {
+        tx.join(d.clone()).expect("join");
+        async move {
+            tx.commit()
+                .await
+                .map_err(|e| TxError::permanent(e.to_string()))?;
+            Ok(())
+        }
+    })
+    .await
+    .expect("ok");
+    assert_eq!(
+        take(&log).iter().filter(|l| *l == "db:tpc_finish").count(),
+        1
+    );
+    with_transaction(&opts, |tx| {
+        tx.join(d.clone()).expect("join");
+        async move {
+            tx.abort()
+                .await
+                .map_err(|e| TxError::permanent(e.to_string()))?;
+            Ok(())
+        }
+    })
+    .await
+    .expect("ok");
+    assert_eq!(take(&log), ["db:abort"]);
+}

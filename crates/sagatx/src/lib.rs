@@ -43,6 +43,7 @@
 //! ```
 
 mod engine;
+pub mod oplog;
 mod saga;
 pub mod store;
 pub mod transaction;

@@ -97,6 +97,61 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     due_and_unfinished(&*store, &tag).await?;
     concurrent_writers(store.clone(), &tag).await?;
     secret(&*store).await?;
+    oplog(&*store, &tag).await?;
+    Ok(())
+}
+
+async fn oplog(store: &dyn Store, tag: &str) -> R {
+    let name = format!("conf-op-{tag}");
+    let before: Vec<u64> = store
+        .op_pending(None, 100_000)
+        .await
+        .map_err(e("pending"))?
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    let a = store
+        .op_record(&name, &json!({"n": 1}), 5)
+        .await
+        .map_err(e("record a"))?;
+    let b = store
+        .op_record(&name, &json!([1, "x"]), 6)
+        .await
+        .map_err(e("record b"))?;
+    let c = store
+        .op_record(&name, &json!(null), 7)
+        .await
+        .map_err(e("record c"))?;
+    ensure!(a < b && b < c, "ids grow: {a} {b} {c}");
+    store.op_finish(b, None, 8).await.map_err(e("finish b"))?;
+    store
+        .op_finish(b, Some("again"), 9)
+        .await
+        .map_err(e("finish b twice"))?;
+    store
+        .op_finish(c, Some("failed for good"), 9)
+        .await
+        .map_err(e("finish c"))?;
+    let pending = store
+        .op_pending(None, 100_000)
+        .await
+        .map_err(e("pending"))?;
+    let mine: Vec<_> = pending.iter().filter(|o| !before.contains(&o.id)).collect();
+    ensure!(
+        mine.len() == 1 && mine[0].id == a,
+        "only a is pending: {mine:?}"
+    );
+    ensure!(
+        mine[0].name == name && mine[0].args == json!({"n": 1}) && mine[0].created_at_ms == 5,
+        "the record keeps its name, arguments and time: {:?}",
+        mine[0]
+    );
+    let after = store
+        .op_pending(Some(a), 100_000)
+        .await
+        .map_err(e("pending after"))?;
+    ensure!(!after.iter().any(|o| o.id == a), "after excludes it");
+    store.op_finish(a, None, 10).await.map_err(e("finish a"))?;
     Ok(())
 }
 

@@ -18,6 +18,8 @@ struct Inner {
     /// (due time, insertion number) of every execution with a due time.
     due: BTreeSet<(u64, u64)>,
     next: u64,
+    /// Operation log: id → (record, finished).
+    ops: BTreeMap<u64, (super::OpRecord, bool)>,
 }
 
 /// A store that keeps everything in memory.
@@ -170,6 +172,50 @@ impl Store for MemoryStore {
 
     async fn secret(&self) -> Result<[u8; 32], StoreError> {
         Ok(self.secret)
+    }
+
+    async fn op_record(
+        &self,
+        name: &str,
+        args: &serde_json::Value,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let mut g = self.lock();
+        let id = g.ops.keys().next_back().copied().unwrap_or(0) + 1;
+        let rec = super::OpRecord {
+            id,
+            name: name.to_string(),
+            args: args.clone(),
+            created_at_ms: now_ms,
+        };
+        g.ops.insert(id, (rec, false));
+        Ok(id)
+    }
+
+    async fn op_finish(
+        &self,
+        id: u64,
+        _error: Option<&str>,
+        _now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if let Some(op) = self.lock().ops.get_mut(&id) {
+            op.1 = true;
+        }
+        Ok(())
+    }
+
+    async fn op_pending(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<super::OpRecord>, StoreError> {
+        let g = self.lock();
+        Ok(g.ops
+            .range(after.map_or(0, |a| a + 1)..)
+            .filter(|(_, (_, done))| !done)
+            .take(limit)
+            .map(|(_, (r, _))| r.clone())
+            .collect())
     }
 
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {

@@ -89,6 +89,16 @@ pub struct Registered {
     pub created: bool,
 }
 
+/// One entry of the operation log (grate.atomic): recorded before the
+/// operation runs, finished after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpRecord {
+    pub id: u64,
+    pub name: String,
+    pub args: serde_json::Value,
+    pub created_at_ms: u64,
+}
+
 /// The journal of definitions and executions.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -127,6 +137,26 @@ pub trait Store: Send + Sync + 'static {
     /// with it: the key of the capabilities in reply URLs, so that every
     /// process on one store accepts the replies of the others.
     async fn secret(&self) -> Result<[u8; 32], StoreError>;
+
+    /// Records an operation durably before it runs; returns its id.
+    async fn op_record(
+        &self,
+        name: &str,
+        args: &serde_json::Value,
+        now_ms: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// Marks an operation finished (`error` when it failed for good).
+    /// Finishing an unknown or finished operation is a no-op.
+    async fn op_finish(&self, id: u64, error: Option<&str>, now_ms: u64) -> Result<(), StoreError>;
+
+    /// Operations recorded and not finished, oldest first, with an id above
+    /// `after`.
+    async fn op_pending(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<OpRecord>, StoreError>;
 
     /// A page of executions that may have work under way (status `created`,
     /// `running` or `compensating`), oldest first, after `cursor`; for

@@ -28,7 +28,7 @@ use super::{ListQuery, Page, Registered, Store, StoreError};
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Writes applied in one transaction at most.
 pub const MAX_BATCH: usize = 1024;
 /// Writes queued for the writer thread at most (back-pressure beyond).
@@ -67,6 +67,17 @@ CREATE TABLE meta (
     value BLOB NOT NULL
 ) WITHOUT ROWID;
 INSERT INTO meta (key, value) VALUES ('secret', randomblob(32));
+"#,
+    r#"
+CREATE TABLE oplog (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL,
+    args        TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    error       TEXT
+);
+CREATE INDEX oplog_pending ON oplog (id) WHERE finished_at IS NULL;
 "#,
 ];
 
@@ -117,6 +128,18 @@ enum Write {
         def: Box<SagaDefinition>,
         now_ms: u64,
         reply: oneshot::Sender<Result<Registered, StoreError>>,
+    },
+    OpRecord {
+        name: String,
+        args: String,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    OpFinish {
+        id: u64,
+        error: Option<String>,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -341,6 +364,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
 enum Done {
     Appended(Result<(), StoreError>),
     Defined(Result<Registered, StoreError>),
+    OpRecorded(u64),
 }
 
 fn reply(w: Write, r: Done) {
@@ -350,6 +374,12 @@ fn reply(w: Write, r: Done) {
             let _ = reply.send(r);
         }
         (Write::Definition { reply, .. }, Done::Defined(r)) => {
+            let _ = reply.send(r);
+        }
+        (Write::OpRecord { reply, .. }, Done::OpRecorded(id)) => {
+            let _ = reply.send(Ok(id));
+        }
+        (Write::OpFinish { reply, .. }, Done::Appended(r)) => {
             let _ = reply.send(r);
         }
         (w, _) => reply_err(w, StoreError::Io("internal: mismatched reply".into())),
@@ -362,6 +392,12 @@ fn reply_err(w: Write, e: StoreError) {
             let _ = reply.send(Err(e));
         }
         Write::Definition { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Write::OpRecord { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Write::OpFinish { reply, .. } => {
             let _ = reply.send(Err(e));
         }
     }
@@ -432,6 +468,24 @@ fn apply_batch(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Done>, 
                         })));
                     }
                 }
+            }
+            Write::OpRecord {
+                name, args, now_ms, ..
+            } => {
+                tx.prepare_cached(
+                    "INSERT INTO oplog (name, args, created_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![name, args, *now_ms as i64])?;
+                out.push(Done::OpRecorded(tx.last_insert_rowid() as u64));
+            }
+            Write::OpFinish {
+                id, error, now_ms, ..
+            } => {
+                tx.prepare_cached(
+                    "UPDATE oplog SET finished_at = ?2, error = ?3 WHERE id = ?1 AND finished_at IS NULL",
+                )?
+                .execute(params![*id as i64, *now_ms as i64, error])?;
+                out.push(Done::Appended(Ok(())));
             }
             Write::Definition { def, now_ms, .. } => {
                 let body = def.to_json();
@@ -659,6 +713,79 @@ impl Store for SqliteStore {
 
     async fn secret(&self) -> Result<[u8; 32], StoreError> {
         Ok(self.secret)
+    }
+
+    async fn op_record(
+        &self,
+        name: &str,
+        args: &serde_json::Value,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Write::OpRecord {
+                name: name.to_string(),
+                args: args.to_string(),
+                now_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn op_finish(&self, id: u64, error: Option<&str>, now_ms: u64) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Write::OpFinish {
+                id,
+                error: error.map(str::to_string),
+                now_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn op_pending(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<super::OpRecord>, StoreError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT id, name, args, created_at FROM oplog
+                     WHERE finished_at IS NULL AND id > ?1 ORDER BY id LIMIT ?2",
+                )
+                .map_err(io)?;
+            let rows = s
+                .query_map(params![after.unwrap_or(0) as i64, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })
+                .map_err(io)?;
+            let mut out = Vec::new();
+            for r in rows {
+                let (id, name, args, created) = r.map_err(io)?;
+                let args = serde_json::from_str(&args).map_err(|e| {
+                    StoreError::Io(format!("operation {id} has unreadable arguments: {e}"))
+                })?;
+                out.push(super::OpRecord {
+                    id: id as u64,
+                    name,
+                    args,
+                    created_at_ms: created as u64,
+                });
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {

@@ -4,5 +4,6 @@ mod bad_input;
 mod crash;
 mod engine;
 mod examples;
+mod oplog;
 mod store;
 mod support;

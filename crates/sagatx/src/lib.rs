@@ -42,6 +42,7 @@
 //! # });
 //! ```
 
+pub mod barrier;
 mod engine;
 pub mod oplog;
 mod saga;

@@ -28,10 +28,12 @@ use sagatx_core::ErrorClass;
 
 mod hooks;
 mod looping;
+mod sqlite;
 mod with;
 
 pub use hooks::{after_commit, after_commit_voting, near_end, put_nowait, CallbackManager};
 pub use looping::{Hooks, LoopError, TransactionLoop, TransactionLoopBuilder};
+pub use sqlite::SqliteDataManager;
 pub use with::{with_transaction, WithTransaction, DEFAULT_DEADLINE};
 
 /// An error of a data manager or a transaction's work, with its class:

@@ -5,5 +5,6 @@ mod crash;
 mod engine;
 mod examples;
 mod oplog;
+mod participants;
 mod store;
 mod support;

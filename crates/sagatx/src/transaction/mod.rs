@@ -28,11 +28,15 @@ use sagatx_core::ErrorClass;
 
 mod hooks;
 mod looping;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 mod with;
 
 pub use hooks::{after_commit, after_commit_voting, near_end, put_nowait, CallbackManager};
 pub use looping::{Hooks, LoopError, TransactionLoop, TransactionLoopBuilder};
+#[cfg(feature = "postgres")]
+pub use postgres::{recover_prepared, PostgresDataManager, PreparedReport};
 pub use sqlite::SqliteDataManager;
 pub use with::{with_transaction, WithTransaction, DEFAULT_DEADLINE};
 
@@ -169,6 +173,9 @@ pub trait DataManager: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct TxInfo {
     pub id: u64,
+    /// A globally unique id (a UUID v7), stable across processes: the
+    /// prefix of prepared transactions' ids and the key of the decision.
+    pub gid: String,
     /// A description for logs (the loop's `describe_transaction`).
     pub note: String,
 }
@@ -212,10 +219,14 @@ struct State {
     read_only: bool,
     loop_controlled: bool,
     note: String,
+    decisions: Option<Arc<dyn DecisionLog>>,
+    /// The logged commit decision, forgotten once every manager finished.
+    decision: Option<u64>,
 }
 
 struct Inner {
     id: u64,
+    gid: String,
     state: Mutex<State>,
 }
 
@@ -245,6 +256,7 @@ impl Transaction {
         Transaction {
             inner: Arc::new(Inner {
                 id: NEXT_TX.fetch_add(1, Ordering::Relaxed),
+                gid: uuid::Uuid::now_v7().simple().to_string(),
                 state: Mutex::new(State {
                     status: TxStatus::Active,
                     joined: Vec::new(),
@@ -252,6 +264,8 @@ impl Transaction {
                     read_only: false,
                     loop_controlled: false,
                     note: String::new(),
+                    decisions: None,
+                    decision: None,
                 }),
             }),
         }
@@ -259,6 +273,17 @@ impl Transaction {
 
     pub fn id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// The globally unique id.
+    pub fn gid(&self) -> &str {
+        &self.inner.gid
+    }
+
+    /// Logs the commit decision there, durably, after every vote and before
+    /// any manager finishes: what recovery of prepared transactions reads.
+    pub fn set_decision_log(&self, log: Arc<dyn DecisionLog>) {
+        lock(&self.inner.state).decisions = Some(log);
     }
 
     pub fn status(&self) -> TxStatus {
@@ -272,6 +297,7 @@ impl Transaction {
     fn info(&self) -> TxInfo {
         TxInfo {
             id: self.inner.id,
+            gid: self.inner.gid.clone(),
             note: lock(&self.inner.state).note.clone(),
         }
     }
@@ -429,6 +455,31 @@ impl Transaction {
                 }
             }
         }
+        if !resuming {
+            let log = lock(&self.inner.state).decisions.clone();
+            if let Some(log) = log {
+                match log.decide_commit(&info).await {
+                    Ok(token) => lock(&self.inner.state).decision = Some(token),
+                    Err(error) => {
+                        // Nothing committed yet: abort everywhere.
+                        let dms = sorted(&lock(&self.inner.state).joined);
+                        for dm in &dms {
+                            if let Err(e) = dm.tpc_abort(&info).await {
+                                tracing::error!(manager = %dm.name(), error = %e, "tpc_abort failed");
+                            }
+                        }
+                        let mut st = lock(&self.inner.state);
+                        st.status = TxStatus::Aborted;
+                        st.generation += 1;
+                        return Err(TransactionError::Aborted {
+                            manager: "decision log".into(),
+                            phase: "decision",
+                            error,
+                        });
+                    }
+                }
+            }
+        }
         // Phase two. Every manager voted yes: each must now finish.
         let order: Vec<usize> = {
             let st = lock(&self.inner.state);
@@ -461,10 +512,57 @@ impl Transaction {
                 }
             }
         }
-        let mut st = lock(&self.inner.state);
-        st.status = TxStatus::Committed;
-        st.generation += 1;
+        let (log, token) = {
+            let mut st = lock(&self.inner.state);
+            st.status = TxStatus::Committed;
+            st.generation += 1;
+            (st.decisions.clone(), st.decision.take())
+        };
+        if let (Some(log), Some(token)) = (log, token) {
+            if let Err(e) = log.forget(token).await {
+                // Harmless: recovery finds no prepared transaction for it.
+                tracing::warn!(error = %e, "the commit decision could not be forgotten");
+            }
+        }
         Ok(())
+    }
+}
+
+/// Where the coordinator writes its commit decisions, durably.
+#[async_trait]
+pub trait DecisionLog: Send + Sync {
+    /// Records "commit" for the transaction; returns a token for `forget`.
+    async fn decide_commit(&self, tx: &TxInfo) -> Result<u64, TxError>;
+    /// Every manager finished: the decision is no longer needed.
+    async fn forget(&self, token: u64) -> Result<(), TxError>;
+}
+
+/// The name of decision records in the operation log.
+pub const DECISION_OP: &str = "sagatx.2pc.commit";
+
+/// Commit decisions in a [`Store`](crate::Store)'s operation log.
+pub struct StoreDecisions(pub Arc<dyn crate::Store>);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl DecisionLog for StoreDecisions {
+    async fn decide_commit(&self, tx: &TxInfo) -> Result<u64, TxError> {
+        self.0
+            .op_record(DECISION_OP, &serde_json::json!({"tx": tx.gid}), now_ms())
+            .await
+            .map_err(|e| TxError::transient(format!("cannot log the commit decision: {e}")))
+    }
+    async fn forget(&self, token: u64) -> Result<(), TxError> {
+        self.0
+            .op_finish(token, None, now_ms())
+            .await
+            .map_err(|e| TxError::transient(e.to_string()))
     }
 }
 

@@ -6,5 +6,7 @@ mod engine;
 mod examples;
 mod oplog;
 mod participants;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod store;
 mod support;

@@ -1,0 +1,272 @@
+//! A PostgreSQL database as a real two-phase commit participant:
+//! the vote is `PREPARE TRANSACTION`, the finish `COMMIT PREPARED`, the
+//! abort `ROLLBACK PREPARED`. With a [`super::DecisionLog`] on the
+//! transaction, the commit decision is durable before any `COMMIT
+//! PREPARED`, and [`recover_prepared`] resolves every in-doubt prepared
+//! transaction after a crash: commit where the decision was logged, roll
+//! back otherwise.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::{DataManager, TxError, TxInfo, DECISION_OP};
+use crate::Store;
+
+/// The prefix of the ids of sagatx's prepared transactions.
+pub const GID_PREFIX: &str = "sagatx:";
+
+const DISABLED: &str = "PostgreSQL has prepared transactions disabled \
+    (max_prepared_transactions = 0): set max_prepared_transactions in postgresql.conf \
+    to at least the number of transactions that may be in doubt at once (for example 64, \
+    and at least max_connections for heavy use), then restart PostgreSQL";
+
+fn classify(e: &tokio_postgres::Error, what: &str) -> TxError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        if code == "55000" && db.message().contains("prepared transactions are disabled") {
+            return TxError::permanent(DISABLED);
+        }
+        // Serialization failures and deadlocks are worth a retry.
+        if code == "40001" || code == "40P01" {
+            return TxError::transient(format!("{what}: {}", db.message()));
+        }
+        return TxError::permanent(format!("{what}: {} ({code})", db.message()));
+    }
+    if e.is_closed() {
+        return TxError::unknown_outcome(format!("{what}: the connection closed"));
+    }
+    TxError::unknown_outcome(format!("{what}: {e}"))
+}
+
+async fn connect(config: &Config) -> Result<Client, TxError> {
+    let (client, conn) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| TxError::transient(format!("cannot connect to PostgreSQL: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn parse(url: &str) -> Result<Config, TxError> {
+    url.parse::<Config>()
+        .map_err(|e| TxError::permanent(format!("{url:?} is not a PostgreSQL URL: {e}")))
+}
+
+/// A PostgreSQL transaction that joins a [`super::Transaction`].
+pub struct PostgresDataManager {
+    key: String,
+    client: Client,
+    prepared: Mutex<Option<String>>,
+}
+
+impl PostgresDataManager {
+    /// Connects and opens a transaction (`BEGIN`). `key` orders the commit
+    /// and names the prepared transaction: letters, digits, `_ . -`.
+    pub async fn begin(key: &str, url: &str) -> Result<Arc<Self>, TxError> {
+        if key.is_empty()
+            || key.len() > 64
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            return Err(TxError::permanent(format!(
+                "data manager key {key:?} must be 1 to 64 letters, digits, _ . -"
+            )));
+        }
+        let client = connect(&parse(url)?).await?;
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| classify(&e, "BEGIN"))?;
+        Ok(Arc::new(PostgresDataManager {
+            key: key.to_string(),
+            client,
+            prepared: Mutex::new(None),
+        }))
+    }
+
+    /// The connection, to do the transaction's work.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn gid(&self, tx: &TxInfo) -> String {
+        format!("{GID_PREFIX}{}:{}", tx.gid, self.key)
+    }
+
+    fn prepared(&self) -> Option<String> {
+        self.prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[async_trait]
+impl DataManager for PostgresDataManager {
+    fn sort_key(&self) -> String {
+        self.key.clone()
+    }
+    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| classify(&e, "ROLLBACK"))
+    }
+    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_vote(&self, tx: &TxInfo) -> Result<(), TxError> {
+        let gid = self.gid(tx);
+        // The gid holds only [0-9a-z:_.-] (checked in begin), so quoting is safe.
+        self.client
+            .batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
+            .await
+            .map_err(|e| classify(&e, "PREPARE TRANSACTION"))?;
+        // PREPARE TRANSACTION outside a transaction, or in a failed one,
+        // succeeds with a warning and prepares nothing: check it did.
+        let found = self
+            .client
+            .query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1", &[&gid])
+            .await
+            .map_err(|e| classify(&e, "checking the prepared transaction"))?;
+        if found.is_none() {
+            return Err(TxError::permanent(
+                "PostgreSQL prepared nothing: its transaction was ended or failed before the vote",
+            ));
+        }
+        *self.prepared.lock().unwrap_or_else(|p| p.into_inner()) = Some(gid);
+        Ok(())
+    }
+    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+        let Some(gid) = self.prepared() else {
+            return Err(TxError::permanent(
+                "tpc_finish without a prepared transaction",
+            ));
+        };
+        match self
+            .client
+            .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+            .await
+        {
+            Ok(()) => Ok(()),
+            // An earlier COMMIT PREPARED went through but its answer was lost.
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42704") => Ok(()),
+            Err(e) => Err(classify(&e, "COMMIT PREPARED")),
+        }
+    }
+    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        match self.prepared() {
+            Some(gid) => self
+                .client
+                .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+                .await
+                .map_err(|e| classify(&e, "ROLLBACK PREPARED")),
+            None => self
+                .client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| classify(&e, "ROLLBACK")),
+        }
+    }
+}
+
+/// What [`recover_prepared`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PreparedReport {
+    /// Prepared transactions committed (their decision was logged).
+    pub committed: Vec<String>,
+    /// Prepared transactions rolled back (no decision: presumed abort).
+    pub rolled_back: Vec<String>,
+}
+
+/// Resolves every in-doubt prepared transaction of sagatx on the given
+/// PostgreSQL servers (one URL per server; each server's databases are all
+/// visited) against the decisions in `store`. Run it at start-up, before
+/// new transactions begin: a transaction prepared and not yet decided by a
+/// live process would be rolled back.
+pub async fn recover_prepared(
+    urls: &[&str],
+    store: &Arc<dyn Store>,
+) -> Result<PreparedReport, TxError> {
+    // The decisions: pending decision records, by transaction gid.
+    let mut decided: HashMap<String, u64> = HashMap::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .op_pending(after, 512)
+            .await
+            .map_err(|e| TxError::transient(format!("cannot read the decisions: {e}")))?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        for op in page {
+            if op.name == DECISION_OP {
+                if let Some(tx) = op.args["tx"].as_str() {
+                    decided.insert(tx.to_string(), op.id);
+                }
+            }
+        }
+    }
+    let mut report = PreparedReport::default();
+    for url in urls {
+        let base = parse(url)?;
+        let admin = connect(&base).await?;
+        let rows = admin
+            .query(
+                "SELECT gid, database FROM pg_prepared_xacts WHERE gid LIKE 'sagatx:%' ORDER BY prepared",
+                &[],
+            )
+            .await
+            .map_err(|e| classify(&e, "reading pg_prepared_xacts"))?;
+        let mut by_db: HashMap<String, Vec<String>> = HashMap::new();
+        for r in rows {
+            by_db.entry(r.get(1)).or_default().push(r.get(0));
+        }
+        for (db, gids) in by_db {
+            // COMMIT PREPARED must run in the prepared transaction's database.
+            let mut cfg = base.clone();
+            cfg.dbname(&db);
+            let client = connect(&cfg).await?;
+            for gid in gids {
+                let tx = gid
+                    .strip_prefix(GID_PREFIX)
+                    .and_then(|r| r.split(':').next())
+                    .unwrap_or("")
+                    .to_string();
+                if decided.contains_key(&tx) {
+                    client
+                        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+                        .await
+                        .map_err(|e| classify(&e, "COMMIT PREPARED"))?;
+                    tracing::info!(%gid, "recovery committed a prepared transaction");
+                    report.committed.push(gid);
+                } else {
+                    client
+                        .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+                        .await
+                        .map_err(|e| classify(&e, "ROLLBACK PREPARED"))?;
+                    tracing::info!(%gid, "recovery rolled back a prepared transaction");
+                    report.rolled_back.push(gid);
+                }
+            }
+        }
+    }
+    // Every server was visited: the decisions are done with.
+    for (_, op) in decided {
+        store
+            .op_finish(op, None, super::now_ms())
+            .await
+            .map_err(|e| TxError::transient(e.to_string()))?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,319 @@
+//! Two-phase commit over two real PostgreSQL databases, with the process
+//! killed with SIGKILL at each point of the protocol, and recovery.
+//! `scripts/test` starts the servers and sets SAGATX_TEST_PG_URL (prepared
+//! transactions on) and SAGATX_TEST_PG_NOPREP_URL (off).
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sagatx::transaction::{
+    recover_prepared, DataManager, PostgresDataManager, StoreDecisions, Transaction,
+    TransactionError, TxError, TxInfo,
+};
+use sagatx::{SqliteStore, Store};
+use tokio_postgres::NoTls;
+
+fn env_url(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test, which starts PostgreSQL")
+    })
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+/// A fresh database on the test server; its URL.
+async fn fresh_db(base: &str) -> String {
+    let name = format!(
+        "sagatx_t_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    client(base)
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let url = base
+        .rsplit_once('/')
+        .map(|(b, _)| format!("{b}/{name}"))
+        .expect("url");
+    client(&url)
+        .await
+        .batch_execute("CREATE TABLE t (v INTEGER)")
+        .await
+        .expect("table");
+    url
+}
+
+async fn rows(url: &str) -> i64 {
+    client(url)
+        .await
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+async fn prepared(base: &str, url: &str) -> i64 {
+    let db = url.rsplit('/').next().expect("db").to_string();
+    client(base)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = $1",
+            &[&db],
+        )
+        .await
+        .expect("prepared")
+        .get(0)
+}
+
+#[tokio::test]
+async fn two_databases_commit_or_roll_back_together() {
+    let base = env_url("SAGATX_TEST_PG_URL");
+    let (ua, ub) = (fresh_db(&base).await, fresh_db(&base).await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("d.db")).expect("open"));
+
+    let tx = Transaction::new();
+    tx.set_decision_log(Arc::new(StoreDecisions(store.clone())));
+    let a = PostgresDataManager::begin("a", &ua).await.expect("a");
+    let b = PostgresDataManager::begin("b", &ub).await.expect("b");
+    a.client()
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect("insert");
+    b.client()
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .expect("insert");
+    tx.join(a).expect("join");
+    tx.join(b).expect("join");
+    tx.commit().await.expect("commit");
+    assert_eq!((rows(&ua).await, rows(&ub).await), (1, 1));
+    assert!(
+        store
+            .op_pending(None, 10)
+            .await
+            .expect("pending")
+            .is_empty(),
+        "decision forgotten"
+    );
+
+    // A vote that fails after one database prepared: both roll back.
+    let tx = Transaction::new();
+    let a = PostgresDataManager::begin("a", &ua).await.expect("a");
+    let b = PostgresDataManager::begin("b", &ub).await.expect("b");
+    a.client()
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .expect("insert");
+    // b violates nothing yet; make its PREPARE fail by ending its transaction.
+    b.client()
+        .batch_execute("INSERT INTO t VALUES (4); COMMIT")
+        .await
+        .expect("commit b");
+    tx.join(a).expect("join");
+    tx.join(b).expect("join");
+    let err = tx.commit().await.expect_err("b cannot prepare");
+    assert!(matches!(err, TransactionError::Aborted { .. }), "{err}");
+    assert!(err.to_string().contains("prepared nothing"), "{err}");
+    assert_eq!(rows(&ua).await, 1, "a rolled back");
+    assert_eq!(prepared(&base, &ua).await, 0, "nothing left prepared");
+}
+
+#[tokio::test]
+async fn a_server_without_prepared_transactions_says_how_to_enable_them() {
+    let base = env_url("SAGATX_TEST_PG_NOPREP_URL");
+    let url = fresh_db(&base).await;
+    let tx = Transaction::new();
+    let a = PostgresDataManager::begin("a", &url).await.expect("a");
+    a.client()
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .expect("insert");
+    tx.join(a).expect("join");
+    let err = tx.commit().await.expect_err("cannot prepare");
+    let msg = err.to_string();
+    assert!(msg.contains("set max_prepared_transactions"), "{msg}");
+    assert!(msg.contains("restart PostgreSQL"), "{msg}");
+    assert_eq!(rows(&url).await, 0);
+    let e = PostgresDataManager::begin("a b", &url)
+        .await
+        .err()
+        .expect("bad key");
+    assert!(e.message.contains("letters, digits"), "{e}");
+    let e = PostgresDataManager::begin("a", "postgres://127.0.0.1:1/x")
+        .await
+        .err()
+        .expect("no server");
+    assert!(e.message.contains("cannot connect to PostgreSQL"), "{e}");
+}
+
+/// A data manager that kills its own process with SIGKILL in one phase.
+struct Killer {
+    key: &'static str,
+    phase: &'static str,
+}
+
+impl Killer {
+    fn maybe(&self, phase: &str) -> Result<(), TxError> {
+        if phase == self.phase {
+            let _ = Command::new("kill")
+                .args(["-9", &std::process::id().to_string()])
+                .status();
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DataManager for Killer {
+    fn sort_key(&self) -> String {
+        self.key.into()
+    }
+    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.maybe("tpc_vote")
+    }
+    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.maybe("tpc_finish")
+    }
+    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by kill_9_at_each_point_of_the_protocol"]
+fn tpc_crash_worker() {
+    let (Ok(point), Ok(ua), Ok(ub), Ok(store)) = (
+        std::env::var("SAGATX_2PC_POINT"),
+        std::env::var("SAGATX_2PC_A"),
+        std::env::var("SAGATX_2PC_B"),
+        std::env::var("SAGATX_2PC_STORE"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&store).expect("open"));
+        let tx = Transaction::new();
+        tx.set_decision_log(Arc::new(StoreDecisions(store)));
+        let a = PostgresDataManager::begin("a", &ua).await.expect("a");
+        let c = PostgresDataManager::begin("c", &ub).await.expect("c");
+        a.client()
+            .batch_execute("INSERT INTO t VALUES (1)")
+            .await
+            .expect("insert");
+        c.client()
+            .batch_execute("INSERT INTO t VALUES (1)")
+            .await
+            .expect("insert");
+        tx.join(a).expect("join");
+        tx.join(c).expect("join");
+        // Managers finish in key order: a, then c.
+        let killer = match point.as_str() {
+            // Both prepared, no decision yet.
+            "after_prepare" => Killer {
+                key: "z",
+                phase: "tpc_vote",
+            },
+            // The decision is logged, no COMMIT PREPARED made.
+            "after_decision" => Killer {
+                key: "0",
+                phase: "tpc_finish",
+            },
+            // a committed, c still prepared.
+            "during_commit_prepared" => Killer {
+                key: "b",
+                phase: "tpc_finish",
+            },
+            other => panic!("unknown point {other}"),
+        };
+        tx.join(Arc::new(killer)).expect("join");
+        let _ = tx.commit().await;
+        panic!("the worker should have been killed");
+    });
+}
+
+#[tokio::test]
+async fn kill_9_at_each_point_of_the_protocol() {
+    let base = env_url("SAGATX_TEST_PG_URL");
+    for (point, committed) in [
+        ("after_prepare", false),
+        ("after_decision", true),
+        ("during_commit_prepared", true),
+    ] {
+        let (ua, ub) = (fresh_db(&base).await, fresh_db(&base).await);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store_path = dir.path().join("decisions.db");
+        let status = Command::new(std::env::current_exe().expect("exe"))
+            .args([
+                "--exact",
+                "postgres::tpc_crash_worker",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("SAGATX_2PC_POINT", point)
+            .env("SAGATX_2PC_A", &ua)
+            .env("SAGATX_2PC_B", &ub)
+            .env("SAGATX_2PC_STORE", &store_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("worker");
+        assert_eq!(
+            status.code(),
+            None,
+            "{point}: the worker was killed by a signal"
+        );
+        let in_doubt = prepared(&base, &ua).await + prepared(&base, &ub).await;
+        assert!(
+            in_doubt >= 1,
+            "{point}: something is in doubt before recovery"
+        );
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&store_path).expect("open"));
+        let report = recover_prepared(&[base.as_str()], &store)
+            .await
+            .expect("recover");
+        let want = if committed { 1 } else { 0 };
+        assert_eq!(
+            (rows(&ua).await, rows(&ub).await),
+            (want, want),
+            "{point}: {report:?}"
+        );
+        assert_eq!(
+            prepared(&base, &ua).await + prepared(&base, &ub).await,
+            0,
+            "{point}"
+        );
+        assert!(
+            store
+                .op_pending(None, 10)
+                .await
+                .expect("pending")
+                .is_empty(),
+            "{point}"
+        );
+        if committed {
+            assert!(report.rolled_back.is_empty(), "{point}: {report:?}");
+            assert!(!report.committed.is_empty(), "{point}: {report:?}");
+        } else {
+            assert!(report.committed.is_empty(), "{point}: {report:?}");
+            assert_eq!(report.rolled_back.len(), 2, "{point}: {report:?}");
+        }
+    }
+}

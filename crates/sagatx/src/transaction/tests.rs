@@ -632,3 +632,30 @@ async fn with_transaction_leaves_a_transaction_the_callback_ended() {
     .expect("ok");
     assert_eq!(take(&log), ["db:abort"]);
 }
+
+#[tokio::test]
+async fn a_manager_that_fails_in_every_phase_gets_clear_errors_and_harms_no_one() {
+    let log = Log::default();
+    let broken = || {
+        let d = dm(&log, "broken", "b");
+        for p in ["abort", "tpc_begin", "commit", "tpc_vote", "tpc_finish", "tpc_abort"] {
+            d.fail_in(p, 99, TxError::permanent(format!("{p} is broken")));
+        }
+        d
+    };
+    let tx = Transaction::new();
+    tx.join(dm(&log, "good", "a")).expect("join");
+    tx.join(broken()).expect("join");
+    let err = tx.commit().await.expect_err("fails");
+    assert_eq!(
+        err.to_string(),
+        "the transaction was aborted: broken failed in tpc_begin: tpc_begin is broken"
+    );
+    let l = take(&log);
+    assert!(l.contains(&"good:tpc_abort".to_string()), "the good one is undone: {l:?}");
+    assert!(!l.iter().any(|x| x == "good:tpc_finish"));
+    let tx = Transaction::new();
+    tx.join(broken()).expect("join");
+    let err = tx.abort().await.expect_err("abort fails");
+    assert_eq!(err.to_string(), "aborting failed in broken: abort is broken");
+}

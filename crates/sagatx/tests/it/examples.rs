@@ -65,3 +65,91 @@ fn remote_step_resumes_in_another_process() {
     );
     assert!(text.trim_end().ends_with("is completed"), "{text}");
 }
+
+fn run_example(name: &str, args: &[&str], dir: &std::path::Path) -> String {
+    let out = Command::new(example(name))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run example");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{name}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn tx_loop_web_retries_a_conflict_and_aborts_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = run_example("tx_loop_web", &[], dir.path());
+    assert!(
+        text.contains("POST /add/5: attempt 2 after a conflict"),
+        "{text}"
+    );
+    assert!(text.contains("POST /add/2 -> counter = 7"), "{text}");
+    assert!(
+        text.contains("GET /counter: aborted (read only, nothing to commit)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn oplog_recover_reruns_what_the_crash_interrupted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = run_example("oplog_recover", &["demo"], dir.path());
+    assert!(
+        text.contains("the process dies with three operations under way"),
+        "{text}"
+    );
+    assert!(
+        text.contains("recovered: 3 operation(s) run again; unknown: []"),
+        "{text}"
+    );
+}
+
+#[test]
+fn barrier_participant_is_safe_against_duplicates_and_reordering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = run_example("barrier_participant", &[], dir.path());
+    let outcomes: Vec<&str> = text
+        .lines()
+        .map(|l| l.split(" -> ").nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "reserve: done, stock 9",
+            "reserve: skipped (Duplicate), stock 9",
+            "release: done, stock 10",
+            "release: skipped (NullCompensation), stock 10",
+            "reserve: skipped (Hanging), stock 10",
+        ],
+        "{text}"
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn orders_inventory_commits_with_with_transaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = std::env::var("SAGATX_TEST_PG_URL")
+        .expect("SAGATX_TEST_PG_URL is not set: run the tests with scripts/test");
+    let out = Command::new(example("orders_inventory"))
+        .env("SAGATX_PG_URL", &base)
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("committed; inventory of abc123 is now"),
+        "{text}"
+    );
+}

@@ -638,7 +638,14 @@ async fn a_manager_that_fails_in_every_phase_gets_clear_errors_and_harms_no_one(
     let log = Log::default();
     let broken = || {
         let d = dm(&log, "broken", "b");
-        for p in ["abort", "tpc_begin", "commit", "tpc_vote", "tpc_finish", "tpc_abort"] {
+        for p in [
+            "abort",
+            "tpc_begin",
+            "commit",
+            "tpc_vote",
+            "tpc_finish",
+            "tpc_abort",
+        ] {
             d.fail_in(p, 99, TxError::permanent(format!("{p} is broken")));
         }
         d
@@ -652,10 +659,16 @@ async fn a_manager_that_fails_in_every_phase_gets_clear_errors_and_harms_no_one(
         "the transaction was aborted: broken failed in tpc_begin: tpc_begin is broken"
     );
     let l = take(&log);
-    assert!(l.contains(&"good:tpc_abort".to_string()), "the good one is undone: {l:?}");
+    assert!(
+        l.contains(&"good:tpc_abort".to_string()),
+        "the good one is undone: {l:?}"
+    );
     assert!(!l.iter().any(|x| x == "good:tpc_finish"));
     let tx = Transaction::new();
     tx.join(broken()).expect("join");
     let err = tx.abort().await.expect_err("abort fails");
-    assert_eq!(err.to_string(), "aborting failed in broken: abort is broken");
+    assert_eq!(
+        err.to_string(),
+        "aborting failed in broken: abort is broken"
+    );
 }

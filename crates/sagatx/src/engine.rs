@@ -457,6 +457,7 @@ impl Engine {
                 def,
                 calls: t.calls,
                 permit,
+                resume: false,
             }),
         ));
         Ok(Started { id, created: true })
@@ -587,11 +588,6 @@ impl Engine {
                     .map_err(|_| EngineError::ShuttingDown)?;
                 let id = ex.id;
                 let (tx, rx) = mpsc::unbounded_channel();
-                // The receiver is alive: it is right here.
-                let _ = tx.send(Msg {
-                    event: Event::Resume,
-                    reply: None,
-                });
                 match lock(&inner.active).entry(id) {
                     std::collections::hash_map::Entry::Occupied(_) => continue,
                     std::collections::hash_map::Entry::Vacant(v) => {
@@ -607,6 +603,7 @@ impl Engine {
                         def,
                         calls: Vec::new(),
                         permit,
+                        resume: true,
                     }),
                 ));
                 report.resumed += 1;
@@ -688,6 +685,11 @@ struct Loaded {
     def: Arc<SagaDefinition>,
     calls: Vec<Call>,
     permit: OwnedSemaphorePermit,
+    /// Loaded from the store after a restart: what was in flight was
+    /// interrupted. Applied before anything else reaches the driver (a
+    /// timer or a message first would start a call that this Resume would
+    /// then take for interrupted, and call again).
+    resume: bool,
 }
 
 type CallResult = (Call, Result<Value, StepError>);
@@ -708,7 +710,13 @@ async fn drive(
     loaded: Option<Loaded>,
 ) {
     let (mut d, calls, _permit) = match loaded {
-        Some(l) => (Driver::new(inner.clone(), l.ex, l.def), l.calls, l.permit),
+        Some(l) => {
+            let mut d = Driver::new(inner.clone(), l.ex, l.def);
+            if l.resume {
+                d.apply_internal(Event::Resume).await;
+            }
+            (d, l.calls, l.permit)
+        }
         None => {
             let permit = match inner.permits.clone().acquire_owned().await {
                 Ok(p) => p,

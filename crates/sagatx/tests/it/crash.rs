@@ -69,11 +69,12 @@ fn step_fn(
         Box::pin(async move {
             let i = ctx.input()["i"].as_u64().unwrap_or(0);
             log.line(&format!(
-                "{} {} {} {}\n",
+                "{} {} {} {} {}\n",
                 ctx.execution_id(),
                 step,
                 ctx.phase(),
-                ctx.attempt()
+                ctx.attempt(),
+                std::process::id()
             ));
             // Time for a kill to land while the call is in flight.
             tokio::time::sleep(Duration::from_millis(2 + (i % 7) * 2)).await;
@@ -214,6 +215,9 @@ struct Line {
     step: usize,
     phase: String,
     attempt: u32,
+    /// The worker process that made the call.
+    #[allow(dead_code)]
+    pid: u32,
 }
 
 #[test]
@@ -293,11 +297,12 @@ fn kill_9_at_random_moments_loses_nothing() {
     let mut calls: BTreeMap<String, Vec<Line>> = BTreeMap::new();
     for l in text.lines() {
         let f: Vec<&str> = l.split(' ').collect();
-        assert_eq!(f.len(), 4, "torn log line {l:?}");
+        assert_eq!(f.len(), 5, "torn log line {l:?}");
         calls.entry(f[0].to_string()).or_default().push(Line {
             step: f[1].parse().expect("step"),
             phase: f[2].to_string(),
             attempt: f[3].parse().expect("attempt"),
+            pid: f[4].parse().expect("pid"),
         });
     }
 
@@ -331,7 +336,7 @@ fn kill_9_at_random_moments_loses_nothing() {
                 // every call was journaled as started before it was made.
                 assert!(
                     attempts.windows(2).all(|w| w[0] < w[1]),
-                    "execution {i} step {k} {phase}: attempts {attempts:?}"
+                    "execution {i} step {k} {phase}: attempts {attempts:?}; calls {lines:?}"
                 );
                 let journaled = if phase == "action" {
                     st.attempts

@@ -693,3 +693,89 @@ async fn waits_that_time_out_leave_nothing_behind() {
     );
     assert_eq!(engine2.waiting_callers(), 0);
 }
+
+/// Regression: recovery queued its Resume behind the driver's timer; when
+/// the timer of a due retry fired first, the driver started the retry, then
+/// took that call for one interrupted by the crash and made it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovering_a_due_retry_calls_it_exactly_once() {
+    use sagatx::core::{Env, Event, Execution, Phase as P};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("j.db");
+    let rec = Recorder::default();
+    let saga = Saga::builder("due")
+        .step("a", rec.step())
+        .build()
+        .expect("valid");
+    let n = 300;
+    {
+        let store: Arc<dyn sagatx::Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        let v = store
+            .put_definition(saga.definition())
+            .await
+            .expect("define")
+            .version;
+        let env = Env {
+            now_ms: 1,
+            random01: 0.5,
+        };
+        for _ in 0..n {
+            // The first attempt failed; its retry was due long ago.
+            let mut ex = Execution::new(
+                ExecutionId(uuid::Uuid::now_v7()),
+                saga.definition(),
+                v,
+                json!(null),
+                None,
+                1,
+            );
+            ex.handle(saga.definition(), Event::Start, env)
+                .expect("start");
+            ex.handle(
+                saga.definition(),
+                Event::Outcome {
+                    step: 0,
+                    phase: P::Action,
+                    attempt: 1,
+                    outcome: Err(StepError::transient("503")),
+                },
+                env,
+            )
+            .expect("fail");
+            ex.seq = 1;
+            store.append(&ex).await.expect("append");
+        }
+    }
+    let engine = Engine::builder()
+        .store(SqliteStore::open(&path).expect("open"))
+        .saga(saga)
+        .build()
+        .await
+        .expect("engine");
+    engine.recover().await.expect("recover");
+    let mut done = 0;
+    for _ in 0..500 {
+        let page = engine
+            .list(ListQuery {
+                status: Some(Status::Completed),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        done = page.items.len();
+        if done == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(done, n, "every execution completed");
+    let seen = rec.seen();
+    assert_eq!(
+        seen.len(),
+        n,
+        "one call each, attempt 2: {:?}",
+        &seen[..seen.len().min(5)]
+    );
+    assert!(seen.iter().all(|s| s.attempt == 2));
+}

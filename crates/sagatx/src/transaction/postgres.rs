@@ -190,11 +190,12 @@ pub struct PreparedReport {
     pub rolled_back: Vec<String>,
 }
 
-/// Resolves every in-doubt prepared transaction of sagatx on the given
-/// PostgreSQL servers (one URL per server; each server's databases are all
-/// visited) against the decisions in `store`. Run it at start-up, before
-/// new transactions begin: a transaction prepared and not yet decided by a
-/// live process would be rolled back.
+/// Resolves every in-doubt prepared transaction of sagatx in the given
+/// PostgreSQL databases (one URL per database, as the data managers were
+/// given) against the decisions in `store`, then forgets the decisions.
+/// Run it at start-up, with every database the transactions of this store
+/// use, before new transactions begin: a transaction prepared and not yet
+/// decided by a live process would be rolled back.
 pub async fn recover_prepared(
     urls: &[&str],
     store: &Arc<dyn Store>,
@@ -219,49 +220,59 @@ pub async fn recover_prepared(
     }
     let mut report = PreparedReport::default();
     for url in urls {
-        let base = parse(url)?;
-        let admin = connect(&base).await?;
-        let rows = admin
+        let cfg = parse(url)?;
+        let db = cfg
+            .get_dbname()
+            .map(str::to_string)
+            .or_else(|| cfg.get_user().map(str::to_string))
+            .unwrap_or_else(|| "postgres".into());
+        // COMMIT PREPARED must run in the prepared transaction's database:
+        // the URL names it.
+        let client = connect(&cfg).await?;
+        let rows = client
             .query(
-                "SELECT gid, database FROM pg_prepared_xacts WHERE gid LIKE 'sagatx:%' ORDER BY prepared",
-                &[],
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'sagatx:%' AND database = $1 ORDER BY prepared",
+                &[&db],
             )
             .await
             .map_err(|e| classify(&e, "reading pg_prepared_xacts"))?;
-        let mut by_db: HashMap<String, Vec<String>> = HashMap::new();
         for r in rows {
-            by_db.entry(r.get(1)).or_default().push(r.get(0));
-        }
-        for (db, gids) in by_db {
-            // COMMIT PREPARED must run in the prepared transaction's database.
-            let mut cfg = base.clone();
-            cfg.dbname(&db);
-            let client = connect(&cfg).await?;
-            for gid in gids {
-                let tx = gid
-                    .strip_prefix(GID_PREFIX)
-                    .and_then(|r| r.split(':').next())
-                    .unwrap_or("")
-                    .to_string();
-                if decided.contains_key(&tx) {
-                    client
-                        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
-                        .await
-                        .map_err(|e| classify(&e, "COMMIT PREPARED"))?;
-                    tracing::info!(%gid, "recovery committed a prepared transaction");
-                    report.committed.push(gid);
-                } else {
-                    client
-                        .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
-                        .await
-                        .map_err(|e| classify(&e, "ROLLBACK PREPARED"))?;
-                    tracing::info!(%gid, "recovery rolled back a prepared transaction");
-                    report.rolled_back.push(gid);
+            let gid: String = r.get(0);
+            let tx = gid
+                .strip_prefix(GID_PREFIX)
+                .and_then(|r| r.split(':').next())
+                .unwrap_or("")
+                .to_string();
+            let commit = decided.contains_key(&tx);
+            let sql = if commit {
+                format!("COMMIT PREPARED '{gid}'")
+            } else {
+                format!("ROLLBACK PREPARED '{gid}'")
+            };
+            match client.batch_execute(&sql).await {
+                Ok(()) => {}
+                // Resolved meanwhile by someone else.
+                Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42704") => continue,
+                Err(e) => {
+                    return Err(classify(
+                        &e,
+                        if commit {
+                            "COMMIT PREPARED"
+                        } else {
+                            "ROLLBACK PREPARED"
+                        },
+                    ))
                 }
+            }
+            tracing::info!(%gid, commit, "recovery resolved a prepared transaction");
+            if commit {
+                report.committed.push(gid);
+            } else {
+                report.rolled_back.push(gid);
             }
         }
     }
-    // Every server was visited: the decisions are done with.
+    // Every database was visited: the decisions are done with.
     for (_, op) in decided {
         store
             .op_finish(op, None, super::now_ms())

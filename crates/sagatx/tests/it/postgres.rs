@@ -286,7 +286,7 @@ async fn kill_9_at_each_point_of_the_protocol() {
             "{point}: something is in doubt before recovery"
         );
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&store_path).expect("open"));
-        let report = recover_prepared(&[base.as_str()], &store)
+        let report = recover_prepared(&[ua.as_str(), ub.as_str()], &store)
             .await
             .expect("recover");
         let want = if committed { 1 } else { 0 };

@@ -58,6 +58,9 @@ pub enum BarrierError {
     BadKey(String),
     #[error(transparent)]
     Db(#[from] rusqlite::Error),
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
 }
 
 /// The barrier's table; create it once in the participant's database.
@@ -126,4 +129,65 @@ pub fn sqlite<T>(
         }
     }
     Ok(Outcome::Ran(work(tx)?))
+}
+
+/// The barrier's table in a PostgreSQL database; create it once.
+#[cfg(feature = "postgres")]
+pub async fn postgres_schema(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS sagatx_barrier (
+                branch TEXT NOT NULL,
+                op     TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                PRIMARY KEY (branch, op)
+            )",
+        )
+        .await
+}
+
+/// The barrier in a PostgreSQL transaction. `Ran(())` means the call is new:
+/// do its work in `tx` now, then commit `tx`; any other outcome means skip
+/// the work (and still commit, or roll back: the record only matters with
+/// the work).
+#[cfg(feature = "postgres")]
+pub async fn postgres(
+    tx: &tokio_postgres::Transaction<'_>,
+    idempotency_key: &str,
+) -> Result<Outcome<()>, BarrierError> {
+    let (branch, phase) = parse_key(idempotency_key)?;
+    let insert = "INSERT INTO sagatx_barrier (branch, op, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+    match phase {
+        "compensation" => {
+            let origin = tx
+                .execute(insert, &[&branch, &"action", &"compensation"])
+                .await?;
+            let current = tx
+                .execute(insert, &[&branch, &"compensation", &"compensation"])
+                .await?;
+            if current == 0 {
+                return Ok(Outcome::Duplicate);
+            }
+            if origin > 0 {
+                return Ok(Outcome::NullCompensation);
+            }
+        }
+        op => {
+            if tx.execute(insert, &[&branch, &op, &op]).await? == 0 {
+                let reason: String = tx
+                    .query_one(
+                        "SELECT reason FROM sagatx_barrier WHERE branch = $1 AND op = $2",
+                        &[&branch, &op],
+                    )
+                    .await?
+                    .get(0);
+                return Ok(if reason == "compensation" {
+                    Outcome::Hanging
+                } else {
+                    Outcome::Duplicate
+                });
+            }
+        }
+    }
+    Ok(Outcome::Ran(()))
 }

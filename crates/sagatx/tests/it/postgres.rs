@@ -317,3 +317,64 @@ async fn kill_9_at_each_point_of_the_protocol() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_postgres_barrier_skips_duplicates_and_reordered_calls() {
+    use sagatx::barrier::{self, Outcome};
+    let base = env_url("SAGATX_TEST_PG_URL");
+    let url = fresh_db(&base).await;
+    let (mut c, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    barrier::postgres_schema(&c).await.expect("schema");
+    c.batch_execute("CREATE TABLE stock (n INTEGER); INSERT INTO stock VALUES (10)")
+        .await
+        .expect("stock");
+    let ex = "0193c7e2-0000-7000-8000-0000000000c1";
+    let mut outcomes = Vec::new();
+    for (key, delta) in [
+        (format!("{ex}:reserve:action"), -1),
+        (format!("{ex}:reserve:action"), -1),
+        (format!("{ex}:reserve:compensation"), 1),
+        (format!("{ex}:ship:compensation"), 1),
+        (format!("{ex}:ship:action"), -1),
+    ] {
+        let tx = c.transaction().await.expect("tx");
+        let out = barrier::postgres(&tx, &key).await.expect("barrier");
+        if out.ran() {
+            tx.execute("UPDATE stock SET n = n + $1", &[&delta])
+                .await
+                .expect("work");
+        }
+        tx.commit().await.expect("commit");
+        outcomes.push(out);
+    }
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Ran(()),
+            Outcome::Duplicate,
+            Outcome::Ran(()),
+            Outcome::NullCompensation,
+            Outcome::Hanging
+        ]
+    );
+    let n: i32 = c
+        .query_one("SELECT n FROM stock", &[])
+        .await
+        .expect("n")
+        .get(0);
+    assert_eq!(n, 10);
+    // A transaction that dies before its commit leaves no record.
+    let key = format!("{ex}:pack:action");
+    {
+        let tx = c.transaction().await.expect("tx");
+        assert!(barrier::postgres(&tx, &key).await.expect("barrier").ran());
+        // dropped without commit: rolled back
+    }
+    let tx = c.transaction().await.expect("tx");
+    assert!(
+        barrier::postgres(&tx, &key).await.expect("barrier").ran(),
+        "runs again"
+    );
+    tx.commit().await.expect("commit");
+}

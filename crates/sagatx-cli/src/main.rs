@@ -309,7 +309,9 @@ async fn serve(
         .with_writer(std::io::stderr)
         .init();
     let stop = shutdown_signal()?;
-    let store = sagatx::store::open(&store).map_err(|e| anyhow!("{e}"))?;
+    let store = sagatx::store::open(&store)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
         anyhow!("cannot listen on {listen}: {e}; is another server running there? choose another with --listen")
     })?;

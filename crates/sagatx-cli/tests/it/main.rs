@@ -53,8 +53,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, port: u16) -> Server {
+        Self::start_on(dir, port, "sqlite://sagatx.db")
+    }
+
+    pub fn start_on(dir: &Path, port: u16, store: &str) -> Server {
         let child = sagatx()
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--store",
+                store,
+            ])
             .current_dir(dir)
             .env_remove("SAGATX_TOKEN")
             .env("SAGATX_LOG", "warn")

@@ -134,6 +134,7 @@ impl Coordinator {
         sagatx_server::install_crypto();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = sagatx::store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
+            .await
             .expect("store");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

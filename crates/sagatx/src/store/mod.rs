@@ -15,10 +15,14 @@ use sagatx_core::{DecodeError, Execution, ExecutionId, SagaDefinition, Status};
 
 pub mod conformance;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 mod url;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresStore, PG_SCHEMA_VERSION};
 pub use sqlite::{Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, SCHEMA_VERSION};
 pub use url::{open, StoreUrl};
 

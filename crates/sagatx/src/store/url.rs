@@ -39,12 +39,16 @@ impl std::str::FromStr for StoreUrl {
 }
 
 /// Opens the store a URL names.
-pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     match url.parse::<StoreUrl>()? {
         StoreUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(url) => Ok(Arc::new(super::PostgresStore::open(&url).await?)),
+        #[cfg(not(feature = "postgres"))]
         StoreUrl::Postgres(_) => Err(StoreError::Open {
-            path: url.to_string(),
-            reason: "PostgreSQL stores are not available in this build yet; use sqlite://".into(),
+            path: "postgres://…".to_string(),
+            reason: "this build has no PostgreSQL support; build sagatx with the postgres feature"
+                .into(),
         }),
     }
 }

@@ -378,3 +378,88 @@ async fn the_postgres_barrier_skips_duplicates_and_reordered_calls() {
     );
     tx.commit().await.expect("commit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_conforms_and_keeps_its_data_and_secret() {
+    use sagatx::store::{conformance, PostgresStore};
+    let base = env_url("SAGATX_TEST_PG_URL");
+    let url = fresh_db(&base).await;
+    let store = Arc::new(PostgresStore::open(&url).await.expect("open"));
+    conformance::run(store.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let secret = store.secret().await.expect("secret");
+    let before = store
+        .list(&sagatx::ListQuery {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    drop(store);
+    // A second process on the same database: the schema is there, the data
+    // and the secret are the same, and the suite passes again beside them.
+    let again = Arc::new(PostgresStore::open(&url).await.expect("reopen"));
+    assert_eq!(again.secret().await.expect("secret"), secret);
+    let after = again
+        .list(&sagatx::ListQuery {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(before.items, after.items);
+    conformance::run(again)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_wrong_postgres_url_gives_a_clear_error() {
+    use sagatx::store::PostgresStore;
+    let err = PostgresStore::open("postgres://nobody:secret@127.0.0.1:1/x")
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("check that PostgreSQL runs there"), "{msg}");
+    assert!(
+        !msg.contains("secret"),
+        "the password is not printed: {msg}"
+    );
+    let err = PostgresStore::open("postgres://x:y:z@@")
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("cannot open the store"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_runs_sagas_on_postgres() {
+    use sagatx::{Engine, Saga, Status, StepContext};
+    let base = env_url("SAGATX_TEST_PG_URL");
+    let url = fresh_db(&base).await;
+    let store = sagatx::store::open(&url).await.expect("open");
+    let saga = Saga::builder("pg")
+        .step("a", |_c: StepContext| async {
+            Ok::<_, sagatx::StepError>(1)
+        })
+        .compensate(|_c: StepContext| async { Ok::<_, sagatx::StepError>(()) })
+        .step("b", |_c: StepContext| async {
+            Err::<(), _>(sagatx::StepError::permanent("no"))
+        })
+        .build()
+        .expect("valid");
+    let engine = Engine::builder()
+        .store_arc(store)
+        .saga(saga)
+        .build()
+        .await
+        .expect("engine");
+    let ex = engine
+        .run("pg", serde_json::json!({"x": 1}))
+        .await
+        .expect("run");
+    assert_eq!(ex.status, Status::Compensated);
+    assert_eq!(engine.get(ex.id).await.expect("get"), ex);
+}

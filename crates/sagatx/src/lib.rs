@@ -59,3 +59,12 @@ pub use sagatx_core::{
     Reply, RetryPolicy, SagaDefinition, SagaError, Status, StepError, StepStatus,
 };
 pub use store::{ListQuery, MemoryStore, Page, SqliteStore, Store, StoreError};
+
+/// Wall-clock milliseconds since the Unix epoch, for records (the engine's
+/// timers use tokio's clock).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

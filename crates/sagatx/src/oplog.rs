@@ -21,6 +21,7 @@
 //! # });
 //! ```
 
+use crate::now_ms;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -66,13 +67,6 @@ pub struct RecoveryReport {
 pub struct OperationLog {
     store: Arc<dyn Store>,
     handlers: Arc<RwLock<HashMap<String, Handler>>>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl OperationLog {

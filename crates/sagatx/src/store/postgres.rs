@@ -11,6 +11,7 @@
 //! Not yet here (issue 5): leases and fencing between processes, LISTEN /
 //! NOTIFY, TLS.
 
+use crate::now_ms;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -421,13 +422,6 @@ fn decode(id: Uuid, state: &[u8]) -> Result<Execution, StoreError> {
         id: id.to_string(),
         source,
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn page_of(rows: Vec<tokio_postgres::Row>, limit: usize, newest_first: bool) -> Page {

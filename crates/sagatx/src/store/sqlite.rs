@@ -12,6 +12,7 @@
 //! refused instead of written to; `user_version` holds the schema version.
 //! The format is described in `docs/journal-format.md`.
 
+use crate::now_ms;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -531,13 +532,6 @@ fn decode_row(id: &[u8], state: &[u8]) -> Result<Execution, StoreError> {
             .unwrap_or_else(|_| format!("{id:02x?}")),
         source,
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[async_trait]

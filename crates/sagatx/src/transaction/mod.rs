@@ -20,6 +20,7 @@
 //! # });
 //! ```
 
+pub(crate) use crate::now_ms;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -438,19 +439,9 @@ impl Transaction {
                         _ => dm.tpc_vote(&info).await,
                     };
                     if let Err(error) = r {
-                        for other in &dms {
-                            if let Err(e) = other.tpc_abort(&info).await {
-                                tracing::error!(manager = %other.name(), error = %e, "tpc_abort failed");
-                            }
-                        }
-                        let mut st = lock(&self.inner.state);
-                        st.status = TxStatus::Aborted;
-                        st.generation += 1;
-                        return Err(TransactionError::Aborted {
-                            manager: dm.name(),
-                            phase,
-                            error,
-                        });
+                        return Err(self
+                            .abort_after_failure(&info, dm.name(), phase, error)
+                            .await);
                     }
                 }
             }
@@ -462,20 +453,9 @@ impl Transaction {
                     Ok(token) => lock(&self.inner.state).decision = Some(token),
                     Err(error) => {
                         // Nothing committed yet: abort everywhere.
-                        let dms = sorted(&lock(&self.inner.state).joined);
-                        for dm in &dms {
-                            if let Err(e) = dm.tpc_abort(&info).await {
-                                tracing::error!(manager = %dm.name(), error = %e, "tpc_abort failed");
-                            }
-                        }
-                        let mut st = lock(&self.inner.state);
-                        st.status = TxStatus::Aborted;
-                        st.generation += 1;
-                        return Err(TransactionError::Aborted {
-                            manager: "decision log".into(),
-                            phase: "decision",
-                            error,
-                        });
+                        return Err(self
+                            .abort_after_failure(&info, "decision log".into(), "decision", error)
+                            .await);
                     }
                 }
             }
@@ -543,13 +523,6 @@ pub const DECISION_OP: &str = "sagatx.2pc.commit";
 /// Commit decisions in a [`Store`](crate::Store)'s operation log.
 pub struct StoreDecisions(pub Arc<dyn crate::Store>);
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[async_trait]
 impl DecisionLog for StoreDecisions {
     async fn decide_commit(&self, tx: &TxInfo) -> Result<u64, TxError> {
@@ -563,6 +536,33 @@ impl DecisionLog for StoreDecisions {
             .op_finish(token, None, now_ms())
             .await
             .map_err(|e| TxError::transient(e.to_string()))
+    }
+}
+
+impl Transaction {
+    /// A failure before any manager finished: `tpc_abort` everywhere, the
+    /// transaction ends aborted.
+    async fn abort_after_failure(
+        &self,
+        info: &TxInfo,
+        manager: String,
+        phase: &'static str,
+        error: TxError,
+    ) -> TransactionError {
+        let dms = sorted(&lock(&self.inner.state).joined);
+        for dm in &dms {
+            if let Err(e) = dm.tpc_abort(info).await {
+                tracing::error!(manager = %dm.name(), error = %e, "tpc_abort failed");
+            }
+        }
+        let mut st = lock(&self.inner.state);
+        st.status = TxStatus::Aborted;
+        st.generation += 1;
+        TransactionError::Aborted {
+            manager,
+            phase,
+            error,
+        }
     }
 }
 

@@ -9,7 +9,9 @@
 //!   race.
 //!
 //! Not yet here (issue 5): leases and fencing between processes, LISTEN /
-//! NOTIFY, TLS.
+//! NOTIFY, TLS. Until then one process drives a database: the writer's
+//! connection holds a session advisory lock, and a second process is refused
+//! with a clear error instead of driving the same executions twice.
 
 use crate::now_ms;
 use std::time::Duration;
@@ -175,6 +177,22 @@ impl PostgresStore {
         })?;
         let mut client = connect(&cfg, url).await?;
         migrate(&mut client, url).await?;
+        // One process per database until leases land: the writer's
+        // connection holds a session lock for the life of the process.
+        let alone: bool = client
+            .query_one("SELECT pg_try_advisory_lock(7385742002)", &[])
+            .await
+            .map_err(io)?
+            .get(0);
+        if !alone {
+            return Err(StoreError::Open {
+                path: redact(url),
+                reason: "another sagatx process is using this database; this version drives \
+                         one database from one process (several processes sharing one \
+                         database need leases, not built yet)"
+                    .into(),
+            });
+        }
         let secret: Vec<u8> = client
             .query_one("SELECT value FROM sagatx_meta WHERE key = 'secret'", &[])
             .await

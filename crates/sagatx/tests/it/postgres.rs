@@ -396,10 +396,31 @@ async fn postgres_store_conforms_and_keeps_its_data_and_secret() {
         })
         .await
         .expect("list");
+    // While it is open, a second opener is refused.
+    let err = PostgresStore::open(&url)
+        .await
+        .err()
+        .expect("one process per database");
+    assert!(
+        err.to_string()
+            .contains("another sagatx process is using this database"),
+        "{err}"
+    );
     drop(store);
-    // A second process on the same database: the schema is there, the data
-    // and the secret are the same, and the suite passes again beside them.
-    let again = Arc::new(PostgresStore::open(&url).await.expect("reopen"));
+    // The writer's connection closes with the store; then a new process
+    // may open it: the schema is there, the data and the secret are the
+    // same, and the suite passes again beside them.
+    let mut reopened = None;
+    for _ in 0..100 {
+        match PostgresStore::open(&url).await {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    let again = Arc::new(reopened.expect("reopen once the first store is gone"));
     assert_eq!(again.secret().await.expect("secret"), secret);
     let after = again
         .list(&sagatx::ListQuery {

@@ -465,8 +465,26 @@ impl Engine {
 
     /// Starts an execution and waits until it is terminal or paused.
     pub async fn run(&self, saga: &str, input: Value) -> Result<Execution, EngineError> {
-        let id = self.start(saga, input).await?;
-        self.wait(id).await
+        // The id is chosen here so that the waiter is registered before the
+        // execution exists: no read of the store is needed to close the race
+        // between the start and the wait.
+        let id = ExecutionId(Uuid::now_v7());
+        let _guard = WaitGuard {
+            inner: &self.inner,
+            id,
+        };
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.waiters).entry(id).or_default().push(tx);
+        let opts = StartOptions {
+            id: Some(id),
+            ..Default::default()
+        };
+        self.submit(saga, input, opts).await?;
+        let mut stop = self.inner.stop.subscribe();
+        tokio::select! {
+            r = rx => r.map_err(|_| EngineError::ShuttingDown),
+            _ = stop.wait_for(|s| *s) => Err(EngineError::ShuttingDown),
+        }
     }
 
     /// Waits until the execution is terminal or paused; gives its state.
@@ -772,7 +790,7 @@ async fn drive(
         tokio::select! {
             m = rx.recv() => {
                 let Some(m) = m else { break };
-                let r = d.apply(m.event).await;
+                let r = d.apply(m.event).await.map(|()| d.ex.clone());
                 if let Some(reply) = m.reply {
                     let _ = reply.send(r);
                 }
@@ -836,7 +854,7 @@ impl Driver {
 
     /// Applies an event: the machine on a copy, the copy journaled, then the
     /// calls made. On any error the state stays as it was journaled.
-    async fn apply(&mut self, event: Event) -> Result<Execution, EngineError> {
+    async fn apply(&mut self, event: Event) -> Result<(), EngineError> {
         let mut next = self.ex.clone();
         let t = next.handle(&self.def, event, self.inner.env())?;
         if t.changed {
@@ -862,7 +880,7 @@ impl Driver {
         if t.changed {
             self.inner.notify_waiters(&self.ex);
         }
-        Ok(self.ex.clone())
+        Ok(())
     }
 
     /// Applies an event the engine itself produced (an outcome, a tick).
@@ -945,9 +963,8 @@ impl Driver {
             }
         };
         self.calls.spawn(async move {
-            // The step runs in a task of its own so that a panic in user code
-            // becomes an outcome instead of killing the driver.
-            let task = tokio::spawn(async move {
+            use futures_util::FutureExt;
+            let timed = async move {
                 match timeout {
                     Some(t) => match tokio::time::timeout(t, fut).await {
                         Ok(r) => r,
@@ -958,11 +975,12 @@ impl Driver {
                     },
                     None => fut.await,
                 }
-            });
-            let outcome = match task.await {
+            };
+            // A panic in user code becomes an outcome instead of killing
+            // the driver.
+            let outcome = match std::panic::AssertUnwindSafe(timed).catch_unwind().await {
                 Ok(r) => r,
-                Err(e) if e.is_panic() => Err(StepError::unknown_outcome("the step panicked")),
-                Err(_) => Err(StepError::unknown_outcome("the step was cancelled")),
+                Err(_) => Err(StepError::unknown_outcome("the step panicked")),
             };
             (call, outcome)
         });

@@ -779,3 +779,25 @@ async fn recovering_a_due_retry_calls_it_exactly_once() {
     );
     assert!(seen.iter().all(|s| s.attempt == 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_is_an_unknown_outcome_and_the_engine_goes_on() {
+    let saga = Saga::builder("panicky")
+        .step("a", |ctx: StepContext| async move {
+            if ctx.attempt() == 1 {
+                panic!("a bug in the step");
+            }
+            Ok::<_, StepError>(ctx.attempt())
+        })
+        .retry(RetryPolicy {
+            initial_backoff_ms: 1,
+            ..Default::default()
+        })
+        .build()
+        .expect("valid");
+    let engine = memory_engine(vec![saga]).await;
+    let ex = engine.run("panicky", json!({})).await.expect("run");
+    assert_eq!(ex.status, Status::Completed);
+    assert_eq!(ex.steps[0].attempts, 2);
+    assert_eq!(ex.results()["a"], json!(2));
+}

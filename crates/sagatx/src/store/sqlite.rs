@@ -148,6 +148,9 @@ enum Write {
 pub struct SqliteStore {
     path: PathBuf,
     secret: [u8; 32],
+    /// An exclusive lock on `<file>.lock`, held while the store is open:
+    /// one process drives one journal.
+    _lock: std::fs::File,
     writer: mpsc::Sender<Write>,
     readers: Arc<Mutex<Vec<Connection>>>,
 }
@@ -240,6 +243,39 @@ fn prepare(conn: &mut Connection, path: &Path, durability: Durability) -> Result
     Ok(())
 }
 
+/// Locks `<file>.lock` so that no other process (or store in this one)
+/// drives the same journal: two would call the same steps twice.
+fn take_lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Open {
+            path: display(path),
+            reason: format!(
+                "cannot create {}: {e}; check that the directory exists and that this user may write to it",
+                lock_path.display()
+            ),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Open {
+            path: display(path),
+            reason: "another sagatx process (or store) has this journal open; stop it first, \
+                     or give this one another file"
+                .into(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Open {
+            path: display(path),
+            reason: format!("cannot lock {}: {e}", lock_path.display()),
+        }),
+    }
+}
+
 impl SqliteStore {
     /// Settings for the journal at `path`.
     pub fn builder(path: impl AsRef<Path>) -> SqliteStoreBuilder {
@@ -255,6 +291,7 @@ impl SqliteStore {
     }
 
     fn open_with(path: PathBuf, durability: Durability) -> Result<Self, StoreError> {
+        let lock = take_lock(&path)?;
         let mut conn = open_conn(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -286,6 +323,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             path,
             secret,
+            _lock: lock,
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
         })

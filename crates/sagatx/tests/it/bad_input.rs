@@ -184,3 +184,19 @@ async fn events_that_do_not_apply_are_refused_without_changing_the_journal() {
     }
     assert_eq!(engine.get(ex.id).await.expect("get"), ex);
 }
+
+#[tokio::test]
+async fn a_journal_is_driven_by_one_store_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("j.db");
+    let first = SqliteStore::open(&path).expect("open");
+    let err = SqliteStore::open(&path).err().expect("second open refused");
+    assert!(matches!(err, StoreError::Open { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("another sagatx process (or store) has this journal open"),
+        "{err}"
+    );
+    drop(first);
+    SqliteStore::open(&path).expect("free again once the first is closed");
+}

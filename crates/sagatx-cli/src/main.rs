@@ -125,6 +125,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy every definition and execution from one store to another, empty
+    /// one, and verify the copy. Stop the servers on both first.
+    Migrate {
+        /// sqlite://PATH or postgres://…
+        #[arg(long)]
+        from: String,
+        /// sqlite://PATH or postgres://…; must hold no sagatx data yet.
+        #[arg(long)]
+        to: String,
+    },
     /// The step service of the benchmark's http workload.
     #[command(hide = true)]
     BenchService {
@@ -236,6 +246,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", bench::table(&rows));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { from, to } => {
+            let source = sagatx::store::open(&from)
+                .await
+                .map_err(|e| anyhow!("the source: {e}"))?;
+            let target = sagatx::store::open(&to)
+                .await
+                .map_err(|e| anyhow!("the target: {e}"))?;
+            let r = sagatx::store::migrate::copy(&*source, &*target)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            println!(
+                "copied and verified {} definition versions, {} executions, {} unfinished operations",
+                r.definitions, r.executions, r.operations
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchService { listen } => {

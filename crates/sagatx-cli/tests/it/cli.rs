@@ -264,3 +264,73 @@ fn serve_runs_sagas_on_postgresql() {
         "nothing written to SQLite"
     );
 }
+
+#[test]
+fn migrate_copies_a_journal_and_refuses_while_a_server_runs_on_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = Services::start(0);
+    let server = Server::start(dir.path(), free_port());
+    let order = svc.order_json(dir.path());
+    let ok = run(
+        &[
+            "run",
+            order.to_str().expect("path"),
+            "--input",
+            "{}",
+            "--server",
+            &server.url,
+        ],
+        dir.path(),
+    );
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    // The server holds the journal: migrating from it is refused.
+    let busy = run(
+        &[
+            "migrate",
+            "--from",
+            "sqlite://sagatx.db",
+            "--to",
+            "sqlite://copy.db",
+        ],
+        dir.path(),
+    );
+    assert_eq!(busy.status.code(), Some(2), "{}", text(&busy));
+    assert!(
+        text(&busy).contains("another sagatx process"),
+        "{}",
+        text(&busy)
+    );
+    drop(server);
+    let done = run(
+        &[
+            "migrate",
+            "--from",
+            "sqlite://sagatx.db",
+            "--to",
+            "sqlite://copy.db",
+        ],
+        dir.path(),
+    );
+    assert!(done.status.success(), "{}", text(&done));
+    assert!(
+        text(&done).contains("copied and verified 1 definition versions, 1 executions"),
+        "{}",
+        text(&done)
+    );
+    let again = run(
+        &[
+            "migrate",
+            "--from",
+            "sqlite://sagatx.db",
+            "--to",
+            "sqlite://copy.db",
+        ],
+        dir.path(),
+    );
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        text(&again).contains("already holds sagatx data"),
+        "{}",
+        text(&again)
+    );
+}

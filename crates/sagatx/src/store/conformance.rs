@@ -98,6 +98,78 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     concurrent_writers(store.clone(), &tag).await?;
     secret(&*store).await?;
     oplog(&*store, &tag).await?;
+    import_and_scan(&*store, &tag).await?;
+    Ok(())
+}
+
+async fn import_and_scan(store: &dyn Store, tag: &str) -> R {
+    let d = def(&format!("conf-import-{tag}"), 2, false);
+    // An execution some transitions along, as another store held it.
+    let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
+    ex.seq = 7;
+    store.import(&ex).await.map_err(e("import"))?;
+    let got = store.load(ex.id).await.map_err(e("load"))?;
+    ensure!(
+        got.as_ref() == Some(&ex),
+        "import keeps the state and its seq"
+    );
+    ensure!(
+        matches!(store.import(&ex).await, Err(StoreError::Exists(_))),
+        "importing twice fails"
+    );
+    let mut next = ex.clone();
+    act(&mut next, &d, 0, Ok(json!(1)))?;
+    ensure!(next.seq == 8, "one transition after the import");
+    store
+        .append(&next)
+        .await
+        .map_err(e("append after import"))?;
+    // Scan: every execution once, oldest first.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.scan(cursor, 7).await.map_err(e("scan"))?;
+        ensure!(page.items.len() <= 7, "scan respects its limit");
+        seen.extend(page.items.iter().map(|x| x.id));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let unique: HashSet<_> = seen.iter().collect();
+    ensure!(
+        unique.len() == seen.len(),
+        "scan returned an execution twice"
+    );
+    ensure!(
+        seen.last() == Some(&ex.id),
+        "the newest comes last in a scan"
+    );
+    let all = store
+        .list(&ListQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .map_err(e("list"))?;
+    ensure!(
+        all.items.len() == seen.len().min(1000),
+        "scan and list see the same executions"
+    );
+    // The secret can be replaced (and is put back).
+    let old = store.secret().await.map_err(e("secret"))?;
+    store
+        .import_secret([9; 32])
+        .await
+        .map_err(e("import secret"))?;
+    ensure!(
+        store.secret().await.map_err(e("secret"))? == [9; 32],
+        "imported secret"
+    );
+    store
+        .import_secret(old)
+        .await
+        .map_err(e("restore secret"))?;
     Ok(())
 }
 

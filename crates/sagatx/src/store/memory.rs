@@ -25,7 +25,7 @@ struct Inner {
 /// A store that keeps everything in memory.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    secret: [u8; 32],
+    secret: Mutex<[u8; 32]>,
 }
 
 impl Default for MemoryStore {
@@ -35,7 +35,7 @@ impl Default for MemoryStore {
         secret[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         MemoryStore {
             inner: Mutex::new(Inner::default()),
-            secret,
+            secret: Mutex::new(secret),
         }
     }
 }
@@ -171,7 +171,41 @@ impl Store for MemoryStore {
     }
 
     async fn secret(&self) -> Result<[u8; 32], StoreError> {
-        Ok(self.secret)
+        Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    async fn import_secret(&self, secret: [u8; 32]) -> Result<(), StoreError> {
+        *self.secret.lock().unwrap_or_else(|p| p.into_inner()) = secret;
+        Ok(())
+    }
+
+    async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
+        let g = self.lock();
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (&n, ex) in g.executions.range(cursor.unwrap_or(0)..) {
+            if items.len() == limit {
+                next_cursor = Some(n);
+                break;
+            }
+            items.push(ex.clone());
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn import(&self, ex: &Execution) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        if g.by_id.contains_key(&ex.id) {
+            return Err(StoreError::Exists(ex.id));
+        }
+        g.next += 1;
+        let n = g.next;
+        g.by_id.insert(ex.id, n);
+        if let Some(d) = ex.next_due_ms() {
+            g.due.insert((d, n));
+        }
+        g.executions.insert(n, ex.clone());
+        Ok(())
     }
 
     async fn op_record(

@@ -15,6 +15,7 @@ use sagatx_core::{DecodeError, Execution, ExecutionId, SagaDefinition, Status};
 
 pub mod conformance;
 mod memory;
+pub mod migrate;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod sqlite;
@@ -161,6 +162,17 @@ pub trait Store: Send + Sync + 'static {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<OpRecord>, StoreError>;
+
+    /// Every execution, oldest first, after `cursor` (for copying a store).
+    async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError>;
+
+    /// Writes an execution as it is, whatever its `seq` (for copying a
+    /// store); fails with [`StoreError::Exists`] if the id is taken.
+    async fn import(&self, ex: &Execution) -> Result<(), StoreError>;
+
+    /// Replaces the store's secret (for copying a store, so that the reply
+    /// URLs already handed out keep working).
+    async fn import_secret(&self, secret: [u8; 32]) -> Result<(), StoreError>;
 
     /// A page of executions that may have work under way (status `created`,
     /// `running` or `compensating`), oldest first, after `cursor`; for

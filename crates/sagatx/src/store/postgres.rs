@@ -96,7 +96,7 @@ enum Write {
 pub struct PostgresStore {
     pool: Pool,
     writer: mpsc::Sender<Write>,
-    secret: [u8; 32],
+    secret: std::sync::Mutex<[u8; 32]>,
 }
 
 async fn connect(cfg: &Config, url: &str) -> Result<Client, StoreError> {
@@ -224,7 +224,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             writer: tx,
-            secret,
+            secret: std::sync::Mutex::new(secret),
         })
     }
 
@@ -571,7 +571,71 @@ impl Store for PostgresStore {
     }
 
     async fn secret(&self) -> Result<[u8; 32], StoreError> {
-        Ok(self.secret)
+        Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    async fn import_secret(&self, secret: [u8; 32]) -> Result<(), StoreError> {
+        let c = self.read().await?;
+        c.execute(
+            "UPDATE sagatx_meta SET value = $1 WHERE key = 'secret'",
+            &[&secret.as_slice()],
+        )
+        .await
+        .map_err(io)?;
+        *self.secret.lock().unwrap_or_else(|p| p.into_inner()) = secret;
+        Ok(())
+    }
+
+    async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
+        let c = self.read().await?;
+        let rows = c
+            .query(
+                "SELECT n, id, state FROM sagatx_executions WHERE n >= $1 ORDER BY n LIMIT $2",
+                &[&(cursor.unwrap_or(0) as i64), &((limit + 1) as i64)],
+            )
+            .await
+            .map_err(io)?;
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for r in rows {
+            let n: i64 = r.get(0);
+            if items.len() == limit {
+                next_cursor = Some(n as u64);
+                break;
+            }
+            items.push(decode(r.get(1), &r.get::<_, Vec<u8>>(2))?);
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn import(&self, ex: &Execution) -> Result<(), StoreError> {
+        let state = ex.to_raw().map_err(|source| StoreError::Corrupt {
+            id: ex.id.to_string(),
+            source,
+        })?;
+        let c = self.read().await?;
+        let n = c
+            .execute(
+                "INSERT INTO sagatx_executions (id, saga, status, seq, due_at, created_at, updated_at, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &ex.id.0,
+                    &ex.saga,
+                    &ex.status.as_str(),
+                    &(ex.seq as i64),
+                    &ex.next_due_ms().map(|d| d as i64),
+                    &(ex.created_at_ms as i64),
+                    &(ex.updated_at_ms as i64),
+                    &state,
+                ],
+            )
+            .await
+            .map_err(io)?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Exists(ex.id))
+        }
     }
 
     async fn op_record(

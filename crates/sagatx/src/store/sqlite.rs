@@ -147,7 +147,7 @@ enum Write {
 /// The SQLite journal. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
     path: PathBuf,
-    secret: [u8; 32],
+    secret: Mutex<[u8; 32]>,
     /// An exclusive lock on `<file>.lock`, held while the store is open:
     /// one process drives one journal.
     _lock: std::fs::File,
@@ -322,7 +322,7 @@ impl SqliteStore {
             })?;
         Ok(SqliteStore {
             path,
-            secret,
+            secret: Mutex::new(secret),
             _lock: lock,
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
@@ -744,7 +744,86 @@ impl Store for SqliteStore {
     }
 
     async fn secret(&self) -> Result<[u8; 32], StoreError> {
-        Ok(self.secret)
+        Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    async fn import_secret(&self, secret: [u8; 32]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+            c.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'secret'",
+                [secret.as_slice()],
+            )
+            .map_err(io)
+        })
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))??;
+        *self.secret.lock().unwrap_or_else(|p| p.into_inner()) = secret;
+        Ok(())
+    }
+
+    async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT n, id, state FROM executions WHERE n >= ?1 ORDER BY n LIMIT ?2",
+                )
+                .map_err(io)?;
+            let mut rows = s
+                .query(params![cursor.unwrap_or(0) as i64, (limit + 1) as i64])
+                .map_err(io)?;
+            let mut items = Vec::new();
+            let mut next_cursor = None;
+            while let Some(r) = rows.next().map_err(io)? {
+                let n: i64 = r.get(0).map_err(io)?;
+                if items.len() == limit {
+                    next_cursor = Some(n as u64);
+                    break;
+                }
+                let id: Vec<u8> = r.get(1).map_err(io)?;
+                let state: Vec<u8> = r.get(2).map_err(io)?;
+                // Copying must not skip anything: an unreadable entry fails.
+                items.push(decode_row(&id, &state)?);
+            }
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn import(&self, ex: &Execution) -> Result<(), StoreError> {
+        let state = ex.to_raw().map_err(|source| StoreError::Corrupt {
+            id: ex.id.to_string(),
+            source,
+        })?;
+        let ex = ex.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+            let n = c
+                .execute(
+                    "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
+                    params![
+                        ex.id.0.as_bytes().as_slice(),
+                        ex.saga,
+                        ex.status.as_str(),
+                        ex.seq as i64,
+                        ex.next_due_ms().map(|d| d as i64),
+                        ex.created_at_ms as i64,
+                        ex.updated_at_ms as i64,
+                        state
+                    ],
+                )
+                .map_err(io)?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Exists(ex.id))
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))?
     }
 
     async fn op_record(

@@ -484,3 +484,124 @@ async fn the_engine_runs_sagas_on_postgres() {
     assert_eq!(ex.status, Status::Compensated);
     assert_eq!(engine.get(ex.id).await.expect("get"), ex);
 }
+
+/// SQLite → PostgreSQL → SQLite leaves identical executions, and an engine
+/// on the copy finishes the interrupted one and the paused one.
+#[test]
+fn a_journal_round_trips_through_postgres_and_the_copy_finishes_the_work() {
+    use sagatx::store::{migrate, PostgresStore};
+    use sagatx::{Engine, Reply, Saga, Status, StepContext, StepError};
+    let base = env_url("SAGATX_TEST_PG_URL");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (src, back) = (dir.path().join("src.db"), dir.path().join("back.db"));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let h = hang.clone();
+    let saga = move || {
+        let h = h.clone();
+        Saga::builder("m")
+            .step("a", |_c: StepContext| async { Ok::<_, StepError>(1) })
+            .compensate(|_c: StepContext| async { Ok::<_, StepError>(()) })
+            .step("b", move |c: StepContext| {
+                let h = h.clone();
+                async move {
+                    let block = h.load(std::sync::atomic::Ordering::SeqCst)
+                        && c.input()["hang"] == serde_json::json!(true);
+                    if block {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, StepError>(2)
+                }
+            })
+            .step("c", |_c: StepContext| async { Ok::<_, StepError>(3) })
+            .callback()
+            .build()
+            .expect("valid")
+    };
+    // First life, on SQLite: one paused on a callback, one in flight when
+    // the runtime dies.
+    let (paused, stuck) = {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let ids = rt.block_on(async {
+            let engine = Engine::builder()
+                .store(SqliteStore::open(&src).expect("open"))
+                .saga(saga())
+                .build()
+                .await
+                .expect("engine");
+            let p = engine
+                .run("m", serde_json::json!({"hang": false}))
+                .await
+                .expect("run");
+            assert_eq!(p.status, Status::Paused);
+            let s = engine
+                .start("m", serde_json::json!({"hang": true}))
+                .await
+                .expect("start");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            (p.id, s)
+        });
+        rt.shutdown_timeout(std::time::Duration::from_millis(100));
+        ids
+    };
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        // Wait for the first life's store to be closed (its lock released).
+        let mut source = None;
+        for _ in 0..100 {
+            if let Ok(s) = SqliteStore::open(&src) {
+                source = Some(s);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let source: Arc<dyn Store> = Arc::new(source.expect("source free"));
+        let pg_url = fresh_db(&base).await;
+        let pg: Arc<dyn Store> = Arc::new(PostgresStore::open(&pg_url).await.expect("pg"));
+        let r1 = migrate::copy(&*source, &*pg).await.expect("to postgres");
+        assert_eq!(r1.executions, 2);
+        let copy: Arc<dyn Store> = Arc::new(SqliteStore::open(&back).expect("back"));
+        migrate::copy(&*pg, &*copy).await.expect("back to sqlite");
+        let a = source.scan(None, 100).await.expect("scan").items;
+        let b = copy.scan(None, 100).await.expect("scan").items;
+        assert_eq!(a, b, "identical executions after the round trip");
+        assert_eq!(
+            source.secret().await.expect("s"),
+            copy.secret().await.expect("s")
+        );
+        // Into a store that holds data already: refused.
+        let err = migrate::copy(&*source, &*copy)
+            .await
+            .expect_err("not empty");
+        assert!(
+            err.to_string().contains("already holds sagatx data"),
+            "{err}"
+        );
+        drop((source, pg));
+        // The copy finishes the work.
+        let engine = Engine::builder()
+            .store_arc(copy)
+            .saga(saga())
+            .build()
+            .await
+            .expect("engine");
+        engine.recover().await.expect("recover");
+        engine
+            .reply(paused, "c", Reply::Ok(serde_json::json!("ok")))
+            .await
+            .expect("reply");
+        assert_eq!(
+            engine.wait(paused).await.expect("wait").status,
+            Status::Completed
+        );
+        let s = engine.wait(stuck).await.expect("wait");
+        assert_eq!(
+            (s.status, s.awaiting),
+            (Status::Paused, Some(sagatx::Awaiting::Reply))
+        );
+        assert_eq!(
+            s.steps[1].attempts, 2,
+            "the interrupted call was made again"
+        );
+    });
+}

@@ -719,6 +719,9 @@ struct Driver {
     handlers: Option<Arc<HashMap<String, Handlers>>>,
     input: Arc<Value>,
     calls: JoinSet<CallResult>,
+    /// The state and calls of the last transition whose journal write
+    /// failed: the write may have committed all the same.
+    unconfirmed: Option<(Execution, Vec<Call>)>,
 }
 
 async fn drive(
@@ -849,6 +852,7 @@ impl Driver {
             handlers,
             input,
             calls: JoinSet::new(),
+            unconfirmed: None,
         }
     }
 
@@ -860,12 +864,26 @@ impl Driver {
         if t.changed {
             next.seq += 1;
             let started = std::time::Instant::now();
-            self.inner.store.append(&next).await?;
+            if let Err(e) = self.inner.store.append(&next).await {
+                // A conflict says the write did not happen; any other
+                // failure leaves it unknown.
+                if !matches!(e, StoreError::Conflict { .. }) {
+                    self.unconfirmed = Some((next, t.calls));
+                }
+                return Err(e.into());
+            }
             tracing::trace!(execution = %next.id, seq = next.seq, us = started.elapsed().as_micros() as u64, "journaled");
         }
+        self.advance_to(next, t.calls);
+        Ok(())
+    }
+
+    /// Takes a journaled state as the current one and makes its calls.
+    fn advance_to(&mut self, next: Execution, calls: Vec<Call>) {
+        self.unconfirmed = None;
         let finished = next.status.is_terminal() && !self.ex.status.is_terminal();
         self.ex = next;
-        for c in t.calls {
+        for c in calls {
             self.spawn_call(c);
         }
         if finished {
@@ -877,10 +895,7 @@ impl Driver {
             metrics::histogram!("sagatx_execution_duration_seconds", "saga" => ex.saga.clone(), "status" => status)
                 .record(seconds);
         }
-        if t.changed {
-            self.inner.notify_waiters(&self.ex);
-        }
-        Ok(())
+        self.inner.notify_waiters(&self.ex);
     }
 
     /// Applies an event the engine itself produced (an outcome, a tick).
@@ -888,13 +903,30 @@ impl Driver {
     /// lost while the process lives.
     async fn apply_internal(&mut self, event: Event) {
         let mut backoff = Duration::from_millis(50);
+        let mut failed_before = false;
         loop {
             match self.apply(event.clone()).await {
                 Ok(_) => return,
+                Err(EngineError::Store(StoreError::Conflict { .. })) if failed_before => {
+                    // The earlier write may have committed though its answer
+                    // was lost: if the store holds exactly that state, it did.
+                    let attempted = self.unconfirmed.take();
+                    match (self.inner.store.load(self.ex.id).await, attempted) {
+                        (Ok(Some(stored)), Some((state, calls))) if stored == state => {
+                            tracing::info!(execution = %self.ex.id, "a journal write whose answer was lost had committed");
+                            self.advance_to(stored, calls);
+                        }
+                        _ => {
+                            tracing::error!(execution = %self.ex.id, "event dropped: the journal moved on")
+                        }
+                    }
+                    return;
+                }
                 Err(EngineError::Store(e))
                     if !matches!(e, StoreError::Conflict { .. } | StoreError::Closed) =>
                 {
                     tracing::warn!(execution = %self.ex.id, error = %e, "journal write failed; retrying");
+                    failed_before = true;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

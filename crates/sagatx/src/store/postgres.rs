@@ -179,12 +179,7 @@ impl PostgresStore {
         migrate(&mut client, url).await?;
         // One process per database until leases land: the writer's
         // connection holds a session lock for the life of the process.
-        let alone: bool = client
-            .query_one("SELECT pg_try_advisory_lock(7385742002)", &[])
-            .await
-            .map_err(io)?
-            .get(0);
-        if !alone {
+        if !claim(&client).await.map_err(io)? {
             return Err(StoreError::Open {
                 path: redact(url),
                 reason: "another sagatx process is using this database; this version drives \
@@ -220,7 +215,7 @@ impl PostgresStore {
                 reason: e.to_string(),
             })?;
         let (tx, rx) = mpsc::channel(8192);
-        tokio::spawn(writer(client, rx));
+        tokio::spawn(writer(client, cfg.clone(), url.to_string(), rx));
         Ok(PostgresStore {
             pool,
             writer: tx,
@@ -240,7 +235,15 @@ impl PostgresStore {
     }
 }
 
-async fn writer(mut client: Client, mut rx: mpsc::Receiver<Write>) {
+/// Takes the one-process lock on a (new) writer connection.
+async fn claim(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT pg_try_advisory_lock(7385742002)", &[])
+        .await?
+        .get(0))
+}
+
+async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Receiver<Write>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -260,8 +263,38 @@ async fn writer(mut client: Client, mut rx: mpsc::Receiver<Write>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, "PostgreSQL journal commit failed");
+                // The outcome of a commit whose answer was lost is unknown;
+                // the engine rereads the state before it tries again.
                 for w in batch.drain(..) {
                     answer(w, Err(StoreError::Io(e.to_string())));
+                }
+                if client.is_closed() {
+                    // PostgreSQL went away: wait for it, reconnect, and
+                    // take the one-process lock again. Writes queue up
+                    // meanwhile (bounded: senders wait).
+                    let mut backoff = Duration::from_millis(100);
+                    loop {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        let Ok(c) = connect(&cfg, &url).await else {
+                            continue;
+                        };
+                        match claim(&c).await {
+                            Ok(true) => {
+                                tracing::info!("reconnected to PostgreSQL");
+                                client = c;
+                                break;
+                            }
+                            Ok(false) => {
+                                tracing::error!(
+                                    "another process took this database while the connection was down; \
+                                     this process stops writing to it"
+                                );
+                                return;
+                            }
+                            Err(_) => continue,
+                        }
+                    }
                 }
             }
         }

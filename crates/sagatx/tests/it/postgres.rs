@@ -605,3 +605,81 @@ fn a_journal_round_trips_through_postgres_and_the_copy_finishes_the_work() {
         );
     });
 }
+
+/// A PostgreSQL restart in the middle of a load: the store reconnects,
+/// nothing is lost, every saga completes. Uses a server of its own, since
+/// it restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_load_loses_nothing() {
+    use sagatx::store::PostgresStore;
+    use sagatx::{Engine, Saga, Status, StepContext, StepError};
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/test-postgres");
+    let pg = |cmd: &str| {
+        let out = std::process::Command::new(script)
+            .arg(cmd)
+            .env("SAGATX_TEST_PG_PORT", "55434")
+            .output()
+            .expect("scripts/test-postgres");
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let url = pg("start");
+    struct Stop<F: Fn(&str) -> String>(F);
+    impl<F: Fn(&str) -> String> Drop for Stop<F> {
+        fn drop(&mut self) {
+            (self.0)("stop");
+        }
+    }
+    let _stop = Stop(pg);
+    let store = PostgresStore::open(&url).await.expect("open");
+    let step = |_c: StepContext| async {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        Ok::<_, StepError>(())
+    };
+    let saga = Saga::builder("r")
+        .step("a", step)
+        .step("b", step)
+        .step("c", step)
+        .build()
+        .expect("valid");
+    let engine = Engine::builder()
+        .store(store)
+        .saga(saga)
+        .build()
+        .await
+        .expect("engine");
+    let mut ids = Vec::new();
+    for _ in 0..150 {
+        ids.push(
+            engine
+                .start("r", serde_json::json!(null))
+                .await
+                .expect("start"),
+        );
+    }
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(script)
+            .arg("restart")
+            .env("SAGATX_TEST_PG_PORT", "55434")
+            .status()
+            .expect("restart")
+    })
+    .await
+    .expect("restart task");
+    for id in ids {
+        let ex = tokio::time::timeout(std::time::Duration::from_secs(60), engine.wait(id))
+            .await
+            .expect("finishes after the restart")
+            .expect("wait");
+        assert_eq!(ex.status, Status::Completed, "{id}");
+        assert_eq!(
+            ex.steps.iter().map(|s| s.attempts).sum::<u32>(),
+            3,
+            "{id}: no call made twice"
+        );
+    }
+}

@@ -39,6 +39,8 @@ pub struct Row {
     pub note: String,
 }
 
+/// The workloads run by default; `postgres` runs when asked for (it needs
+/// SAGATX_BENCH_PG_URL).
 pub const ALL: [&str; 5] = ["memory", "sqlite", "http", "recovery", "idle"];
 
 fn proc_field(path: &str, key: &str) -> Option<u64> {
@@ -222,8 +224,60 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
 
 async fn sqlite(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     let dir = tempfile::tempdir()?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("bench.db"))?);
+    durable(o, out, "sqlite", store, "synchronous=FULL, group commit").await
+}
+
+/// The PostgreSQL URL of the `postgres` workload.
+fn pg_url() -> Result<String> {
+    std::env::var("SAGATX_BENCH_PG_URL").map_err(|_| {
+        anyhow!(
+            "the postgres workload needs SAGATX_BENCH_PG_URL, the URL of an empty database \
+             (scripts/test-postgres start starts a PostgreSQL and prints a URL)"
+        )
+    })
+}
+
+/// A fresh database on the server of `url`, for one run.
+async fn fresh_pg_db(url: &str) -> Result<String> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
+    tokio::spawn(conn);
+    let name = format!(
+        "sagatx_bench_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(url);
+    Ok(format!("{base}/{name}"))
+}
+
+async fn postgres(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    let url = fresh_pg_db(&pg_url()?).await?;
+    let store = sagatx::store::open(&url).await?;
+    durable(
+        o,
+        out,
+        "postgres",
+        store,
+        "PostgreSQL, group commit, one process",
+    )
+    .await?;
+    http_on(o, out, "postgres-http", &fresh_pg_db(&pg_url()?).await?).await
+}
+
+async fn durable(
+    o: &Options,
+    out: &mut Vec<Row>,
+    workload: &str,
+    store: Arc<dyn Store>,
+    note: &str,
+) -> Result<()> {
     let engine = Engine::builder()
-        .store(SqliteStore::open(dir.path().join("bench.db"))?)
+        .store_arc(store)
         .saga(three("ok", false, Mode::Sequential)?)
         .saga(three("fail", true, Mode::Sequential)?)
         .build()
@@ -239,16 +293,11 @@ async fn sqlite(o: &Options, out: &mut Vec<Row>) -> Result<()> {
                 (false, 1) => 5_000,
                 (false, _) => 100_000,
             };
-            progress(&format!("sqlite: {variant}, {n} sagas, concurrency {c}"));
-            let s = measure(&engine, saga, n, c, expect).await?;
-            out.push(row(
-                "sqlite",
-                variant,
-                c,
-                s,
-                "self",
-                "synchronous=FULL, group commit",
+            progress(&format!(
+                "{workload}: {variant}, {n} sagas, concurrency {c}"
             ));
+            let s = measure(&engine, saga, n, c, expect).await?;
+            out.push(row(workload, variant, c, s, "self", note));
         }
     }
     Ok(())
@@ -320,6 +369,10 @@ pub async fn service(listen: &str) -> Result<()> {
 }
 
 async fn http(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    http_on(o, out, "http", "sqlite://bench.db").await
+}
+
+async fn http_on(o: &Options, out: &mut Vec<Row>, workload: &str, store: &str) -> Result<()> {
     sagatx_server::install_crypto();
     let dir = tempfile::tempdir()?;
     let (sp, vp) = (free_port()?, free_port()?);
@@ -329,7 +382,7 @@ async fn http(o: &Options, out: &mut Vec<Row>) -> Result<()> {
             "--listen",
             &format!("127.0.0.1:{sp}"),
             "--store",
-            "sqlite://bench.db",
+            store,
         ],
         dir.path(),
     )?;
@@ -378,7 +431,9 @@ async fn http(o: &Options, out: &mut Vec<Row>) -> Result<()> {
                 (false, 1) => 2_000,
                 (false, _) => 20_000,
             };
-            progress(&format!("http: {variant}, {n} sagas, concurrency {c}"));
+            progress(&format!(
+                "{workload}: {variant}, {n} sagas, concurrency {c}"
+            ));
             let run = |n: usize| {
                 let client = client.clone();
                 let base = base.clone();
@@ -425,7 +480,7 @@ async fn http(o: &Options, out: &mut Vec<Row>) -> Result<()> {
                 bytes: w0.and_then(|w0| Some(write_bytes(&spid)?.saturating_sub(w0))),
             };
             out.push(row(
-                "http",
+                workload,
                 variant,
                 c,
                 s,
@@ -634,10 +689,12 @@ pub async fn run(o: &Options) -> Result<Vec<Row>> {
             "http" => http(o, &mut out).await?,
             "recovery" => recovery(o, &mut out).await?,
             "idle" => idle(o, &mut out).await?,
-            "tx" | "postgres" => {
-                bail!("the {w} workload needs work not built yet (see the issues)")
-            }
-            other => bail!("no workload {other:?}; choose from {}", ALL.join(", ")),
+            "postgres" => postgres(o, &mut out).await?,
+            "tx" => bail!("the tx workload is not built yet (see the benchmark issue)"),
+            other => bail!(
+                "no workload {other:?}; choose from {}, postgres",
+                ALL.join(", ")
+            ),
         }
     }
     Ok(out)

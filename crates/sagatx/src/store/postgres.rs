@@ -245,6 +245,7 @@ async fn claim(client: &Client) -> Result<bool, tokio_postgres::Error> {
 
 async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Receiver<Write>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut statements: Option<Statements> = None;
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -255,7 +256,16 @@ async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Rece
         }
         let started = std::time::Instant::now();
         let n = batch.len();
-        match apply(&mut client, &batch).await {
+        if statements.is_none() {
+            statements = prepare(&client).await.ok();
+        }
+        let result: Result<Vec<Done>, String> = match &statements {
+            Some(st) => apply(&mut client, st, &batch)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("cannot prepare the journal's statements".into()),
+        };
+        match result {
             Ok(results) => {
                 for (w, r) in batch.drain(..).zip(results) {
                     answer(w, Ok(r));
@@ -266,7 +276,7 @@ async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Rece
                 // The outcome of a commit whose answer was lost is unknown;
                 // the engine rereads the state before it tries again.
                 for w in batch.drain(..) {
-                    answer(w, Err(StoreError::Io(e.to_string())));
+                    answer(w, Err(StoreError::Io(e.clone())));
                 }
                 if client.is_closed() {
                     // PostgreSQL went away: wait for it, reconnect, and
@@ -283,6 +293,7 @@ async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Rece
                             Ok(true) => {
                                 tracing::info!("reconnected to PostgreSQL");
                                 client = c;
+                                statements = None;
                                 break;
                             }
                             Ok(false) => {
@@ -339,20 +350,36 @@ fn answer(w: Write, r: Result<Done, StoreError>) {
     }
 }
 
-async fn apply(client: &mut Client, batch: &[Write]) -> Result<Vec<Done>, tokio_postgres::Error> {
+/// The writer's statements, prepared once per connection.
+struct Statements {
+    insert: tokio_postgres::Statement,
+    update: tokio_postgres::Statement,
+}
+
+async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+    Ok(Statements {
+        insert: client
+            .prepare(
+                "INSERT INTO sagatx_executions (id, saga, status, seq, due_at, created_at, updated_at, state)
+                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            )
+            .await?,
+        update: client
+            .prepare(
+                "UPDATE sagatx_executions SET status = $2, seq = $3, due_at = $4, updated_at = $5, state = $6
+                 WHERE id = $1 AND seq = $7",
+            )
+            .await?,
+    })
+}
+
+async fn apply(
+    client: &mut Client,
+    st: &Statements,
+    batch: &[Write],
+) -> Result<Vec<Done>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let insert = tx
-        .prepare(
-            "INSERT INTO sagatx_executions (id, saga, status, seq, due_at, created_at, updated_at, state)
-             VALUES ($1, $2, $3, 1, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-        )
-        .await?;
-    let update = tx
-        .prepare(
-            "UPDATE sagatx_executions SET status = $2, seq = $3, due_at = $4, updated_at = $5, state = $6
-             WHERE id = $1 AND seq = $7",
-        )
-        .await?;
+    let (insert, update) = (&st.insert, &st.update);
     let mut out = Vec::with_capacity(batch.len());
     for w in batch {
         match w {
@@ -361,7 +388,7 @@ async fn apply(client: &mut Client, batch: &[Write]) -> Result<Vec<Done>, tokio_
                 if ex.seq == 1 {
                     let n = tx
                         .execute(
-                            &insert,
+                            insert,
                             &[
                                 &ex.id.0,
                                 &ex.saga,
@@ -381,7 +408,7 @@ async fn apply(client: &mut Client, batch: &[Write]) -> Result<Vec<Done>, tokio_
                 } else {
                     let n = tx
                         .execute(
-                            &update,
+                            update,
                             &[
                                 &ex.id.0,
                                 &ex.status.as_str(),

@@ -380,62 +380,88 @@ async fn apply(
 ) -> Result<Vec<Done>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let (insert, update) = (&st.insert, &st.update);
+    // The executions' writes are pipelined on the connection (sent
+    // together, answered in order): one round trip for the batch instead of
+    // one per write.
+    struct P<'a> {
+        ex: &'a Execution,
+        state: &'a Vec<u8>,
+        due: Option<i64>,
+    }
+    let appends: Vec<P<'_>> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::Append(ex, state, _) => Some(P {
+                ex,
+                state,
+                due: ex.next_due_ms().map(|d| d as i64),
+            }),
+            _ => None,
+        })
+        .collect();
+    let tx_ref = &tx;
+    let counts = futures_util::future::try_join_all(appends.iter().map(|p| async move {
+        let ex = p.ex;
+        if ex.seq == 1 {
+            tx_ref
+                .execute(
+                    insert,
+                    &[
+                        &ex.id.0,
+                        &ex.saga,
+                        &ex.status.as_str(),
+                        &p.due,
+                        &(ex.created_at_ms as i64),
+                        &(ex.updated_at_ms as i64),
+                        p.state,
+                    ],
+                )
+                .await
+        } else {
+            tx_ref
+                .execute(
+                    update,
+                    &[
+                        &ex.id.0,
+                        &ex.status.as_str(),
+                        &(ex.seq as i64),
+                        &p.due,
+                        &(ex.updated_at_ms as i64),
+                        p.state,
+                        &((ex.seq - 1) as i64),
+                    ],
+                )
+                .await
+        }
+    }))
+    .await?;
+    let mut counts = counts.into_iter();
     let mut out = Vec::with_capacity(batch.len());
     for w in batch {
         match w {
-            Write::Append(ex, state, _) => {
-                let due = ex.next_due_ms().map(|d| d as i64);
+            Write::Append(ex, _, _) => {
+                let n = counts.next().unwrap_or(0);
                 if ex.seq == 1 {
-                    let n = tx
-                        .execute(
-                            insert,
-                            &[
-                                &ex.id.0,
-                                &ex.saga,
-                                &ex.status.as_str(),
-                                &due,
-                                &(ex.created_at_ms as i64),
-                                &(ex.updated_at_ms as i64),
-                                state,
-                            ],
-                        )
-                        .await?;
                     out.push(Done::Appended(if n == 1 {
                         Ok(())
                     } else {
                         Err(StoreError::Exists(ex.id))
                     }));
+                } else if n == 1 {
+                    out.push(Done::Appended(Ok(())));
                 } else {
-                    let n = tx
-                        .execute(
-                            update,
-                            &[
-                                &ex.id.0,
-                                &ex.status.as_str(),
-                                &(ex.seq as i64),
-                                &due,
-                                &(ex.updated_at_ms as i64),
-                                state,
-                                &((ex.seq - 1) as i64),
-                            ],
+                    let found = tx
+                        .query_opt(
+                            "SELECT seq FROM sagatx_executions WHERE id = $1",
+                            &[&ex.id.0],
                         )
-                        .await?;
-                    if n == 1 {
-                        out.push(Done::Appended(Ok(())));
-                    } else {
-                        let found = tx
-                            .query_opt(
-                                "SELECT seq FROM sagatx_executions WHERE id = $1",
-                                &[&ex.id.0],
-                            )
-                            .await?
-                            .map(|r| r.get::<_, i64>(0) as u64);
-                        out.push(Done::Appended(Err(StoreError::Conflict {
-                            id: ex.id,
-                            expected: ex.seq - 1,
-                            found,
-                        })));
-                    }
+                        .await?
+                        .map(|r| r.get::<_, i64>(0) as u64);
+                    out.push(Done::Appended(Err(StoreError::Conflict {
+                        id: ex.id,
+                        expected: ex.seq - 1,
+                        found,
+                    })));
                 }
             }
             Write::Definition(def, now_ms, _) => {

@@ -121,6 +121,18 @@ impl OperationLog {
         }
     }
 
+    /// grate's `atomic` with the handler inline: registers `f` under `name`
+    /// (so that `recover_all` finds it after a restart, if this process
+    /// registers it again), then runs the operation as [`atomic`](Self::atomic).
+    pub async fn atomic_with<F, Fut>(&self, name: &str, args: Value, f: F) -> Result<Value, OpError>
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, TxError>> + Send + 'static,
+    {
+        self.register(name, f);
+        self.atomic(name, args).await
+    }
+
     /// Records the operation (name, arguments, time), durably, then runs
     /// its handler, then marks it finished.
     pub async fn atomic(&self, name: &str, args: Value) -> Result<Value, OpError> {

@@ -181,6 +181,21 @@ impl<T: Send + 'static> DataManager for QueuePut<T> {
     }
 }
 
+/// Like [`near_end`], with a vote that can abort the transaction.
+pub fn near_end_voting(
+    tx: &Transaction,
+    call: impl FnOnce() -> Result<(), TxError> + Send + 'static,
+    vote: impl Fn() -> Result<(), TxError> + Send + Sync + 'static,
+) {
+    join_call(
+        tx,
+        NEAR_END_KEY,
+        "near-end call",
+        Box::new(call),
+        Some(Box::new(vote)),
+    );
+}
+
 /// Puts `item` on `queue` when `tx` commits (nti's `put_nowait`): the item
 /// is visible only after the commit; a full (or closed) queue makes the
 /// transaction abort in its vote.

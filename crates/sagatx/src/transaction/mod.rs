@@ -34,7 +34,9 @@ mod postgres;
 mod sqlite;
 mod with;
 
-pub use hooks::{after_commit, after_commit_voting, near_end, put_nowait, CallbackManager};
+pub use hooks::{
+    after_commit, after_commit_voting, near_end, near_end_voting, put_nowait, CallbackManager,
+};
 pub use looping::{Hooks, LoopError, TransactionLoop, TransactionLoopBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{recover_prepared, PostgresDataManager, PreparedReport};

@@ -181,3 +181,23 @@ async fn permanent_failures_close_and_transient_ones_stay_pending() {
     let report = log.recover_all().await.expect("recover");
     assert_eq!(report.failed.len(), 1);
 }
+
+#[tokio::test]
+async fn atomic_with_takes_the_handler_inline() {
+    let store: Arc<dyn Store> = Arc::new(sagatx::MemoryStore::new());
+    let log = OperationLog::new(store.clone());
+    let out = log
+        .atomic_with("double", json!(21), |v| async move {
+            Ok(json!(v.as_i64().unwrap_or(0) * 2))
+        })
+        .await
+        .expect("ran");
+    assert_eq!(out, json!(42));
+    assert!(store
+        .op_pending(None, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+    // Registered: a later call by name finds it.
+    assert_eq!(log.atomic("double", json!(1)).await.expect("ran"), json!(2));
+}

@@ -304,11 +304,21 @@ async fn follow(c: &Client, def: Value, input: Value) -> Result<ExitCode> {
         ex["saga"].as_str().unwrap_or("?"),
         ex["saga_version"]
     );
+    // On a terminal: one live line per step (indicatif); in a pipe or a
+    // log: a line each time a step changes.
+    let live = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let bars = live.then(|| show::Bars::new(&ex));
     let mut seen: Vec<String> = Vec::new();
     loop {
-        show::progress(&ex, &mut seen);
+        match &bars {
+            Some(b) => b.update(&ex),
+            None => show::progress(&ex, &mut seen),
+        }
         let status = ex["status"].as_str().unwrap_or_default();
         if matches!(status, "completed" | "compensated" | "failed" | "paused") {
+            if let Some(b) = &bars {
+                b.finish(&ex);
+            }
             println!("{}", show::summary(&ex));
             return Ok(if status == "completed" {
                 ExitCode::SUCCESS

@@ -130,3 +130,70 @@ pub fn summary(ex: &Value) -> String {
     }
     out
 }
+
+/// Live progress on a terminal: one spinner line per step.
+pub struct Bars {
+    bars: Vec<indicatif::ProgressBar>,
+    _multi: indicatif::MultiProgress,
+}
+
+fn step_line(st: &Value) -> String {
+    let mut line = format!(
+        "{:<20} {:<20} attempts {} compensations {}",
+        s(&st["name"]),
+        s(&st["status"]),
+        s(&st["attempts"]),
+        s(&st["compensation_attempts"])
+    );
+    if !st["error"].is_null() {
+        line.push_str(&format!("  ({})", s(&st["error"])));
+    }
+    line
+}
+
+impl Bars {
+    pub fn new(ex: &Value) -> Bars {
+        let multi = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template("  {spinner} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        let empty = Vec::new();
+        let bars = ex["steps"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|st| {
+                let b = multi.add(indicatif::ProgressBar::new_spinner());
+                b.set_style(style.clone());
+                b.set_message(step_line(st));
+                b.enable_steady_tick(std::time::Duration::from_millis(120));
+                b
+            })
+            .collect();
+        Bars {
+            bars,
+            _multi: multi,
+        }
+    }
+
+    pub fn update(&self, ex: &Value) {
+        let empty = Vec::new();
+        for (b, st) in self
+            .bars
+            .iter()
+            .zip(ex["steps"].as_array().unwrap_or(&empty))
+        {
+            b.set_message(step_line(st));
+        }
+    }
+
+    pub fn finish(&self, ex: &Value) {
+        let empty = Vec::new();
+        for (b, st) in self
+            .bars
+            .iter()
+            .zip(ex["steps"].as_array().unwrap_or(&empty))
+        {
+            b.finish_with_message(step_line(st));
+        }
+    }
+}

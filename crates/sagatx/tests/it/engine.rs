@@ -491,8 +491,8 @@ async fn a_long_backoff_waits_in_the_store_not_in_memory() {
         .step("a", rec.step())
         .retry(RetryPolicy {
             max_attempts: 2,
-            initial_backoff_ms: 400,
-            max_backoff_ms: 400,
+            initial_backoff_ms: 2_000,
+            max_backoff_ms: 2_000,
             multiplier: 1.0,
         })
         .build()
@@ -506,16 +506,23 @@ async fn a_long_backoff_waits_in_the_store_not_in_memory() {
         .await
         .expect("engine");
     let id = engine.start("slow", json!({})).await.expect("start");
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Once the first attempt failed, no task holds the waiting execution.
+    for _ in 0..300 {
+        if rec.seen().len() == 1 && engine.active() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(engine.active(), 0, "no task holds the waiting execution");
     let ex = engine.get(id).await.expect("get");
     assert_eq!(ex.status, Status::Running);
     assert!(
         ex.next_due_ms().is_some(),
         "the retry's due time is journaled"
     );
-    assert_eq!(engine.active(), 0, "no task holds the waiting execution");
+    // The scheduler finds it in the store when it is due.
     let done = engine
-        .wait_timeout(id, Duration::from_secs(5))
+        .wait_timeout(id, Duration::from_secs(10))
         .await
         .expect("wait");
     assert_eq!(done.status, Status::Completed);

@@ -58,6 +58,17 @@ enum Command {
         /// default http:// and the listen address.
         #[arg(long)]
         public_url: Option<String>,
+        /// POST a notification here when an execution becomes paused,
+        /// failed, compensated or completed (repeatable).
+        #[arg(long = "notify-url")]
+        notify_url: Vec<String>,
+        /// Which statuses are notified, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "paused,failed,compensated,completed"
+        )]
+        notify_on: Vec<String>,
     },
     /// Start an execution of the definition in FILE and follow it until it
     /// is terminal or paused; exit 0 for completed, 1 otherwise.
@@ -179,7 +190,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             store,
             token,
             public_url,
-        } => serve(listen, store, token, public_url).await,
+            notify_url,
+            notify_on,
+        } => {
+            let statuses = notify_on
+                .iter()
+                .map(|s| s.parse::<sagatx::Status>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("--notify-on: {e}"))?;
+            let notify = (!notify_url.is_empty()).then(|| sagatx_server::notify::NotifyConfig {
+                urls: notify_url,
+                statuses,
+            });
+            serve(listen, store, token, public_url, notify).await
+        }
         Command::Run {
             file,
             input,
@@ -336,6 +360,7 @@ async fn serve(
     store: String,
     token: Option<String>,
     public_url: Option<String>,
+    notify: Option<sagatx_server::notify::NotifyConfig>,
 ) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -360,6 +385,7 @@ async fn serve(
         token,
         public_url,
         max_calls: None,
+        notify,
     };
     sagatx_server::serve(listener, store, cfg, stop)
         .await

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 pub mod api;
 pub mod caller;
 pub mod capability;
+pub mod notify;
 pub mod openapi;
 
 pub use caller::HttpCaller;
@@ -70,6 +71,8 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// HTTP calls in flight at most (default [`caller::DEFAULT_MAX_CALLS`]).
     pub max_calls: Option<usize>,
+    /// Where to POST status changes (`--notify-url`); none by default.
+    pub notify: Option<notify::NotifyConfig>,
 }
 
 /// Why the server could not run.
@@ -106,11 +109,13 @@ pub async fn build(
         cfg.max_calls.unwrap_or(caller::DEFAULT_MAX_CALLS),
     )
     .map_err(|e| ServerError::Client(e.to_string()))?;
-    let engine = Engine::builder()
+    let mut builder = Engine::builder()
         .store_arc(store)
-        .remote_caller(Arc::new(caller))
-        .build()
-        .await?;
+        .remote_caller(Arc::new(caller));
+    if let Some(hook) = cfg.notify.clone().and_then(notify::start) {
+        builder = builder.on_status(hook);
+    }
+    let engine = builder.build().await?;
     let report = engine.recover().await?;
     if report.resumed > 0 {
         tracing::info!(resumed = report.resumed, "resumed unfinished executions");

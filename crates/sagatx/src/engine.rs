@@ -103,10 +103,15 @@ pub struct EngineBuilder {
     store: Option<Arc<dyn Store>>,
     sagas: Vec<Saga>,
     remote: Option<Arc<dyn RemoteCaller>>,
+    on_status: Option<StatusHook>,
     max_active: usize,
     poll_interval: Duration,
     idle_horizon: Duration,
 }
+
+/// Called with the new state each time an execution's status (or what it
+/// awaits) changed, once the change is durable.
+pub type StatusHook = Arc<dyn Fn(&Execution) + Send + Sync>;
 
 /// Executions with a driver at once, by default.
 pub const DEFAULT_MAX_ACTIVE: usize = 10_000;
@@ -133,6 +138,12 @@ impl EngineBuilder {
 
     pub fn remote_caller(mut self, c: Arc<dyn RemoteCaller>) -> Self {
         self.remote = Some(c);
+        self
+    }
+
+    /// Observes status changes (for notifications); must not block.
+    pub fn on_status(mut self, hook: StatusHook) -> Self {
+        self.on_status = Some(hook);
         self
     }
 
@@ -175,6 +186,7 @@ impl EngineBuilder {
             active: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             remote: self.remote,
+            on_status: self.on_status,
             permits: Arc::new(Semaphore::new(self.max_active)),
             rng: AtomicU64::new(seed),
             clock: Clock::new(),
@@ -240,6 +252,7 @@ struct Inner {
     active: Mutex<HashMap<ExecutionId, mpsc::UnboundedSender<Msg>>>,
     waiters: Mutex<HashMap<ExecutionId, Vec<oneshot::Sender<Execution>>>>,
     remote: Option<Arc<dyn RemoteCaller>>,
+    on_status: Option<StatusHook>,
     permits: Arc<Semaphore>,
     rng: AtomicU64,
     clock: Clock,
@@ -340,6 +353,7 @@ impl Engine {
             store: None,
             sagas: Vec::new(),
             remote: None,
+            on_status: None,
             max_active: DEFAULT_MAX_ACTIVE,
             poll_interval: Duration::from_secs(1),
             idle_horizon: Duration::from_secs(5),
@@ -882,7 +896,13 @@ impl Driver {
     fn advance_to(&mut self, next: Execution, calls: Vec<Call>) {
         self.unconfirmed = None;
         let finished = next.status.is_terminal() && !self.ex.status.is_terminal();
+        let moved = next.status != self.ex.status || next.awaiting != self.ex.awaiting;
         self.ex = next;
+        if moved {
+            if let Some(hook) = &self.inner.on_status {
+                hook(&self.ex);
+            }
+        }
         for c in calls {
             self.spawn_call(c);
         }

@@ -51,7 +51,7 @@ pub mod transaction;
 
 pub use engine::{
     Engine, EngineBuilder, EngineError, RecoveryReport, RemoteCaller, StartOptions, Started,
-    DEFAULT_MAX_ACTIVE,
+    StatusHook, DEFAULT_MAX_ACTIVE,
 };
 pub use saga::{Saga, SagaBuilder, StepContext, StepFn, StepFuture};
 pub use sagatx_core::{

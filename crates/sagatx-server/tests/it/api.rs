@@ -821,3 +821,86 @@ async fn the_openapi_document_covers_every_route() {
     }
     assert!(doc["components"]["schemas"]["ExecutionView"]["properties"]["steps"].is_object());
 }
+
+#[tokio::test]
+async fn status_changes_are_notified_with_retries_and_filters() {
+    use std::sync::{Arc, Mutex};
+    // A receiver that refuses its first request.
+    let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let g = g.clone();
+            async move {
+                let mut g = g.lock().expect("lock");
+                let key = headers["idempotency-key"]
+                    .to_str()
+                    .unwrap_or("")
+                    .to_string();
+                g.push((key, serde_json::from_str(&body).unwrap_or(Value::Null)));
+                if g.len() == 1 {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let svc = Services::start().await;
+    svc.script("bad", vec![answer(400, Value::Null)]);
+    let c = Coordinator::start_with(sagatx_server::ServerConfig {
+        notify: Some(sagatx_server::notify::NotifyConfig {
+            urls: vec![hook],
+            statuses: vec![sagatx::Status::Completed, sagatx::Status::Compensated],
+        }),
+        ..Default::default()
+    })
+    .await;
+    let ok = c.run(saga(&svc, "good", &[("a", true)]), json!(1)).await;
+    let bad = c
+        .run(saga(&svc, "bad", &[("a", true), ("bad", false)]), json!(2))
+        .await;
+    assert_eq!(
+        (ok["status"].as_str(), bad["status"].as_str()),
+        (Some("completed"), Some("compensated"))
+    );
+    for _ in 0..300 {
+        if got.lock().expect("lock").len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(
+        got.len(),
+        3,
+        "two notifications, one of them retried once: {got:?}"
+    );
+    let statuses: std::collections::BTreeSet<String> = got
+        .iter()
+        .map(|(_, b)| b["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        statuses.into_iter().collect::<Vec<_>>(),
+        ["compensated", "completed"]
+    );
+    // The retried one came again with the same key.
+    let keys: Vec<&String> = got.iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        keys.iter().filter(|k| **k == keys[0]).count(),
+        2,
+        "{keys:?}"
+    );
+    for (key, body) in &got {
+        assert_eq!(body["event"], "execution.status");
+        let id = body["execution"]["id"].as_str().expect("execution id");
+        assert!(key.starts_with(id), "{key}");
+    }
+}

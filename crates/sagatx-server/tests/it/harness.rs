@@ -131,6 +131,16 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub async fn start(token: Option<&str>) -> Coordinator {
+        Self::start_with(sagatx_server::ServerConfig {
+            token: token.map(str::to_string),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(cfg: sagatx_server::ServerConfig) -> Coordinator {
+        let token = cfg.token.clone();
+        let token = token.as_deref();
         sagatx_server::install_crypto();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = sagatx::store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
@@ -141,10 +151,6 @@ impl Coordinator {
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let cfg = sagatx_server::ServerConfig {
-            token: token.map(str::to_string),
-            ..Default::default()
-        };
         tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;

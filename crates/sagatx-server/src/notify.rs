@@ -1,0 +1,105 @@
+//! Notifications: a POST to each `--notify-url` when an execution becomes
+//! `paused`, `failed`, `compensated` or `completed` (filterable), retried
+//! with backoff, so that a stuck or failed saga reaches a person.
+//!
+//! The body is `{"event": "execution.status", "status": …, "execution":
+//! {…API.md §3…}}` with the header `Idempotency-Key:
+//! {execution_id}:{status}:{seq}`, the same on every retry. Delivery is
+//! best effort from memory: a notification queued when the process dies is
+//! lost (the execution itself is not). At most [`QUEUE`] wait; beyond, new
+//! ones are dropped and logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagatx::{Execution, Status, StatusHook};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// Notifications waiting at most.
+pub const QUEUE: usize = 10_000;
+/// Attempts per notification and URL.
+pub const ATTEMPTS: u32 = 6;
+
+/// Where notifications go and which statuses they are for.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    pub urls: Vec<String>,
+    pub statuses: Vec<Status>,
+}
+
+impl NotifyConfig {
+    /// The statuses notified by default.
+    pub fn default_statuses() -> Vec<Status> {
+        vec![
+            Status::Paused,
+            Status::Failed,
+            Status::Compensated,
+            Status::Completed,
+        ]
+    }
+}
+
+/// Starts the sender task; returns the hook to give the engine.
+pub fn start(cfg: NotifyConfig) -> Option<StatusHook> {
+    if cfg.urls.is_empty() {
+        return None;
+    }
+    crate::install_crypto();
+    let (tx, rx) = mpsc::channel::<Execution>(QUEUE);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .ok()?;
+    tokio::spawn(sender(client, Arc::new(cfg.urls), rx));
+    let statuses = cfg.statuses;
+    Some(Arc::new(move |ex: &Execution| {
+        if !statuses.contains(&ex.status) {
+            return;
+        }
+        if tx.try_send(ex.clone()).is_err() {
+            tracing::warn!(execution = %ex.id, "notification queue full; notification dropped");
+        }
+    }))
+}
+
+async fn sender(
+    client: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    mut rx: mpsc::Receiver<Execution>,
+) {
+    while let Some(ex) = rx.recv().await {
+        let body = json!({
+            "event": "execution.status",
+            "status": ex.status.as_str(),
+            "execution": ex.view(),
+        });
+        let key = format!("{}:{}:{}", ex.id, ex.status.as_str(), ex.seq);
+        for url in urls.iter() {
+            let (client, url, body, key) = (client.clone(), url.clone(), body.clone(), key.clone());
+            // Each delivery retries on its own, so one slow receiver does
+            // not hold the others up.
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_millis(200);
+                for attempt in 1..=ATTEMPTS {
+                    let sent = client
+                        .post(&url)
+                        .header("Idempotency-Key", &key)
+                        .json(&body)
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status().is_success() => return,
+                        Ok(r) => {
+                            tracing::warn!(%url, status = %r.status(), attempt, "notification refused")
+                        }
+                        Err(e) => tracing::warn!(%url, error = %e, attempt, "notification failed"),
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                tracing::error!(%url, %key, "notification given up after {ATTEMPTS} attempts");
+            });
+        }
+    }
+}

@@ -198,10 +198,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .map(|s| s.parse::<sagatx::Status>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow!("--notify-on: {e}"))?;
-            let notify = (!notify_url.is_empty()).then(|| sagatx_server::notify::NotifyConfig {
-                urls: notify_url,
-                statuses,
-            });
+            let notify = if notify_url.is_empty() {
+                None
+            } else {
+                Some(sagatx_server::notify::NotifyConfig {
+                    urls: notify_url,
+                    statuses,
+                })
+            };
             serve(listen, store, token, public_url, notify).await
         }
         Command::Run {

@@ -189,6 +189,8 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/sagas", post(register).get(list_sagas))
         .route("/sagas/{name}", get(get_saga))
+        .route("/sagas/{name}/diagram.svg", get(diagram))
+        .route("/summary", get(summary))
         .route("/executions", post(start).get(list_executions))
         .route("/executions/{id}", get(get_execution))
         .route("/executions/{id}/commit", post(commit))
@@ -293,9 +295,74 @@ pub(crate) async fn openapi_json() -> Json<Value> {
 pub(crate) async fn index() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        "<!doctype html><title>sagatx</title><h1>sagatx</h1><p>The coordinator runs. \
-         The API is under <code>/v1</code>; <code>/healthz</code> tells it is up.</p>",
+        crate::dashboard::PAGE,
     )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct VersionQuery {
+    version: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/sagas/{name}/diagram.svg", tag = "sagas", params(("name" = String, Path, description = "saga name"), ("version" = Option<u32>, Query, description = "a version other than the latest")), responses((status = 200, description = "the saga drawn as SVG", content_type = "image/svg+xml"), (status = 404, description = "no such saga or version", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn diagram(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Q(q): Q<VersionQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let (_, def) = state
+        .engine
+        .store()
+        .get_definition(&name, q.version)
+        .await
+        .map_err(EngineError::from)?
+        .ok_or_else(|| ApiError::not_found(format!("no saga named {name:?} with that version")))?;
+    Ok((
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        crate::dashboard::diagram(&def),
+    ))
+}
+
+/// Paused for longer than this needs attention.
+const LONG_PAUSE_MS: u64 = 60_000;
+
+#[utoipa::path(get, path = "/v1/summary", tag = "executions", responses((status = 200, description = "counts by saga and status (computed by the store), and the executions that need attention: failed, or paused for more than a minute", body = Object), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn summary(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let s = state
+        .engine
+        .store()
+        .summary()
+        .await
+        .map_err(EngineError::from)?;
+    let counts: Vec<Value> = s
+        .counts
+        .iter()
+        .map(|(saga, status, n)| json!({"saga": saga, "status": status.as_str(), "count": n}))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut attention = Vec::new();
+    for status in [Status::Failed, Status::Paused] {
+        let page = state
+            .engine
+            .list(ListQuery {
+                status: Some(status),
+                limit: 20,
+                ..Default::default()
+            })
+            .await?;
+        attention.extend(
+            page.items
+                .iter()
+                .filter(|e| {
+                    status == Status::Failed || now.saturating_sub(e.updated_at_ms) > LONG_PAUSE_MS
+                })
+                .map(|e| e.view()),
+        );
+    }
+    Ok(Json(json!({"counts": counts, "attention": attention})))
 }
 
 fn parse_id(id: &str) -> ApiResult<ExecutionId> {

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 pub mod api;
 pub mod caller;
 pub mod capability;
+pub mod dashboard;
 pub mod notify;
 pub mod openapi;
 

@@ -136,6 +136,8 @@ pub struct ErrorBody {
         crate::api::register,
         crate::api::list_sagas,
         crate::api::get_saga,
+        crate::api::diagram,
+        crate::api::summary,
         crate::api::start,
         crate::api::list_executions,
         crate::api::get_execution,

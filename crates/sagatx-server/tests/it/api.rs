@@ -787,6 +787,8 @@ async fn the_openapi_document_covers_every_route() {
         ("post", "/v1/sagas"),
         ("get", "/v1/sagas"),
         ("get", "/v1/sagas/{name}"),
+        ("get", "/v1/sagas/{name}/diagram.svg"),
+        ("get", "/v1/summary"),
         ("post", "/v1/executions"),
         ("get", "/v1/executions"),
         ("get", "/v1/executions/{id}"),
@@ -903,4 +905,69 @@ async fn status_changes_are_notified_with_retries_and_filters() {
         let id = body["execution"]["id"].as_str().expect("execution id");
         assert!(key.starts_with(id), "{key}");
     }
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_offline_with_summary_and_diagram() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(Some("t")).await;
+    svc.script("bad", vec![answer(400, Value::Null)]);
+    svc.script("undo-a", vec![answer(400, Value::Null); 10]);
+    for i in 0..3 {
+        c.run(saga(&svc, "good", &[("a", true)]), json!(i)).await;
+    }
+    let failed = c
+        .run(saga(&svc, "bad", &[("a", true), ("bad", false)]), json!(9))
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    // The page: served without the token, everything inline, no CDN.
+    let page = reqwest::get(format!("{}/", c.base)).await.expect("send");
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .starts_with("text/html"));
+    let html = page.text().await.expect("text");
+    assert!(html.contains("<main id=\"app\">"), "the page shell");
+    assert!(
+        !html.contains("src=\"http") && !html.contains("href=\"http"),
+        "nothing from the internet"
+    );
+    assert!(
+        html.contains("sessionStorage"),
+        "asks for the token once and keeps it for the tab"
+    );
+    // The summary, computed by the store, with what needs attention.
+    let (s, v) = c.get("/v1/summary").await;
+    assert_eq!(s, 200, "{v}");
+    let count = |saga: &str, status: &str| {
+        v["counts"]
+            .as_array()
+            .expect("counts")
+            .iter()
+            .find(|x| x["saga"] == saga && x["status"] == status)
+            .map(|x| x["count"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    assert_eq!(count("good", "completed"), 3);
+    assert_eq!(count("bad", "failed"), 1);
+    assert_eq!(v["attention"][0]["id"], failed["id"]);
+    // The diagram, drawn by the server.
+    let (s, svg) = c.get("/v1/sagas/bad/diagram.svg").await;
+    assert_eq!(s, 200);
+    let svg = svg.as_str().unwrap_or("").to_string();
+    assert!(
+        svg.starts_with("<svg") && svg.contains(">undo a</text>") && svg.contains(">bad</text>"),
+        "{svg}"
+    );
+    let (s, _) = c.get("/v1/sagas/bad/diagram.svg?version=9").await;
+    assert_eq!(s, 404);
+    let plain = reqwest::get(format!("{}/v1/summary", c.base))
+        .await
+        .expect("send");
+    assert_eq!(
+        plain.status().as_u16(),
+        401,
+        "the dashboard's API calls need the token"
+    );
 }

@@ -99,6 +99,33 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     secret(&*store).await?;
     oplog(&*store, &tag).await?;
     import_and_scan(&*store, &tag).await?;
+    summary(&*store, &tag).await?;
+    Ok(())
+}
+
+async fn summary(store: &dyn Store, tag: &str) -> R {
+    let d = def(&format!("conf-sum-{tag}"), 1, false);
+    for i in 0..5 {
+        let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
+        store.append(&ex).await.map_err(e("create"))?;
+        if i < 3 {
+            act(&mut ex, &d, 0, Ok(json!(i)))?;
+            store.append(&ex).await.map_err(e("complete"))?;
+        }
+    }
+    let s = store.summary().await.map_err(e("summary"))?;
+    let mine: Vec<_> = s.counts.iter().filter(|c| c.0 == d.name).collect();
+    ensure!(
+        mine == [
+            &(d.name.clone(), Status::Running, 2),
+            &(d.name.clone(), Status::Completed, 3)
+        ] || mine
+            == [
+                &(d.name.clone(), Status::Completed, 3),
+                &(d.name.clone(), Status::Running, 2)
+            ],
+        "counts by saga and status: {mine:?}"
+    );
     Ok(())
 }
 

@@ -174,6 +174,24 @@ impl Store for MemoryStore {
         Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    async fn summary(&self) -> Result<super::Summary, StoreError> {
+        // The test store counts by walking everything; the durable stores
+        // ask their database.
+        let g = self.lock();
+        let mut m: BTreeMap<(String, &'static str), (sagatx_core::Status, u64)> = BTreeMap::new();
+        for ex in g.executions.values() {
+            m.entry((ex.saga.clone(), ex.status.as_str()))
+                .or_insert((ex.status, 0))
+                .1 += 1;
+        }
+        Ok(super::Summary {
+            counts: m
+                .into_iter()
+                .map(|((saga, _), (st, n))| (saga, st, n))
+                .collect(),
+        })
+    }
+
     async fn import_secret(&self, secret: [u8; 32]) -> Result<(), StoreError> {
         *self.secret.lock().unwrap_or_else(|p| p.into_inner()) = secret;
         Ok(())

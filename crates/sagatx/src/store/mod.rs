@@ -104,6 +104,13 @@ pub struct OpRecord {
     pub created_at_ms: u64,
 }
 
+/// Counts of executions, computed by the store (for the dashboard).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// (saga, status, count), sorted by saga then status.
+    pub counts: Vec<(String, Status, u64)>,
+}
+
 /// The journal of definitions and executions.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -162,6 +169,9 @@ pub trait Store: Send + Sync + 'static {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<OpRecord>, StoreError>;
+
+    /// How many executions of each saga are in each status.
+    async fn summary(&self) -> Result<Summary, StoreError>;
 
     /// Every execution, oldest first, after `cursor` (for copying a store).
     async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError>;

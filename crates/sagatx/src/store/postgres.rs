@@ -660,6 +660,27 @@ impl Store for PostgresStore {
         Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    async fn summary(&self) -> Result<super::Summary, StoreError> {
+        let c = self.read().await?;
+        let rows = c
+            .query(
+                "SELECT saga, status, count(*) FROM sagatx_executions GROUP BY saga, status ORDER BY saga, status",
+                &[],
+            )
+            .await
+            .map_err(io)?;
+        let mut counts = Vec::new();
+        for r in rows {
+            let status: String = r.get(1);
+            counts.push((
+                r.get::<_, String>(0),
+                status.parse().map_err(StoreError::Io)?,
+                r.get::<_, i64>(2) as u64,
+            ));
+        }
+        Ok(super::Summary { counts })
+    }
+
     async fn import_secret(&self, secret: [u8; 32]) -> Result<(), StoreError> {
         let c = self.read().await?;
         c.execute(

@@ -747,6 +747,29 @@ impl Store for SqliteStore {
         Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    async fn summary(&self) -> Result<super::Summary, StoreError> {
+        self.read(|c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT saga, status, count(*) FROM executions GROUP BY saga, status ORDER BY saga, status",
+                )
+                .map_err(io)?;
+            let rows = s
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                })
+                .map_err(io)?;
+            let mut counts = Vec::new();
+            for r in rows {
+                let (saga, status, n) = r.map_err(io)?;
+                let status = status.parse().map_err(StoreError::Io)?;
+                counts.push((saga, status, n as u64));
+            }
+            Ok(super::Summary { counts })
+        })
+        .await
+    }
+
     async fn import_secret(&self, secret: [u8; 32]) -> Result<(), StoreError> {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {

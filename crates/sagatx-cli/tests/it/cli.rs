@@ -334,3 +334,78 @@ fn migrate_copies_a_journal_and_refuses_while_a_server_runs_on_it() {
         text(&again)
     );
 }
+
+/// The dashboard in headless Chromium (playwright-core, e2e/dashboard.mjs):
+/// the list with several statuses, the status filter, an execution page
+/// with its steps and diagram, and the cancel button. Saves screenshots in
+/// docs/screenshots.
+#[test]
+fn dashboard_in_chromium() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("e2e/dashboard.mjs");
+    assert!(
+        root.join("e2e/node_modules/playwright-core").exists(),
+        "e2e/node_modules is missing: run scripts/test, which installs playwright-core and Chromium"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = Services::start(0);
+    let server = Server::start(dir.path(), free_port());
+    let order = svc.order_json(dir.path());
+    let order = order.to_str().expect("path");
+    for input in [
+        r#"{"order_id": 1}"#,
+        r#"{"order_id": 2, "card": "declined"}"#,
+    ] {
+        run(
+            &["run", order, "--input", input, "--server", &server.url],
+            dir.path(),
+        );
+    }
+    let callback = dir.path().join("remote.json");
+    std::fs::write(
+        &callback,
+        format!(
+            r#"{{"name": "remote", "steps": [
+                {{"name": "reserve", "action": {{"url": "{b}/reserve"}}, "compensation": {{"url": "{b}/release"}}}},
+                {{"name": "ship", "action": {{"url": "{b}/ship"}}, "reply": "callback"}}]}}"#,
+            b = svc.base
+        ),
+    )
+    .expect("write");
+    let out = run(
+        &[
+            "run",
+            callback.to_str().expect("path"),
+            "--server",
+            &server.url,
+        ],
+        dir.path(),
+    );
+    let paused = text(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("execution "))
+        .and_then(|l| l.split(' ').next())
+        .expect("the paused execution's id")
+        .to_string();
+    let shots = root.join("docs/screenshots");
+    let e2e = std::process::Command::new("node")
+        .arg(&script)
+        .env("SAGATX_URL", &server.url)
+        .env("SAGATX_PAUSED", &paused)
+        .env("SAGATX_SHOTS", &shots)
+        .output()
+        .expect("node (installed with the machine; scripts/test needs it)");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&e2e.stdout),
+        String::from_utf8_lossy(&e2e.stderr)
+    );
+    assert!(e2e.status.success(), "{log}");
+    assert!(log.contains("ok: the cancel button cancels"), "{log}");
+    let ex = crate::get(&format!("{}/v1/executions/{paused}", server.url));
+    assert!(
+        matches!(ex["status"].as_str(), Some("compensating" | "compensated")),
+        "cancelled from the page: {ex}"
+    );
+    assert_eq!(ex["error"]["message"], "cancelled");
+}

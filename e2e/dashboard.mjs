@@ -36,6 +36,8 @@ try {
   check(statuses.some(s => s.startsWith("paused")), "the list shows a paused execution");
   const completedCard = await page.$eval("#summary", el => el.textContent);
   check(/completed\s*\d/.test(completedCard), "the summary counts by status");
+  const sagaRows = await page.$$eval("#by-saga tbody tr td:first-child", els => els.map(e => e.textContent));
+  check(sagaRows.includes("order") && sagaRows.includes("remote"), "the summary counts by saga");
   if (shots) await page.screenshot({ path: shots + "/dashboard-list.png" });
 
   // Filter by status.

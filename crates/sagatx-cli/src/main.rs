@@ -69,6 +69,9 @@ enum Command {
             default_value = "paused,failed,compensated,completed"
         )]
         notify_on: Vec<String>,
+        /// Logs as human-readable text or as JSON lines.
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        log_format: String,
     },
     /// Start an execution of the definition in FILE and follow it until it
     /// is terminal or paused; exit 0 for completed, 1 otherwise.
@@ -192,6 +195,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             public_url,
             notify_url,
             notify_on,
+            log_format,
         } => {
             let statuses = notify_on
                 .iter()
@@ -206,7 +210,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     statuses,
                 })
             };
-            serve(listen, store, token, public_url, notify).await
+            serve(
+                listen,
+                store,
+                token,
+                public_url,
+                notify,
+                log_format == "json",
+            )
+            .await
         }
         Command::Run {
             file,
@@ -365,14 +377,18 @@ async fn serve(
     token: Option<String>,
     public_url: Option<String>,
     notify: Option<sagatx_server::notify::NotifyConfig>,
+    json_logs: bool,
 ) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SAGATX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SAGATX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json_logs {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let stop = shutdown_signal()?;
     let store = sagatx::store::open(&store)
         .await

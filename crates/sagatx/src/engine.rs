@@ -724,7 +724,7 @@ struct Loaded {
     resume: bool,
 }
 
-type CallResult = (Call, Result<Value, StepError>);
+type CallResult = (Call, Result<Value, StepError>, Duration);
 
 struct Driver {
     inner: Arc<Inner>,
@@ -814,11 +814,18 @@ async fn drive(
             }
             Some(done) = d.calls.join_next(), if !d.calls.is_empty() => {
                 match done {
-                    Ok((call, outcome)) => {
+                    Ok((call, outcome, took)) => {
                         let label = match &outcome {
                             Ok(_) => "ok",
                             Err(e) => e.class.as_str(),
                         };
+                        metrics::histogram!(
+                            "sagatx_step_duration_seconds",
+                            "saga" => d.ex.saga.clone(),
+                            "step" => d.def.steps[call.step].name.clone(),
+                            "phase" => call.phase.as_str(),
+                        )
+                        .record(took.as_secs_f64());
                         metrics::counter!(
                             "sagatx_step_attempts_total",
                             "saga" => d.ex.saga.clone(),
@@ -1016,6 +1023,7 @@ impl Driver {
         };
         self.calls.spawn(async move {
             use futures_util::FutureExt;
+            let started = Instant::now();
             let timed = async move {
                 match timeout {
                     Some(t) => match tokio::time::timeout(t, fut).await {
@@ -1034,7 +1042,7 @@ impl Driver {
                 Ok(r) => r,
                 Err(_) => Err(StepError::unknown_outcome("the step panicked")),
             };
-            (call, outcome)
+            (call, outcome, started.elapsed())
         });
     }
 }

@@ -409,3 +409,41 @@ fn dashboard_in_chromium() {
     );
     assert_eq!(ex["error"]["message"], "cancelled");
 }
+
+#[test]
+fn serve_logs_json_lines_when_asked() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = crate::sagatx()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--log-format",
+            "json",
+        ])
+        .current_dir(dir.path())
+        .env("SAGATX_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut json_lines = 0;
+    for line in std::io::BufReader::new(stderr).lines().take(5) {
+        let line = line.expect("line");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            assert!(
+                v["level"].is_string() && v["fields"]["message"].is_string(),
+                "{line}"
+            );
+            json_lines += 1;
+            if json_lines == 2 {
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(json_lines, 2, "the log lines are JSON");
+}

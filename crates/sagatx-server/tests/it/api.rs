@@ -762,6 +762,15 @@ async fn metrics_move_as_executions_run() {
         ),
         2.0
     );
+    assert_eq!(
+        metric(
+            &m,
+            "sagatx_step_duration_seconds_count",
+            &["saga=\"metered\"", "step=\"charge\"", "phase=\"action\""]
+        ),
+        3.0,
+        "step latency by saga and step"
+    );
     assert!(metric(&m, "sagatx_store_commit_seconds_count", &[]) >= 6.0);
     assert!(metric(&m, "sagatx_store_batch_size_count", &[]) >= 1.0);
     assert!(m

@@ -738,7 +738,19 @@ struct Driver {
     unconfirmed: Option<(Execution, Vec<Call>)>,
 }
 
+/// Drives one execution, in a `tracing` span that names it.
 async fn drive(
+    inner: Arc<Inner>,
+    id: ExecutionId,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    loaded: Option<Loaded>,
+) {
+    use tracing::Instrument;
+    let span = tracing::info_span!("execution", id = %id);
+    drive_inner(inner, id, rx, loaded).instrument(span).await
+}
+
+async fn drive_inner(
     inner: Arc<Inner>,
     id: ExecutionId,
     mut rx: mpsc::UnboundedReceiver<Msg>,
@@ -1021,29 +1033,40 @@ impl Driver {
                 Box::pin(async move { Err(StepError::permanent("no endpoint for this phase")) })
             }
         };
-        self.calls.spawn(async move {
-            use futures_util::FutureExt;
-            let started = Instant::now();
-            let timed = async move {
-                match timeout {
-                    Some(t) => match tokio::time::timeout(t, fut).await {
-                        Ok(r) => r,
-                        Err(_) => Err(StepError::unknown_outcome(format!(
-                            "timed out after {} ms",
-                            t.as_millis()
-                        ))),
-                    },
-                    None => fut.await,
-                }
-            };
-            // A panic in user code becomes an outcome instead of killing
-            // the driver.
-            let outcome = match std::panic::AssertUnwindSafe(timed).catch_unwind().await {
-                Ok(r) => r,
-                Err(_) => Err(StepError::unknown_outcome("the step panicked")),
-            };
-            (call, outcome, started.elapsed())
-        });
+        let span = tracing::info_span!(
+            "step",
+            execution = %self.ex.id,
+            saga = %self.ex.saga,
+            step = %step.name,
+            phase = call.phase.as_str(),
+            attempt = call.attempt,
+        );
+        self.calls.spawn(tracing::Instrument::instrument(
+            async move {
+                use futures_util::FutureExt;
+                let started = Instant::now();
+                let timed = async move {
+                    match timeout {
+                        Some(t) => match tokio::time::timeout(t, fut).await {
+                            Ok(r) => r,
+                            Err(_) => Err(StepError::unknown_outcome(format!(
+                                "timed out after {} ms",
+                                t.as_millis()
+                            ))),
+                        },
+                        None => fut.await,
+                    }
+                };
+                // A panic in user code becomes an outcome instead of killing
+                // the driver.
+                let outcome = match std::panic::AssertUnwindSafe(timed).catch_unwind().await {
+                    Ok(r) => r,
+                    Err(_) => Err(StepError::unknown_outcome("the step panicked")),
+                };
+                (call, outcome, started.elapsed())
+            },
+            span,
+        ));
     }
 }
 

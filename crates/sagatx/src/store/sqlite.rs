@@ -373,7 +373,8 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
             }
         }
         let started = std::time::Instant::now();
-        let outcome = apply_batch(&mut conn, &mut batch);
+        let span = tracing::debug_span!("store_commit", store = "sqlite", batch = batch.len());
+        let outcome = span.in_scope(|| apply_batch(&mut conn, &mut batch));
         let n = batch.len();
         let elapsed = started.elapsed();
         metrics::histogram!("sagatx_store_commit_seconds").record(elapsed.as_secs_f64());

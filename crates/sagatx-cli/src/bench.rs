@@ -41,7 +41,7 @@ pub struct Row {
 
 /// The workloads run by default; `postgres` runs when asked for (it needs
 /// SAGATX_BENCH_PG_URL).
-pub const ALL: [&str; 5] = ["memory", "sqlite", "http", "recovery", "idle"];
+pub const ALL: [&str; 6] = ["memory", "tx", "sqlite", "http", "recovery", "idle"];
 
 fn proc_field(path: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -679,6 +679,129 @@ async fn idle(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// A data manager that does nothing, for the `tx` workload.
+struct NoopDm(&'static str);
+
+#[async_trait::async_trait]
+impl sagatx::transaction::DataManager for NoopDm {
+    fn sort_key(&self) -> String {
+        self.0.to_string()
+    }
+    async fn abort(
+        &self,
+        _: &sagatx::transaction::TxInfo,
+    ) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+    async fn tpc_begin(
+        &self,
+        _: &sagatx::transaction::TxInfo,
+    ) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+    async fn commit(
+        &self,
+        _: &sagatx::transaction::TxInfo,
+    ) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+    async fn tpc_vote(
+        &self,
+        _: &sagatx::transaction::TxInfo,
+    ) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+    async fn tpc_finish(
+        &self,
+        _: &sagatx::transaction::TxInfo,
+    ) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+    async fn tpc_abort(
+        &self,
+        _: &sagatx::transaction::TxInfo,
+    ) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+}
+
+/// In-process two-phase commit: begin, join one or three no-op data
+/// managers, commit; and the retrying loop around one.
+async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    use sagatx::transaction::{DataManager, Transaction, TransactionLoop};
+    let n = if o.quick { 2_000 } else { 1_000_000 };
+    let dms: Vec<Arc<dyn DataManager>> = vec![
+        Arc::new(NoopDm("a")),
+        Arc::new(NoopDm("b")),
+        Arc::new(NoopDm("c")),
+    ];
+    for (variant, k) in [
+        ("begin, join 1, commit", 1usize),
+        ("begin, join 3, commit", 3),
+    ] {
+        progress(&format!("tx: {variant}, {n} transactions"));
+        let cpu0 = cpu_seconds("self");
+        let t = Instant::now();
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t1 = Instant::now();
+            let tx = Transaction::new();
+            for dm in &dms[..k] {
+                tx.join(dm.clone()).map_err(|e| anyhow!("{e}"))?;
+            }
+            tx.commit().await.map_err(|e| anyhow!("{e}"))?;
+            lat.push(t1.elapsed().as_secs_f64() * 1e6);
+        }
+        let s = Sample {
+            latencies_us: lat,
+            seconds: t.elapsed().as_secs_f64(),
+            cpu: cpu_seconds("self") - cpu0,
+            bytes: None,
+        };
+        out.push(row(
+            "tx",
+            variant,
+            1,
+            s,
+            "self",
+            "no-op data managers, one task",
+        ));
+    }
+    progress(&format!("tx: the retrying loop, {n} transactions"));
+    let lp = TransactionLoop::builder().build();
+    let cpu0 = cpu_seconds("self");
+    let t = Instant::now();
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t1 = Instant::now();
+        let dm = dms[0].clone();
+        lp.run(|tx| {
+            let r = tx
+                .join(dm.clone())
+                .map_err(|e| sagatx::transaction::TxError::permanent(e.to_string()));
+            async move { r }
+        })
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+        lat.push(t1.elapsed().as_secs_f64() * 1e6);
+    }
+    let s = Sample {
+        latencies_us: lat,
+        seconds: t.elapsed().as_secs_f64(),
+        cpu: cpu_seconds("self") - cpu0,
+        bytes: None,
+    };
+    out.push(row(
+        "tx",
+        "TransactionLoop, join 1",
+        1,
+        s,
+        "self",
+        "no-op data manager",
+    ));
+    Ok(())
+}
+
 /// Runs the chosen workloads.
 pub async fn run(o: &Options) -> Result<Vec<Row>> {
     let mut out = Vec::new();
@@ -690,7 +813,7 @@ pub async fn run(o: &Options) -> Result<Vec<Row>> {
             "recovery" => recovery(o, &mut out).await?,
             "idle" => idle(o, &mut out).await?,
             "postgres" => postgres(o, &mut out).await?,
-            "tx" => bail!("the tx workload is not built yet (see the benchmark issue)"),
+            "tx" => tx(o, &mut out).await?,
             other => bail!(
                 "no workload {other:?}; choose from {}, postgres",
                 ALL.join(", ")

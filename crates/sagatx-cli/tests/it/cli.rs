@@ -196,7 +196,7 @@ fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
         rows.iter().filter_map(|r| r["workload"].as_str()).collect();
     assert_eq!(
         workloads.into_iter().collect::<Vec<_>>(),
-        ["http", "idle", "memory", "recovery", "sqlite"]
+        ["http", "idle", "memory", "recovery", "sqlite", "tx"]
     );
     for r in rows {
         for k in [

@@ -656,6 +656,37 @@ async fn idle(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = server.0.id().to_string();
     let rss = rss_mib(&pid);
+    // What the dashboard asks of a store this size: the summary (one
+    // GROUP BY in the store) and the first and a later page of the list.
+    sagatx_server::install_crypto();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let timed = |path: String| {
+        let client = client.clone();
+        async move {
+            let t = Instant::now();
+            let r = client.get(path).send().await?;
+            if !r.status().is_success() {
+                bail!("the dashboard's request failed: {}", r.status());
+            }
+            let v: Value = r.json().await?;
+            Ok::<_, anyhow::Error>((t.elapsed().as_secs_f64() * 1e3, v))
+        }
+    };
+    let (summary_ms, summary) = timed(format!("{base}/v1/summary")).await?;
+    let counted: u64 = summary["counts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["count"].as_u64()).sum())
+        .unwrap_or(0);
+    if counted != n as u64 {
+        bail!("the summary counts {counted} executions, not {n}");
+    }
+    let (page_ms, page) = timed(format!("{base}/v1/executions?limit=50")).await?;
+    let cursor = page["next_cursor"].as_str().unwrap_or("").to_string();
+    let (next_ms, _) = timed(format!("{base}/v1/executions?limit=50&cursor={cursor}")).await?;
+    let dashboard = format!(
+        "; dashboard: summary {summary_ms:.0} ms, first page {page_ms:.1} ms, next page {next_ms:.1} ms"
+    );
     let r = Row {
         workload: "idle".into(),
         variant: format!("{n} paused executions"),
@@ -671,7 +702,7 @@ async fn idle(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         peak_rss_mib: peak_rss_mib(&pid),
         bytes_written_per_saga: None,
         note: format!(
-            "server start-up {:.0} ms (p50 column); RSS now {rss:.1} MiB",
+            "server start-up {:.0} ms (p50 column); RSS now {rss:.1} MiB{dashboard}",
             startup.as_secs_f64() * 1e3
         ),
     };

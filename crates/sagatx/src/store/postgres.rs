@@ -48,6 +48,8 @@ CREATE TABLE sagatx_oplog (
     id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL, args TEXT NOT NULL,
     created_at BIGINT NOT NULL, finished_at BIGINT, error TEXT);
 CREATE INDEX sagatx_oplog_pending ON sagatx_oplog (id) WHERE finished_at IS NULL;
+"#, r#"
+CREATE INDEX sagatx_executions_saga_status ON sagatx_executions (saga, status);
 "#];
 
 /// The schema version this build writes.

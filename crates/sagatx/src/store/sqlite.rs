@@ -29,7 +29,7 @@ use super::{ListQuery, Page, Registered, Store, StoreError};
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// Writes applied in one transaction at most.
 pub const MAX_BATCH: usize = 1024;
 /// Writes queued for the writer thread at most (back-pressure beyond).
@@ -79,6 +79,10 @@ CREATE TABLE oplog (
     error       TEXT
 );
 CREATE INDEX oplog_pending ON oplog (id) WHERE finished_at IS NULL;
+"#,
+    // The dashboard's summary counts from this index alone.
+    r#"
+CREATE INDEX executions_saga_status ON executions (saga, status);
 "#,
 ];
 

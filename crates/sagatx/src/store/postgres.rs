@@ -26,7 +26,8 @@ use uuid::Uuid;
 use super::{ListQuery, OpRecord, Page, Registered, Store, StoreError};
 
 /// Migrations, applied in order; entry `i` takes the schema to version `i+1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sagatx_meta (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
 CREATE TABLE sagatx_definitions (
     name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL, created_at BIGINT NOT NULL,
@@ -48,9 +49,11 @@ CREATE TABLE sagatx_oplog (
     id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL, args TEXT NOT NULL,
     created_at BIGINT NOT NULL, finished_at BIGINT, error TEXT);
 CREATE INDEX sagatx_oplog_pending ON sagatx_oplog (id) WHERE finished_at IS NULL;
-"#, r#"
+"#,
+    r#"
 CREATE INDEX sagatx_executions_saga_status ON sagatx_executions (saga, status);
-"#];
+"#,
+];
 
 /// The schema version this build writes.
 pub const PG_SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;

@@ -577,6 +577,54 @@ fn decode_row(id: &[u8], state: &[u8]) -> Result<Execution, StoreError> {
     })
 }
 
+/// How the next page's cursor relates to the first row left out.
+enum Cursor {
+    /// Newest first: the cursor is an exclusive upper bound.
+    Above,
+    /// Oldest first: the cursor is an inclusive lower bound.
+    From,
+}
+
+/// What to do with an entry that cannot be decoded.
+enum Damaged {
+    /// Report it and leave it for an operator: it must not hide the others.
+    Skip,
+    /// Fail (copying must not lose anything).
+    Fail,
+}
+
+/// Reads rows `(n, id, state)`, at most `limit` of them, fetched with a
+/// `LIMIT` of `limit + 1` so that the extra row gives the next cursor.
+fn page_of(
+    rows: &mut rusqlite::Rows<'_>,
+    limit: usize,
+    cursor: Cursor,
+    damaged: Damaged,
+) -> Result<Page, StoreError> {
+    let mut items = Vec::new();
+    let mut next_cursor = None;
+    while let Some(r) = rows.next().map_err(io)? {
+        let n: i64 = r.get(0).map_err(io)?;
+        if items.len() == limit {
+            next_cursor = Some(match cursor {
+                Cursor::Above => n as u64 + 1,
+                Cursor::From => n as u64,
+            });
+            break;
+        }
+        let id: Vec<u8> = r.get(1).map_err(io)?;
+        let state: Vec<u8> = r.get(2).map_err(io)?;
+        match (decode_row(&id, &state), &damaged) {
+            (Ok(ex), _) => items.push(ex),
+            (Err(e), Damaged::Skip) => {
+                tracing::error!(error = %e, "skipping an unreadable journal entry")
+            }
+            (Err(e), Damaged::Fail) => return Err(e),
+        }
+    }
+    Ok(Page { items, next_cursor })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_definition(&self, def: &SagaDefinition) -> Result<Registered, StoreError> {
@@ -704,24 +752,7 @@ impl Store for SqliteStore {
             let mut rows = s
                 .query(rusqlite::params_from_iter(args.iter()))
                 .map_err(io)?;
-            let mut items = Vec::new();
-            let mut next_cursor = None;
-            while let Some(r) = rows.next().map_err(io)? {
-                let n: i64 = r.get(0).map_err(io)?;
-                if items.len() == q.limit {
-                    next_cursor = Some(n as u64 + 1);
-                    break;
-                }
-                let id: Vec<u8> = r.get(1).map_err(io)?;
-                let state: Vec<u8> = r.get(2).map_err(io)?;
-                // A damaged entry is reported and left in place for an
-                // operator; it must not hide every other execution.
-                match decode_row(&id, &state) {
-                    Ok(ex) => items.push(ex),
-                    Err(e) => tracing::error!(error = %e, "skipping an unreadable journal entry"),
-                }
-            }
-            Ok(Page { items, next_cursor })
+            page_of(&mut rows, q.limit, Cursor::Above, Damaged::Skip)
         })
         .await
     }
@@ -801,20 +832,7 @@ impl Store for SqliteStore {
             let mut rows = s
                 .query(params![cursor.unwrap_or(0) as i64, (limit + 1) as i64])
                 .map_err(io)?;
-            let mut items = Vec::new();
-            let mut next_cursor = None;
-            while let Some(r) = rows.next().map_err(io)? {
-                let n: i64 = r.get(0).map_err(io)?;
-                if items.len() == limit {
-                    next_cursor = Some(n as u64);
-                    break;
-                }
-                let id: Vec<u8> = r.get(1).map_err(io)?;
-                let state: Vec<u8> = r.get(2).map_err(io)?;
-                // Copying must not skip anything: an unreadable entry fails.
-                items.push(decode_row(&id, &state)?);
-            }
-            Ok(Page { items, next_cursor })
+            page_of(&mut rows, limit, Cursor::From, Damaged::Fail)
         })
         .await
     }
@@ -939,24 +957,7 @@ impl Store for SqliteStore {
             let mut rows = s
                 .query(params![cursor.unwrap_or(0) as i64, (limit + 1) as i64])
                 .map_err(io)?;
-            let mut items = Vec::new();
-            let mut next_cursor = None;
-            while let Some(r) = rows.next().map_err(io)? {
-                let n: i64 = r.get(0).map_err(io)?;
-                if items.len() == limit {
-                    next_cursor = Some(n as u64);
-                    break;
-                }
-                let id: Vec<u8> = r.get(1).map_err(io)?;
-                let state: Vec<u8> = r.get(2).map_err(io)?;
-                // A damaged entry is reported and left in place for an
-                // operator; it must not hide every other execution.
-                match decode_row(&id, &state) {
-                    Ok(ex) => items.push(ex),
-                    Err(e) => tracing::error!(error = %e, "skipping an unreadable journal entry"),
-                }
-            }
-            Ok(Page { items, next_cursor })
+            page_of(&mut rows, limit, Cursor::From, Damaged::Skip)
         })
         .await
     }

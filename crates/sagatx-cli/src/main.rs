@@ -72,6 +72,11 @@ enum Command {
         /// Logs as human-readable text or as JSON lines.
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         log_format: String,
+        /// PostgreSQL: how long this process's leases on executions last
+        /// unless renewed, in milliseconds: the longest the work of a
+        /// process that died waits for another to take it over.
+        #[arg(long, env = "SAGATX_LEASE_MS", default_value_t = 10_000)]
+        lease_ms: u64,
     },
     /// Start an execution of the definition in FILE and follow it until it
     /// is terminal or paused; exit 0 for completed, 1 otherwise.
@@ -196,6 +201,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             notify_url,
             notify_on,
             log_format,
+            lease_ms,
         } => {
             let statuses = notify_on
                 .iter()
@@ -217,6 +223,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 public_url,
                 notify,
                 log_format == "json",
+                Duration::from_millis(lease_ms),
             )
             .await
         }
@@ -378,6 +385,7 @@ async fn serve(
     public_url: Option<String>,
     notify: Option<sagatx_server::notify::NotifyConfig>,
     json_logs: bool,
+    lease: Duration,
 ) -> Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SAGATX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -390,9 +398,10 @@ async fn serve(
         logs.init();
     }
     let stop = shutdown_signal()?;
-    let store = sagatx::store::open(&store)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let store =
+        sagatx::store::open_with(&store, sagatx::store::OpenOptions::default().lease(lease))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
         anyhow!("cannot listen on {listen}: {e}; is another server running there? choose another with --listen")
     })?;

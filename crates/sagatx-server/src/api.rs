@@ -76,7 +76,11 @@ impl From<EngineError> for ApiError {
             | EngineError::NotFound(_)
             | EngineError::UnknownStep { .. } => ApiError::not_found(msg),
             EngineError::Definition(d) => d.into(),
-            EngineError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            EngineError::Conflict(_)
+            | EngineError::Remote {
+                conflict: true,
+                ..
+            } => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
             EngineError::IdTaken(_) => ApiError::new(
                 StatusCode::CONFLICT,
                 "idempotency_conflict",
@@ -272,7 +276,10 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Val
             e.to_string(),
         )
     })?;
-    Ok(Json(json!({"status": "ok"})))
+    Ok(Json(match state.engine.store().leases() {
+        Some(l) => json!({"status": "ok", "owner": l.owner()}),
+        None => json!({"status": "ok"}),
+    }))
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]

@@ -149,5 +149,10 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     engine.shutdown();
+    // Other processes on the same PostgreSQL take this one's executions
+    // over now rather than when the leases run out.
+    if let Err(e) = engine.release_leases().await {
+        tracing::warn!(error = %e, "cannot give the leases up; they run out by themselves");
+    }
     Ok(())
 }

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::saga::{Handlers, Saga, StepContext};
-use crate::store::{ListQuery, Page, Registered, Store, StoreError};
+use crate::store::{Claim, Command, ListQuery, Outcome, Page, Registered, Store, StoreError};
 
 /// Errors of the engine's operations.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,10 @@ pub enum EngineError {
     IdTaken(ExecutionId),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// A request handed to the process that drives the execution failed
+    /// there (`conflict`: it does not apply to the execution's state).
+    #[error("{message}")]
+    Remote { conflict: bool, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -200,6 +204,9 @@ impl EngineBuilder {
             let def = Arc::new(saga.definition);
             inner.remember(reg.version, def.clone(), true);
             write(&inner.handlers).insert(def.name.clone(), Arc::new(saga.handlers));
+        }
+        if let Some(leases) = inner.store.leases() {
+            leases.subscribe(inner.wake.clone());
         }
         let engine = Engine { inner };
         tokio::spawn(scheduler(
@@ -430,7 +437,10 @@ impl Engine {
             }
         };
         let written = if claimed {
-            inner.store.append(&ex).await
+            match inner.store.leases() {
+                Some(leases) => leases.append_leased(&ex, 1).await,
+                None => inner.store.append(&ex).await,
+            }
         } else {
             Err(StoreError::Exists(id))
         };
@@ -471,6 +481,8 @@ impl Engine {
                 def,
                 calls: t.calls,
                 permit,
+                // A new execution is created under this process's lease.
+                lease: inner.store.leases().map(|_| 1),
                 resume: false,
             }),
         ));
@@ -518,6 +530,24 @@ impl Engine {
             return Ok(ex);
         }
         let mut stop = self.inner.stop.subscribe();
+        if self.inner.store.leases().is_some() {
+            // Another process may drive it: its changes reach this one only
+            // through the store.
+            let mut rx = rx;
+            let mut every = Duration::from_millis(20);
+            loop {
+                tokio::select! {
+                    r = &mut rx => return r.map_err(|_| EngineError::ShuttingDown),
+                    _ = stop.wait_for(|s| *s) => return Err(EngineError::ShuttingDown),
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let ex = self.get(id).await?;
+                if ex.status.is_terminal() || ex.status == Status::Paused {
+                    return Ok(ex);
+                }
+                every = (every * 2).min(Duration::from_millis(250));
+            }
+        }
         tokio::select! {
             r = rx => r.map_err(|_| EngineError::ShuttingDown),
             _ = stop.wait_for(|s| *s) => Err(EngineError::ShuttingDown),
@@ -595,9 +625,36 @@ impl Engine {
     /// process stopped: calls in flight are made again (same idempotency
     /// key), rollbacks go on. Paused executions keep waiting; terminal ones
     /// are left alone. Reads the store in pages.
+    ///
+    /// On a shared store (PostgreSQL) it claims what nobody holds: the
+    /// executions whose process died (once their lease ran out) and those
+    /// copied in by a migration; the scheduler goes on claiming the ones
+    /// whose lease runs out later.
     pub async fn recover(&self) -> Result<RecoveryReport, EngineError> {
         let inner = &self.inner;
         let mut report = RecoveryReport::default();
+        if inner.store.leases().is_some() {
+            loop {
+                let n = claim_work(inner, inner.clock.now_ms(), true).await?;
+                report.resumed += n;
+                if n == 0 {
+                    if inner.permits.available_permits() > 0 {
+                        break;
+                    }
+                    // Every slot is busy: wait for one.
+                    let p = inner
+                        .permits
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| EngineError::ShuttingDown)?;
+                    drop(p);
+                }
+            }
+            inner.wake.notify_one();
+            tracing::info!(resumed = report.resumed, "recovery done");
+            return Ok(report);
+        }
         let mut cursor = None;
         loop {
             let page = inner.store.unfinished(cursor, 512).await?;
@@ -635,6 +692,7 @@ impl Engine {
                         def,
                         calls: Vec::new(),
                         permit,
+                        lease: None,
                         resume: true,
                     }),
                 ));
@@ -656,6 +714,18 @@ impl Engine {
     pub fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
         self.inner.wake.notify_one();
+    }
+
+    /// On a shared store, gives up every lease of this process, so that
+    /// the other processes take its executions over at once instead of
+    /// when the leases run out. Call it last, after [`shutdown`](Self::shutdown)
+    /// and once the calls under way had their time: a driver still running
+    /// here loses its execution at its next write.
+    pub async fn release_leases(&self) -> Result<(), EngineError> {
+        if let Some(leases) = self.inner.store.leases() {
+            leases.release_all().await?;
+        }
+        Ok(())
     }
 
     /// Executions with a driver in this process now.
@@ -717,6 +787,8 @@ struct Loaded {
     def: Arc<SagaDefinition>,
     calls: Vec<Call>,
     permit: OwnedSemaphorePermit,
+    /// The epoch of this process's lease on it, on a shared store.
+    lease: Option<u64>,
     /// Loaded from the store after a restart: what was in flight was
     /// interrupted. Applied before anything else reaches the driver (a
     /// timer or a message first would start a call that this Resume would
@@ -736,6 +808,10 @@ struct Driver {
     /// The state and calls of the last transition whose journal write
     /// failed: the write may have committed all the same.
     unconfirmed: Option<(Execution, Vec<Call>)>,
+    /// The epoch of this process's lease, on a shared store.
+    lease: Option<u64>,
+    /// Another process took the execution over: this driver stops.
+    lost: bool,
 }
 
 /// Drives one execution, in a `tracing` span that names it.
@@ -759,6 +835,7 @@ async fn drive_inner(
     let (mut d, calls, _permit) = match loaded {
         Some(l) => {
             let mut d = Driver::new(inner.clone(), l.ex, l.def);
+            d.lease = l.lease;
             if l.resume {
                 d.apply_internal(Event::Resume).await;
             }
@@ -769,31 +846,38 @@ async fn drive_inner(
                 Ok(p) => p,
                 Err(_) => return,
             };
-            match load(&inner, id).await {
-                Ok((ex, def)) => {
-                    let mut d = Driver::new(inner.clone(), ex, def);
+            match take(&inner, id).await {
+                Ok(Taken::Mine(ex, def, lease)) => {
+                    let mut d = Driver::new(inner.clone(), *ex, def);
+                    d.lease = lease;
                     // Whatever was in flight was interrupted.
                     d.apply_internal(Event::Resume).await;
                     (d, Vec::new(), permit)
                 }
+                Ok(Taken::Elsewhere) => {
+                    // Another process drives it: hand the requests over.
+                    drain(&inner, id, &mut rx, |m| {
+                        if let (Some(reply), Some(cmd)) = (m.reply, command_of(&m.event)) {
+                            let inner = inner.clone();
+                            tokio::spawn(async move {
+                                let _ = reply.send(forward(&inner, id, cmd).await);
+                            });
+                        }
+                    });
+                    return;
+                }
                 Err(e) => {
                     // Answer everything queued, then leave.
                     let msg = e.to_string();
-                    loop {
-                        while let Ok(m) = rx.try_recv() {
-                            if let Some(r) = m.reply {
-                                let _ = r.send(Err(match &e {
-                                    EngineError::NotFound(id) => EngineError::NotFound(*id),
-                                    _ => EngineError::Store(StoreError::Io(msg.clone())),
-                                }));
-                            }
+                    drain(&inner, id, &mut rx, |m| {
+                        if let Some(r) = m.reply {
+                            let _ = r.send(Err(match &e {
+                                EngineError::NotFound(id) => EngineError::NotFound(*id),
+                                _ => EngineError::Store(StoreError::Io(msg.clone())),
+                            }));
                         }
-                        let mut active = lock(&inner.active);
-                        if rx.is_empty() {
-                            active.remove(&id);
-                            return;
-                        }
-                    }
+                    });
+                    return;
                 }
             }
         }
@@ -804,6 +888,19 @@ async fn drive_inner(
         d.spawn_call(c);
     }
     loop {
+        if d.lost {
+            // The journal belongs to another process now: what is in flight
+            // here is abandoned (the new holder calls it again, same key)
+            // and what is queued is answered.
+            d.calls.abort_all();
+            drain(&inner, id, &mut rx, |m| {
+                if let Some(r) = m.reply {
+                    let _ = r.send(Err(EngineError::Store(StoreError::LeaseLost(id))));
+                }
+            });
+            in_flight.decrement(1.0);
+            return;
+        }
         let now = inner.clock.now_ms();
         let due = d.ex.next_due_ms();
         let sleep_to = due.filter(|&t| t <= now + inner.idle_horizon_ms);
@@ -859,6 +956,141 @@ async fn drive_inner(
         }
     }
     in_flight.decrement(1.0);
+    // A terminal write gave the lease up already.
+    if let (Some(leases), Some(epoch)) = (inner.store.leases(), d.lease) {
+        if !d.ex.status.is_terminal() {
+            leases.release(id, epoch).await;
+        }
+    }
+}
+
+/// Answers every message queued for a driver that is leaving, and takes it
+/// out of the active map once none is left.
+fn drain(
+    inner: &Inner,
+    id: ExecutionId,
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+    mut each: impl FnMut(Msg),
+) {
+    loop {
+        while let Ok(m) = rx.try_recv() {
+            each(m);
+        }
+        let mut active = lock(&inner.active);
+        if rx.is_empty() {
+            active.remove(&id);
+            return;
+        }
+    }
+}
+
+enum Taken {
+    Mine(Box<Execution>, Arc<SagaDefinition>, Option<u64>),
+    Elsewhere,
+}
+
+/// Loads an execution for a new driver; on a shared store, claims it.
+async fn take(inner: &Arc<Inner>, id: ExecutionId) -> Result<Taken, EngineError> {
+    let Some(leases) = inner.store.leases() else {
+        let (ex, def) = load(inner, id).await?;
+        return Ok(Taken::Mine(Box::new(ex), def, None));
+    };
+    match leases.claim(id).await? {
+        Claim::Mine { ex, epoch } => {
+            let def = match inner.definition(&ex.saga, ex.saga_version).await {
+                Ok(d) => d,
+                Err(e) => {
+                    leases.release(id, epoch).await;
+                    return Err(e);
+                }
+            };
+            Ok(Taken::Mine(ex, def, Some(epoch)))
+        }
+        Claim::Held => Ok(Taken::Elsewhere),
+        Claim::Missing => Err(EngineError::NotFound(id)),
+    }
+}
+
+/// The command an external event is, for handing it to another process.
+fn command_of(event: &Event) -> Option<Command> {
+    Some(match event {
+        Event::Reply { step, reply } => Command::Reply {
+            step: *step,
+            reply: reply.clone(),
+        },
+        Event::Commit => Command::Commit,
+        Event::Reject => Command::Reject,
+        Event::Cancel => Command::Cancel,
+        Event::Retry => Command::Retry,
+        _ => return None,
+    })
+}
+
+fn event_of(command: Command) -> Event {
+    match command {
+        Command::Reply { step, reply } => Event::Reply { step, reply },
+        Command::Commit => Event::Commit,
+        Command::Reject => Event::Reject,
+        Command::Cancel => Event::Cancel,
+        Command::Retry => Event::Retry,
+    }
+}
+
+/// How long a forwarded command waits for the process that holds the
+/// execution.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Hands a command to the process that drives the execution and waits for
+/// its outcome. When that process lets the execution go meanwhile (its
+/// driver went idle, or it died and its lease ran out), this process
+/// claims the execution and applies the command itself.
+async fn forward(
+    inner: &Arc<Inner>,
+    id: ExecutionId,
+    cmd: Command,
+) -> Result<Execution, EngineError> {
+    let Some(leases) = inner.store.leases() else {
+        return Err(EngineError::ShuttingDown);
+    };
+    let inbox = leases.forward(id, &cmd).await?;
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    let mut polls = 0u32;
+    loop {
+        if let Some(outcome) = leases.forwarded(inbox).await? {
+            return match outcome {
+                Outcome::Applied => inner.store.load(id).await?.ok_or(EngineError::NotFound(id)),
+                Outcome::NotFound => Err(EngineError::NotFound(id)),
+                Outcome::Conflict(m) => Err(EngineError::Remote {
+                    conflict: true,
+                    message: m,
+                }),
+                Outcome::Failed(m) => Err(EngineError::Remote {
+                    conflict: false,
+                    message: m,
+                }),
+            };
+        }
+        if started.elapsed() > FORWARD_TIMEOUT {
+            return Err(EngineError::Remote {
+                conflict: false,
+                message: format!(
+                    "the process that drives execution {id} did not answer within {} s; \
+                     the request may still be applied: read the execution before sending it again",
+                    FORWARD_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        polls += 1;
+        if polls.is_multiple_of(8) && !lock(&inner.active).contains_key(&id) {
+            // Nobody may hold it now: a driver here claims it if it can,
+            // and then takes the command from the inbox.
+            deliver(inner, id, Event::Tick, None);
+            inner.wake.notify_one();
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
 }
 
 async fn load(
@@ -886,6 +1118,8 @@ impl Driver {
             input,
             calls: JoinSet::new(),
             unconfirmed: None,
+            lease: None,
+            lost: false,
         }
     }
 
@@ -897,7 +1131,16 @@ impl Driver {
         if t.changed {
             next.seq += 1;
             let started = std::time::Instant::now();
-            if let Err(e) = self.inner.store.append(&next).await {
+            let written = match (self.inner.store.leases(), self.lease) {
+                (Some(leases), Some(epoch)) => leases.append_leased(&next, epoch).await,
+                _ => self.inner.store.append(&next).await,
+            };
+            if let Err(e) = written {
+                if matches!(e, StoreError::LeaseLost(_)) {
+                    tracing::warn!(execution = %next.id, "another process took this execution over; this one stops driving it");
+                    self.lost = true;
+                    return Err(e.into());
+                }
                 // A conflict says the write did not happen; any other
                 // failure leaves it unknown.
                 if !matches!(e, StoreError::Conflict { .. }) {
@@ -962,7 +1205,10 @@ impl Driver {
                     return;
                 }
                 Err(EngineError::Store(e))
-                    if !matches!(e, StoreError::Conflict { .. } | StoreError::Closed) =>
+                    if !matches!(
+                        e,
+                        StoreError::Conflict { .. } | StoreError::Closed | StoreError::LeaseLost(_)
+                    ) =>
                 {
                     tracing::warn!(execution = %self.ex.id, error = %e, "journal write failed; retrying");
                     failed_before = true;
@@ -970,7 +1216,9 @@ impl Driver {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
-                    tracing::error!(execution = %self.ex.id, error = %e, "event dropped");
+                    if !self.lost {
+                        tracing::error!(execution = %self.ex.id, error = %e, "event dropped");
+                    }
                     return;
                 }
             }
@@ -1070,6 +1318,101 @@ impl Driver {
     }
 }
 
+/// On a shared store: claims executions with work (due, or whose lease ran
+/// out, and with `orphans` the unheld ones with work under way), as many
+/// as there are free driver slots, and starts a driver for each. Returns
+/// how many it started.
+async fn claim_work(inner: &Arc<Inner>, now: u64, orphans: bool) -> Result<usize, EngineError> {
+    let Some(leases) = inner.store.leases() else {
+        return Ok(0);
+    };
+    let free = inner.permits.available_permits().min(256);
+    if free == 0 {
+        return Ok(0);
+    }
+    let claimed = leases.claim_due(now, free, orphans).await?;
+    let mut started = 0;
+    for c in claimed {
+        let id = c.ex.id;
+        let def = match inner.definition(&c.ex.saga, c.ex.saga_version).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(execution = %id, error = %e, "cannot drive: definition missing");
+                leases.release(id, c.epoch).await;
+                continue;
+            }
+        };
+        let permit = inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let vacant = match lock(&inner.active).entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(tx);
+                true
+            }
+        };
+        if !vacant {
+            // A driver of this process has it already (claimed while that
+            // driver was finishing): give this claim back; that driver
+            // goes on under no lease or stops at its next write.
+            leases.release(id, c.epoch).await;
+            continue;
+        }
+        tokio::spawn(drive(
+            inner.clone(),
+            id,
+            rx,
+            Some(Loaded {
+                ex: c.ex,
+                def,
+                calls: Vec::new(),
+                permit,
+                lease: Some(c.epoch),
+                resume: true,
+            }),
+        ));
+        started += 1;
+    }
+    Ok(started)
+}
+
+/// On a shared store: applies the commands other processes forwarded to
+/// executions this process holds, and answers them.
+async fn take_commands(inner: &Arc<Inner>) -> Result<(), EngineError> {
+    let Some(leases) = inner.store.leases() else {
+        return Ok(());
+    };
+    for item in leases.take_inbox(256).await? {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let (tx, rx) = oneshot::channel();
+            deliver(&inner, item.execution, event_of(item.command), Some(tx));
+            let outcome = match rx.await {
+                Ok(Ok(_)) => Outcome::Applied,
+                Ok(Err(EngineError::NotFound(_))) => Outcome::NotFound,
+                Ok(Err(EngineError::Conflict(c))) => Outcome::Conflict(c.to_string()),
+                Ok(Err(EngineError::Remote {
+                    conflict: true,
+                    message,
+                })) => Outcome::Conflict(message),
+                Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                Err(_) => Outcome::Failed("the engine is shutting down".into()),
+            };
+            if let Some(leases) = inner.store.leases() {
+                if let Err(e) = leases.answer(item.inbox_id, &outcome).await {
+                    tracing::warn!(error = %e, "cannot answer a forwarded command");
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
 /// Finds executions whose due time came and hands them to a driver. Holds
 /// the engine only weakly between polls: dropping every `Engine` handle
 /// ends it.
@@ -1086,15 +1429,24 @@ async fn scheduler(
         {
             let Some(inner) = inner.upgrade() else { return };
             let now = inner.clock.now_ms();
-            match inner.store.due(now, 256).await {
-                Ok(ids) => {
-                    for id in ids {
-                        if !lock(&inner.active).contains_key(&id) {
-                            deliver(&inner, id, Event::Tick, None);
+            if inner.store.leases().is_some() {
+                if let Err(e) = claim_work(&inner, now, false).await {
+                    tracing::warn!(error = %e, "cannot claim due executions");
+                }
+                if let Err(e) = take_commands(&inner).await {
+                    tracing::warn!(error = %e, "cannot read forwarded commands");
+                }
+            } else {
+                match inner.store.due(now, 256).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            if !lock(&inner.active).contains_key(&id) {
+                                deliver(&inner, id, Event::Tick, None);
+                            }
                         }
                     }
+                    Err(e) => tracing::warn!(error = %e, "cannot read due executions"),
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read due executions"),
             }
         }
         tokio::select! {

@@ -23,9 +23,9 @@ mod url;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresStore, PG_SCHEMA_VERSION};
+pub use postgres::{PostgresOptions, PostgresStore, DEFAULT_LEASE, PG_SCHEMA_VERSION};
 pub use sqlite::{Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, SCHEMA_VERSION};
-pub use url::{open, StoreUrl};
+pub use url::{open, open_with, OpenOptions, StoreUrl};
 
 /// Store operations fail with this.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,11 @@ pub enum StoreError {
     Io(String),
     #[error("the store is closed")]
     Closed,
+    #[error(
+        "execution {0} was taken over by another process (this process's lease ran out); \
+         this process no longer drives it"
+    )]
+    LeaseLost(ExecutionId),
 }
 
 /// A filter and a page position for [`Store::list`].
@@ -188,6 +193,134 @@ pub trait Store: Send + Sync + 'static {
     /// `running` or `compensating`), oldest first, after `cursor`; for
     /// recovery. Undecodable entries are skipped and logged, as in `list`.
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError>;
+
+    /// Work sharing between processes: `Some` for a store that several
+    /// processes use at once (PostgreSQL). A store without it belongs to
+    /// one process (it refuses a second opener), which drives everything.
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
+    }
+}
+
+/// The outcome of [`Leases::claim`].
+#[derive(Debug)]
+pub enum Claim {
+    /// This process holds the execution now: the state as it was claimed
+    /// and the lease's epoch (for [`Leases::release`]).
+    Mine { ex: Box<Execution>, epoch: u64 },
+    /// Another process's lease on it is running.
+    Held,
+    /// No such execution.
+    Missing,
+}
+
+/// An execution claimed by [`Leases::claim_due`].
+#[derive(Debug)]
+pub struct Claimed {
+    pub ex: Execution,
+    pub epoch: u64,
+}
+
+/// An operator's or a service's request about one execution, handed from
+/// the process that received it to the process that drives the execution.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Command {
+    Reply {
+        step: usize,
+        reply: sagatx_core::Reply,
+    },
+    Commit,
+    Reject,
+    Cancel,
+    Retry,
+}
+
+/// What became of a forwarded [`Command`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", content = "message", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied,
+    NotFound,
+    /// The command does not apply to the execution's state (HTTP 409).
+    Conflict(String),
+    Failed(String),
+}
+
+/// A forwarded command taken from the inbox by the process that holds the
+/// execution.
+#[derive(Debug)]
+pub struct Inboxed {
+    pub inbox_id: u64,
+    pub execution: ExecutionId,
+    pub command: Command,
+}
+
+/// Leases: how processes that share a store split the work so that no two
+/// drive one execution at once.
+///
+/// A process claims an execution before it drives it, and the claim bumps
+/// the execution's lease epoch; every journal write of the process carries
+/// the epoch and fails with [`StoreError::LeaseLost`] once another process
+/// has claimed the execution since. A lease runs out unless renewed (the
+/// store renews the leases of a live process in the background), so the
+/// work of a process that died is claimed by another when its leases
+/// expire. A terminal write and [`release`](Leases::release) give the
+/// lease up at once.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// This process's owner id in the leases.
+    fn owner(&self) -> uuid::Uuid;
+
+    /// Claims one execution for this process: granted when no lease is on
+    /// it, when the lease ran out, or when it is this process's own.
+    async fn claim(&self, id: ExecutionId) -> Result<Claim, StoreError>;
+
+    /// Claims executions that have work for a process: due ones nobody
+    /// holds and those whose lease ran out (their process died or stalled);
+    /// with `orphans`, also unheld ones that had work under way (copied in
+    /// by a migration). At most about `limit` of each kind.
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        orphans: bool,
+    ) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Journals a transition as [`Store::append`] does, under the lease of
+    /// this `epoch`: fails with [`StoreError::LeaseLost`] when another
+    /// claim replaced it. `seq == 1` creates the execution under a new
+    /// lease of this process (epoch 1). A write renews the lease; a
+    /// terminal one gives it up. ([`Store::append`] on a shared store
+    /// writes under no lease: accepted while no other process holds the
+    /// execution.)
+    async fn append_leased(&self, ex: &Execution, epoch: u64) -> Result<(), StoreError>;
+
+    /// Gives a lease up (the driver has nothing left to do), unless a later
+    /// claim replaced it.
+    async fn release(&self, id: ExecutionId, epoch: u64);
+
+    /// Gives up every lease of this process (at shutdown).
+    async fn release_all(&self) -> Result<(), StoreError>;
+
+    /// Leaves a command for the process that holds the execution and wakes
+    /// it; returns the inbox entry's id.
+    async fn forward(&self, id: ExecutionId, command: &Command) -> Result<u64, StoreError>;
+
+    /// The outcome of a forwarded command, once its process answered
+    /// (the entry is then removed).
+    async fn forwarded(&self, inbox_id: u64) -> Result<Option<Outcome>, StoreError>;
+
+    /// Takes the commands forwarded to executions this process holds.
+    async fn take_inbox(&self, limit: usize) -> Result<Vec<Inboxed>, StoreError>;
+
+    /// Answers a command taken with [`take_inbox`](Leases::take_inbox).
+    async fn answer(&self, inbox_id: u64, outcome: &Outcome) -> Result<(), StoreError>;
+
+    /// Wakes `wake` whenever work may have arrived for this process
+    /// (a forwarded command, a reconnect after which the tables must be
+    /// read again).
+    fn subscribe(&self, wake: std::sync::Arc<tokio::sync::Notify>);
 }
 
 /// The statuses [`Store::unfinished`] returns.

@@ -8,12 +8,21 @@
 //!   start-up under an advisory lock, so processes starting together do not
 //!   race.
 //!
-//! Not yet here (issue 5): leases and fencing between processes, LISTEN /
-//! NOTIFY, TLS. Until then one process drives a database: the writer's
-//! connection holds a session advisory lock, and a second process is refused
-//! with a clear error instead of driving the same executions twice.
+//! - Several processes share one database through leases (see
+//!   [`Leases`](super::Leases)): a process claims an execution before it
+//!   drives it (`FOR UPDATE SKIP LOCKED` for due work), every write carries
+//!   the lease's owner and epoch and fails once another process claimed the
+//!   execution, the leases of a live process are renewed in the background,
+//!   and those of a dead one run out and are claimed by the others.
+//!   Lease times use the database's clock, so the processes' clocks need
+//!   not agree.
+//! - Commands for an execution another process drives go through the
+//!   `sagatx_inbox` table; `LISTEN/NOTIFY` wakes the holder at once (a
+//!   notification is a hint: the table is read again after every reconnect
+//!   and at every poll).
 
 use crate::now_ms;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,7 +32,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Config, NoTls};
 use uuid::Uuid;
 
-use super::{ListQuery, OpRecord, Page, Registered, Store, StoreError};
+use super::{
+    Claim, Claimed, Command, Inboxed, Leases, ListQuery, OpRecord, Outcome, Page, Registered,
+    Store, StoreError,
+};
 
 /// Migrations, applied in order; entry `i` takes the schema to version `i+1`.
 const MIGRATIONS: &[&str] = &[
@@ -53,7 +65,62 @@ CREATE INDEX sagatx_oplog_pending ON sagatx_oplog (id) WHERE finished_at IS NULL
     r#"
 CREATE INDEX sagatx_executions_saga_status ON sagatx_executions (saga, status);
 "#,
+    r#"
+CREATE FUNCTION sagatx_now_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
+    AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
+ALTER TABLE sagatx_executions
+    ADD COLUMN lease_owner UUID,
+    ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN lease_until BIGINT;
+CREATE INDEX sagatx_executions_lease ON sagatx_executions (lease_until) WHERE lease_owner IS NOT NULL;
+CREATE INDEX sagatx_executions_owner ON sagatx_executions (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE INDEX sagatx_executions_orphans ON sagatx_executions (n)
+    WHERE lease_owner IS NULL AND status IN ('created', 'running', 'compensating');
+CREATE TABLE sagatx_inbox (
+    id BIGSERIAL PRIMARY KEY,
+    execution_id UUID NOT NULL,
+    command TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    taken BOOLEAN NOT NULL DEFAULT false,
+    outcome TEXT);
+CREATE INDEX sagatx_inbox_pending ON sagatx_inbox (execution_id) WHERE NOT taken;
+"#,
 ];
+
+/// How long a lease lasts unless renewed, by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// Options of [`PostgresStore::open_with`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// How long this process's leases last unless renewed (they are renewed
+    /// every quarter of it): the longest a dead process's work waits before
+    /// another process takes it over.
+    pub lease: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            lease: DEFAULT_LEASE,
+        }
+    }
+}
+
+/// What the store's tasks share with it.
+struct Shared {
+    owner: Uuid,
+    lease_ms: i64,
+    wake: Mutex<Option<Arc<tokio::sync::Notify>>>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        if let Some(w) = &*self.wake.lock().unwrap_or_else(|p| p.into_inner()) {
+            w.notify_one();
+        }
+    }
+}
 
 /// The schema version this build writes.
 pub const PG_SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -73,11 +140,17 @@ fn redact(url: &str) -> String {
 }
 
 enum Write {
+    /// The state, its encoding, the lease epoch it is written under (0:
+    /// none: accepted while no other process holds the execution), and the
+    /// waiter.
     Append(
         Box<Execution>,
         Vec<u8>,
+        u64,
         oneshot::Sender<Result<(), StoreError>>,
     ),
+    /// Gives a lease up unless a later claim replaced it.
+    Release(ExecutionId, u64),
     Definition(
         Box<SagaDefinition>,
         u64,
@@ -102,6 +175,9 @@ pub struct PostgresStore {
     pool: Pool,
     writer: mpsc::Sender<Write>,
     secret: std::sync::Mutex<[u8; 32]>,
+    shared: Arc<Shared>,
+    /// Dropped with the store: ends the renewal and listener tasks.
+    _stop: tokio::sync::watch::Sender<()>,
 }
 
 async fn connect(cfg: &Config, url: &str) -> Result<Client, StoreError> {
@@ -174,25 +250,26 @@ async fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
 }
 
 impl PostgresStore {
-    /// Connects, migrates the schema, starts the writer.
+    /// Connects, migrates the schema, starts the writer, the lease renewal
+    /// and the listener, with the default lease.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, PostgresOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with options.
+    pub async fn open_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
         let cfg: Config = url.parse().map_err(|e| StoreError::Open {
             path: redact(url),
             reason: format!("not a PostgreSQL URL: {e}"),
         })?;
-        let mut client = connect(&cfg, url).await?;
-        migrate(&mut client, url).await?;
-        // One process per database until leases land: the writer's
-        // connection holds a session lock for the life of the process.
-        if !claim(&client).await.map_err(io)? {
+        if options.lease < Duration::from_millis(200) {
             return Err(StoreError::Open {
                 path: redact(url),
-                reason: "another sagatx process is using this database; this version drives \
-                         one database from one process (several processes sharing one \
-                         database need leases, not built yet)"
-                    .into(),
+                reason: "the lease must last at least 200 ms".into(),
             });
         }
+        let mut client = connect(&cfg, url).await?;
+        migrate(&mut client, url).await?;
         let secret: Vec<u8> = client
             .query_one("SELECT value FROM sagatx_meta WHERE key = 'secret'", &[])
             .await
@@ -219,12 +296,29 @@ impl PostgresStore {
                 path: redact(url),
                 reason: e.to_string(),
             })?;
+        let shared = Arc::new(Shared {
+            owner: Uuid::new_v4(),
+            lease_ms: options.lease.as_millis().min(i64::MAX as u128) as i64,
+            wake: Mutex::new(None),
+        });
+        let (stop, stopped) = tokio::sync::watch::channel(());
         let (tx, rx) = mpsc::channel(8192);
-        tokio::spawn(writer(client, cfg.clone(), url.to_string(), rx));
+        tokio::spawn(writer(
+            client,
+            cfg.clone(),
+            url.to_string(),
+            rx,
+            shared.clone(),
+        ));
+        tokio::spawn(renew(pool.clone(), shared.clone(), stopped.clone()));
+        tokio::spawn(listen(cfg, shared.clone(), stopped));
+        tracing::info!(owner = %shared.owner, lease_ms = shared.lease_ms, "PostgreSQL store open");
         Ok(PostgresStore {
             pool,
             writer: tx,
             secret: std::sync::Mutex::new(secret),
+            shared,
+            _stop: stop,
         })
     }
 
@@ -240,15 +334,13 @@ impl PostgresStore {
     }
 }
 
-/// Takes the one-process lock on a (new) writer connection.
-async fn claim(client: &Client) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT pg_try_advisory_lock(7385742002)", &[])
-        .await?
-        .get(0))
-}
-
-async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Receiver<Write>) {
+async fn writer(
+    mut client: Client,
+    cfg: Config,
+    url: String,
+    mut rx: mpsc::Receiver<Write>,
+    shared: Arc<Shared>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut statements: Option<Statements> = None;
     while let Some(first) = rx.recv().await {
@@ -265,7 +357,7 @@ async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Rece
             statements = prepare(&client).await.ok();
         }
         let result: Result<Vec<Done>, String> = match &statements {
-            Some(st) => apply(&mut client, st, &batch)
+            Some(st) => apply(&mut client, st, &batch, &shared)
                 .await
                 .map_err(|e| e.to_string()),
             None => Err("cannot prepare the journal's statements".into()),
@@ -284,31 +376,19 @@ async fn writer(mut client: Client, cfg: Config, url: String, mut rx: mpsc::Rece
                     answer(w, Err(StoreError::Io(e.clone())));
                 }
                 if client.is_closed() {
-                    // PostgreSQL went away: wait for it, reconnect, and
-                    // take the one-process lock again. Writes queue up
-                    // meanwhile (bounded: senders wait).
+                    // PostgreSQL went away: wait for it and reconnect.
+                    // Writes queue up meanwhile (bounded: senders wait);
+                    // leases that ran out meanwhile fence this process's
+                    // later writes.
                     let mut backoff = Duration::from_millis(100);
                     loop {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
-                        let Ok(c) = connect(&cfg, &url).await else {
-                            continue;
-                        };
-                        match claim(&c).await {
-                            Ok(true) => {
-                                tracing::info!("reconnected to PostgreSQL");
-                                client = c;
-                                statements = None;
-                                break;
-                            }
-                            Ok(false) => {
-                                tracing::error!(
-                                    "another process took this database while the connection was down; \
-                                     this process stops writing to it"
-                                );
-                                return;
-                            }
-                            Err(_) => continue,
+                        if let Ok(c) = connect(&cfg, &url).await {
+                            tracing::info!("reconnected to PostgreSQL");
+                            client = c;
+                            statements = None;
+                            break;
                         }
                     }
                 }
@@ -328,7 +408,8 @@ enum Done {
 
 fn answer(w: Write, r: Result<Done, StoreError>) {
     match w {
-        Write::Append(_, _, tx) => {
+        Write::Release(..) => {}
+        Write::Append(_, _, _, tx) => {
             let _ = tx.send(match r {
                 Ok(Done::Appended(r)) => r,
                 Ok(_) => Err(StoreError::Io("internal: mismatched reply".into())),
@@ -359,20 +440,36 @@ fn answer(w: Write, r: Result<Done, StoreError>) {
 struct Statements {
     insert: tokio_postgres::Statement,
     update: tokio_postgres::Statement,
+    release: tokio_postgres::Statement,
 }
 
 async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
     Ok(Statements {
         insert: client
             .prepare(
-                "INSERT INTO sagatx_executions (id, saga, status, seq, due_at, created_at, updated_at, state)
-                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO sagatx_executions
+                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch, lease_until)
+                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8::UUID, 1,
+                   CASE WHEN $8::UUID IS NULL THEN NULL ELSE sagatx_now_ms() + $9 END)
+                 ON CONFLICT (id) DO NOTHING",
             )
             .await?,
+        // A write under a lease renews it; a terminal one gives it up.
         update: client
             .prepare(
-                "UPDATE sagatx_executions SET status = $2, seq = $3, due_at = $4, updated_at = $5, state = $6
-                 WHERE id = $1 AND seq = $7",
+                "UPDATE sagatx_executions SET status = $2, seq = $3, due_at = $4, updated_at = $5, state = $6,
+                   lease_owner = CASE WHEN $12 THEN lease_owner ELSE $8::UUID END,
+                   lease_until = CASE WHEN $12 THEN lease_until
+                                      WHEN $8::UUID IS NULL THEN NULL ELSE sagatx_now_ms() + $9 END
+                 WHERE id = $1 AND seq = $7
+                   AND ((lease_owner = $10 AND lease_epoch = $11)
+                        OR ($11 = 0 AND (lease_owner IS NULL OR lease_owner = $10)))",
+            )
+            .await?,
+        release: client
+            .prepare(
+                "UPDATE sagatx_executions SET lease_owner = NULL, lease_until = NULL
+                 WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
             )
             .await?,
     })
@@ -382,9 +479,11 @@ async fn apply(
     client: &mut Client,
     st: &Statements,
     batch: &[Write],
+    shared: &Shared,
 ) -> Result<Vec<Done>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let (insert, update) = (&st.insert, &st.update);
+    let (me, lease_ms) = (shared.owner, shared.lease_ms);
     // The executions' writes are pipelined on the connection (sent
     // together, answered in order): one round trip for the batch instead of
     // one per write.
@@ -392,20 +491,29 @@ async fn apply(
         ex: &'a Execution,
         state: &'a Vec<u8>,
         due: Option<i64>,
+        epoch: i64,
+        /// The lease after the write: this process's, or none once the
+        /// execution is terminal (or when nobody held it).
+        owner: Option<Uuid>,
+        /// A write under no lease leaves the lease as it is.
+        keep: bool,
     }
     let appends: Vec<P<'_>> = batch
         .iter()
         .filter_map(|w| match w {
-            Write::Append(ex, state, _) => Some(P {
+            Write::Append(ex, state, epoch, _) => Some(P {
                 ex,
                 state,
                 due: ex.next_due_ms().map(|d| d as i64),
+                epoch: *epoch as i64,
+                owner: (*epoch != 0 && !ex.status.is_terminal()).then_some(me),
+                keep: *epoch == 0 && !ex.status.is_terminal(),
             }),
             _ => None,
         })
         .collect();
     let tx_ref = &tx;
-    let counts = futures_util::future::try_join_all(appends.iter().map(|p| async move {
+    let writes = futures_util::future::try_join_all(appends.iter().map(|p| async move {
         let ex = p.ex;
         if ex.seq == 1 {
             tx_ref
@@ -419,6 +527,8 @@ async fn apply(
                         &(ex.created_at_ms as i64),
                         &(ex.updated_at_ms as i64),
                         p.state,
+                        &p.owner,
+                        &lease_ms,
                     ],
                 )
                 .await
@@ -434,17 +544,30 @@ async fn apply(
                         &(ex.updated_at_ms as i64),
                         p.state,
                         &((ex.seq - 1) as i64),
+                        &p.owner,
+                        &lease_ms,
+                        &me,
+                        &p.epoch,
+                        &p.keep,
                     ],
                 )
                 .await
         }
-    }))
-    .await?;
+    }));
+    let releases = futures_util::future::try_join_all(batch.iter().filter_map(|w| match w {
+        Write::Release(id, epoch) => {
+            let (release, epoch) = (&st.release, *epoch as i64);
+            Some(async move { tx_ref.execute(release, &[&id.0, &me, &epoch]).await })
+        }
+        _ => None,
+    }));
+    let (counts, _) = futures_util::future::try_join(writes, releases).await?;
     let mut counts = counts.into_iter();
     let mut out = Vec::with_capacity(batch.len());
     for w in batch {
         match w {
-            Write::Append(ex, _, _) => {
+            Write::Release(..) => out.push(Done::Finished),
+            Write::Append(ex, _, _, _) => {
                 let n = counts.next().unwrap_or(0);
                 if ex.seq == 1 {
                     out.push(Done::Appended(if n == 1 {
@@ -462,10 +585,15 @@ async fn apply(
                         )
                         .await?
                         .map(|r| r.get::<_, i64>(0) as u64);
-                    out.push(Done::Appended(Err(StoreError::Conflict {
-                        id: ex.id,
-                        expected: ex.seq - 1,
-                        found,
+                    // The sequence was right: the lease was not.
+                    out.push(Done::Appended(Err(if found == Some(ex.seq - 1) {
+                        StoreError::LeaseLost(ex.id)
+                    } else {
+                        StoreError::Conflict {
+                            id: ex.id,
+                            expected: ex.seq - 1,
+                            found,
+                        }
                     })));
                 }
             }
@@ -615,7 +743,7 @@ impl Store for PostgresStore {
             source,
         })?;
         let (tx, rx) = oneshot::channel();
-        self.send(Write::Append(Box::new(ex.clone()), state, tx))
+        self.send(Write::Append(Box::new(ex.clone()), state, 0, tx))
             .await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -804,6 +932,10 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
         let c = self.read().await?;
         let rows = c
@@ -816,5 +948,303 @@ impl Store for PostgresStore {
             .await
             .map_err(io)?;
         Ok(page_of(rows, limit, false))
+    }
+}
+
+fn clamp_ms(ms: u64) -> i64 {
+    ms.min(i64::MAX as u64) as i64
+}
+
+#[async_trait]
+impl Leases for PostgresStore {
+    fn owner(&self) -> Uuid {
+        self.shared.owner
+    }
+
+    async fn claim(&self, id: ExecutionId) -> Result<Claim, StoreError> {
+        let c = self.read().await?;
+        let me = self.shared.owner;
+        let row = c
+            .query_opt(
+                "UPDATE sagatx_executions
+                 SET lease_owner = $2, lease_epoch = lease_epoch + 1, lease_until = sagatx_now_ms() + $3
+                 WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < sagatx_now_ms())
+                 RETURNING lease_epoch, state",
+                &[&id.0, &me, &self.shared.lease_ms],
+            )
+            .await
+            .map_err(io)?;
+        let Some(row) = row else {
+            let exists = c
+                .query_opt("SELECT 1 FROM sagatx_executions WHERE id = $1", &[&id.0])
+                .await
+                .map_err(io)?;
+            return Ok(if exists.is_some() {
+                Claim::Held
+            } else {
+                Claim::Missing
+            });
+        };
+        let epoch = row.get::<_, i64>(0) as u64;
+        let ex = decode(id.0, &row.get::<_, Vec<u8>>(1))?;
+        Ok(Claim::Mine {
+            ex: Box::new(ex),
+            epoch,
+        })
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        orphans: bool,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let c = self.read().await?;
+        // Three kinds, each by its own index; rows another process is
+        // claiming at this moment are skipped, not waited for.
+        let rows = c
+            .query(
+                "WITH due AS (
+                    SELECT id FROM sagatx_executions
+                    WHERE due_at IS NOT NULL AND due_at <= $1 AND lease_owner IS NULL
+                    ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED),
+                 lapsed AS (
+                    SELECT id FROM sagatx_executions
+                    WHERE lease_owner IS NOT NULL AND lease_owner <> $2 AND lease_until < sagatx_now_ms()
+                    ORDER BY lease_until LIMIT $3 FOR UPDATE SKIP LOCKED),
+                 orphans AS (
+                    SELECT id FROM sagatx_executions
+                    WHERE $5 AND lease_owner IS NULL AND status IN ('created', 'running', 'compensating')
+                    ORDER BY n LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 UPDATE sagatx_executions e
+                 SET lease_owner = $2, lease_epoch = e.lease_epoch + 1, lease_until = sagatx_now_ms() + $4
+                 WHERE e.id IN (SELECT id FROM due UNION SELECT id FROM lapsed UNION SELECT id FROM orphans)
+                 RETURNING e.id, e.lease_epoch, e.state",
+                &[
+                    &clamp_ms(now_ms),
+                    &self.shared.owner,
+                    &(limit as i64),
+                    &self.shared.lease_ms,
+                    &orphans,
+                ],
+            )
+            .await
+            .map_err(io)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id = ExecutionId(r.get(0));
+            let epoch = r.get::<_, i64>(1) as u64;
+            match decode(id.0, &r.get::<_, Vec<u8>>(2)) {
+                Ok(ex) => out.push(Claimed { ex, epoch }),
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping an unreadable journal entry");
+                    self.release(id, epoch).await;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn append_leased(&self, ex: &Execution, epoch: u64) -> Result<(), StoreError> {
+        let state = ex.to_raw().map_err(|source| StoreError::Corrupt {
+            id: ex.id.to_string(),
+            source,
+        })?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Write::Append(Box::new(ex.clone()), state, epoch.max(1), tx))
+            .await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn release(&self, id: ExecutionId, epoch: u64) {
+        // Best effort: a lease not given up runs out by itself.
+        let _ = self.writer.send(Write::Release(id, epoch)).await;
+    }
+
+    async fn release_all(&self) -> Result<(), StoreError> {
+        let c = self.read().await?;
+        c.execute(
+            "UPDATE sagatx_executions SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+            &[&self.shared.owner],
+        )
+        .await
+        .map_err(io)?;
+        Ok(())
+    }
+
+    async fn forward(&self, id: ExecutionId, command: &Command) -> Result<u64, StoreError> {
+        let body = serde_json::to_string(command)
+            .map_err(|e| StoreError::Io(format!("cannot encode a command: {e}")))?;
+        let c = self.read().await?;
+        let inbox: i64 = c
+            .query_one(
+                "INSERT INTO sagatx_inbox (execution_id, command, created_at) VALUES ($1, $2, $3) RETURNING id",
+                &[&id.0, &body, &clamp_ms(now_ms())],
+            )
+            .await
+            .map_err(io)?
+            .get(0);
+        c.execute(
+            "SELECT pg_notify('sagatx_inbox', lease_owner::TEXT) FROM sagatx_executions
+             WHERE id = $1 AND lease_owner IS NOT NULL",
+            &[&id.0],
+        )
+        .await
+        .map_err(io)?;
+        Ok(inbox as u64)
+    }
+
+    async fn forwarded(&self, inbox_id: u64) -> Result<Option<Outcome>, StoreError> {
+        let c = self.read().await?;
+        let row = c
+            .query_opt(
+                "DELETE FROM sagatx_inbox WHERE id = $1 AND outcome IS NOT NULL RETURNING outcome",
+                &[&(inbox_id as i64)],
+            )
+            .await
+            .map_err(io)?;
+        row.map(|r| {
+            serde_json::from_str(&r.get::<_, String>(0))
+                .map_err(|e| StoreError::Io(format!("unreadable command outcome: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn take_inbox(&self, limit: usize) -> Result<Vec<Inboxed>, StoreError> {
+        let c = self.read().await?;
+        let rows = c
+            .query(
+                "UPDATE sagatx_inbox SET taken = true WHERE id IN (
+                    SELECT i.id FROM sagatx_inbox i JOIN sagatx_executions e ON e.id = i.execution_id
+                    WHERE NOT i.taken AND e.lease_owner = $1
+                    ORDER BY i.id LIMIT $2 FOR UPDATE OF i SKIP LOCKED)
+                 RETURNING id, execution_id, command",
+                &[&self.shared.owner, &(limit as i64)],
+            )
+            .await
+            .map_err(io)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let inbox_id = r.get::<_, i64>(0) as u64;
+            match serde_json::from_str::<Command>(&r.get::<_, String>(2)) {
+                Ok(command) => out.push(Inboxed {
+                    inbox_id,
+                    execution: ExecutionId(r.get(1)),
+                    command,
+                }),
+                Err(e) => {
+                    self.answer(
+                        inbox_id,
+                        &Outcome::Failed(format!("unreadable command: {e}")),
+                    )
+                    .await?
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn answer(&self, inbox_id: u64, outcome: &Outcome) -> Result<(), StoreError> {
+        let body = serde_json::to_string(outcome)
+            .map_err(|e| StoreError::Io(format!("cannot encode an outcome: {e}")))?;
+        let c = self.read().await?;
+        c.execute(
+            "UPDATE sagatx_inbox SET outcome = $2 WHERE id = $1",
+            &[&(inbox_id as i64), &body],
+        )
+        .await
+        .map_err(io)?;
+        Ok(())
+    }
+
+    fn subscribe(&self, wake: Arc<tokio::sync::Notify>) {
+        *self.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake);
+    }
+}
+
+/// Renews this process's leases every quarter of the lease time, and
+/// clears old answered inbox entries whose sender went away.
+async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<()>) {
+    let every = Duration::from_millis((shared.lease_ms / 4).max(50) as u64);
+    let mut rounds = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            r = stop.changed() => if r.is_err() { return },
+        }
+        let Ok(c) = pool.get().await else { continue };
+        match c
+            .execute(
+                "UPDATE sagatx_executions SET lease_until = sagatx_now_ms() + $2 WHERE lease_owner = $1",
+                &[&shared.owner, &shared.lease_ms],
+            )
+            .await
+        {
+            Ok(n) => tracing::trace!(renewed = n, "leases renewed"),
+            Err(e) => tracing::warn!(error = %e, "cannot renew leases"),
+        }
+        rounds += 1;
+        if rounds.is_multiple_of(256) {
+            let _ = c
+                .execute(
+                    "DELETE FROM sagatx_inbox WHERE outcome IS NOT NULL AND created_at < $1",
+                    &[&clamp_ms(now_ms().saturating_sub(3_600_000))],
+                )
+                .await;
+        }
+    }
+}
+
+/// Listens for forwarded commands; wakes the engine on each one meant for
+/// this process and after every (re)connect, when notifications may have
+/// been missed.
+async fn listen(cfg: Config, shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<()>) {
+    use futures_util::StreamExt;
+    let me = shared.owner.to_string();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connected = tokio::time::timeout(Duration::from_secs(10), cfg.connect(NoTls)).await;
+        if let Ok(Ok((client, mut conn))) = connected {
+            let (ntx, mut nrx) = mpsc::unbounded_channel::<String>();
+            let pump = tokio::spawn(async move {
+                let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                while let Some(m) = messages.next().await {
+                    match m {
+                        Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                            let _ = ntx.send(n.payload().to_string());
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+            if client.batch_execute("LISTEN sagatx_inbox").await.is_ok() {
+                backoff = Duration::from_millis(100);
+                // Catch up on whatever came while not listening.
+                shared.wake();
+                loop {
+                    tokio::select! {
+                        n = nrx.recv() => match n {
+                            Some(owner) if owner == me => shared.wake(),
+                            Some(_) => {}
+                            None => break,
+                        },
+                        r = stop.changed() => if r.is_err() {
+                            pump.abort();
+                            return;
+                        },
+                    }
+                }
+            }
+            pump.abort();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            r = stop.changed() => if r.is_err() { return },
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }

@@ -38,12 +38,41 @@ impl std::str::FromStr for StoreUrl {
     }
 }
 
+/// Options of [`open_with`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    /// PostgreSQL: how long a process's leases last unless renewed (by
+    /// default 10 s).
+    pub lease: Option<std::time::Duration>,
+}
+
+impl OpenOptions {
+    pub fn lease(mut self, d: std::time::Duration) -> Self {
+        self.lease = Some(d);
+        self
+    }
+}
+
 /// Opens the store a URL names.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(url, OpenOptions::default()).await
+}
+
+/// Opens the store a URL names, with options.
+pub async fn open_with(url: &str, options: OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+    #[cfg(not(feature = "postgres"))]
+    let _ = &options;
     match url.parse::<StoreUrl>()? {
         StoreUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
         #[cfg(feature = "postgres")]
-        StoreUrl::Postgres(url) => Ok(Arc::new(super::PostgresStore::open(&url).await?)),
+        StoreUrl::Postgres(url) => {
+            let mut o = super::PostgresOptions::default();
+            if let Some(l) = options.lease {
+                o.lease = l;
+            }
+            Ok(Arc::new(super::PostgresStore::open_with(&url, o).await?))
+        }
         #[cfg(not(feature = "postgres"))]
         StoreUrl::Postgres(_) => Err(StoreError::Open {
             path: "postgres://…".to_string(),

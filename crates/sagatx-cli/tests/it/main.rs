@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod shared;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -57,6 +58,10 @@ impl Server {
     }
 
     pub fn start_on(dir: &Path, port: u16, store: &str) -> Server {
+        Self::start_with(dir, port, store, &[])
+    }
+
+    pub fn start_with(dir: &Path, port: u16, store: &str, extra: &[&str]) -> Server {
         let child = sagatx()
             .args([
                 "serve",
@@ -65,6 +70,7 @@ impl Server {
                 "--store",
                 store,
             ])
+            .args(extra)
             .current_dir(dir)
             .env_remove("SAGATX_TOKEN")
             .env("SAGATX_LOG", "warn")
@@ -104,6 +110,7 @@ pub struct Call {
     pub execution: String,
     pub attempt: u64,
     pub key: String,
+    pub at: Instant,
 }
 
 #[derive(Default)]
@@ -128,6 +135,7 @@ async fn shop(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string(),
+        at: Instant::now(),
     });
     if st.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(st.delay_ms)).await;

@@ -24,9 +24,24 @@ fn refused(reason: String) -> StoreError {
 /// ones included, state and sequence as they are), the unfinished
 /// operations and the secret (so reply URLs handed out keep working) from
 /// `from` to the empty store `to`, then reads both back and compares them.
-/// Nothing must write to either meanwhile: opening a store takes its
-/// one-process lock, so a server still running on one is refused before.
+/// Nothing must write to either meanwhile: opening a SQLite store takes its
+/// one-process lock, so a server still running on one is refused before;
+/// on PostgreSQL, the processes that use the database are registered, and
+/// the copy is refused while any other is alive.
 pub async fn copy(from: &dyn Store, to: &dyn Store) -> Result<CopyReport, StoreError> {
+    for (which, store) in [("source", from), ("target", to)] {
+        if let Some(l) = store.leases() {
+            let n = l.peers().await?;
+            if n > 0 {
+                return Err(StoreError::Open {
+                    path: format!("the migration {which}"),
+                    reason: format!(
+                        "{n} other sagatx process(es) use this database; stop them, then migrate"
+                    ),
+                });
+            }
+        }
+    }
     if !to.list_definitions().await?.is_empty() || !to.scan(None, 1).await?.items.is_empty() {
         return Err(refused(
             "it already holds sagatx data; migrate into a new, empty store".into(),

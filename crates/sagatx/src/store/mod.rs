@@ -300,6 +300,10 @@ pub trait Leases: Send + Sync {
     /// claim replaced it.
     async fn release(&self, id: ExecutionId, epoch: u64);
 
+    /// How many other processes use the store now (seen within twice the
+    /// lease time).
+    async fn peers(&self) -> Result<usize, StoreError>;
+
     /// Gives up every lease of this process (at shutdown).
     async fn release_all(&self) -> Result<(), StoreError>;
 

@@ -84,6 +84,12 @@ CREATE TABLE sagatx_inbox (
     taken BOOLEAN NOT NULL DEFAULT false,
     outcome TEXT);
 CREATE INDEX sagatx_inbox_pending ON sagatx_inbox (execution_id) WHERE NOT taken;
+CREATE TABLE sagatx_processes (
+    owner UUID PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at BIGINT NOT NULL,
+    seen_at BIGINT NOT NULL);
 "#,
 ];
 
@@ -128,7 +134,10 @@ pub const PG_SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 const MAX_BATCH: usize = 1024;
 
 fn io(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Io(format!("PostgreSQL: {e}"))
+    match e.as_db_error() {
+        Some(d) => StoreError::Io(format!("PostgreSQL: {}: {}", d.code().code(), d.message())),
+        None => StoreError::Io(format!("PostgreSQL: {e}")),
+    }
 }
 
 fn redact(url: &str) -> String {
@@ -301,6 +310,20 @@ impl PostgresStore {
             lease_ms: options.lease.as_millis().min(i64::MAX as u128) as i64,
             wake: Mutex::new(None),
         });
+        // This process, for `peers` (a migration refuses to copy a
+        // database that processes use).
+        client
+            .execute(
+                "INSERT INTO sagatx_processes (owner, host, pid, started_at, seen_at)
+                 VALUES ($1, $2, $3, sagatx_now_ms(), sagatx_now_ms())",
+                &[
+                    &shared.owner,
+                    &std::env::var("HOSTNAME").unwrap_or_default(),
+                    &(std::process::id() as i32),
+                ],
+            )
+            .await
+            .map_err(io)?;
         let (stop, stopped) = tokio::sync::watch::channel(());
         let (tx, rx) = mpsc::channel(8192);
         tokio::spawn(writer(
@@ -578,15 +601,25 @@ async fn apply(
                 } else if n == 1 {
                     out.push(Done::Appended(Ok(())));
                 } else {
-                    let found = tx
+                    let row = tx
                         .query_opt(
-                            "SELECT seq FROM sagatx_executions WHERE id = $1",
+                            "SELECT seq, lease_owner, lease_epoch FROM sagatx_executions WHERE id = $1",
                             &[&ex.id.0],
                         )
-                        .await?
-                        .map(|r| r.get::<_, i64>(0) as u64);
-                    // The sequence was right: the lease was not.
-                    out.push(Done::Appended(Err(if found == Some(ex.seq - 1) {
+                        .await?;
+                    let found = row.as_ref().map(|r| r.get::<_, i64>(0) as u64);
+                    // Another process holds it (or claimed it since this
+                    // writer's lease): it moved on without this one.
+                    let lost = row.as_ref().is_some_and(|r| {
+                        let owner: Option<Uuid> = r.get(1);
+                        let epoch = r.get::<_, i64>(2) as u64;
+                        match owner {
+                            Some(o) if o != me => true,
+                            Some(_) => *w_epoch(w) != 0 && epoch != *w_epoch(w),
+                            None => *w_epoch(w) != 0 && found != Some(ex.seq - 1),
+                        }
+                    });
+                    out.push(Done::Appended(Err(if lost || found == Some(ex.seq - 1) {
                         StoreError::LeaseLost(ex.id)
                     } else {
                         StoreError::Conflict {
@@ -951,6 +984,13 @@ impl Store for PostgresStore {
     }
 }
 
+fn w_epoch(w: &Write) -> &u64 {
+    match w {
+        Write::Append(_, _, epoch, _) => epoch,
+        _ => &0,
+    }
+}
+
 fn clamp_ms(ms: u64) -> i64 {
     ms.min(i64::MAX as u64) as i64
 }
@@ -1075,6 +1115,19 @@ impl Leases for PostgresStore {
         Ok(())
     }
 
+    async fn peers(&self) -> Result<usize, StoreError> {
+        let c = self.read().await?;
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM sagatx_processes WHERE owner <> $1 AND seen_at > sagatx_now_ms() - $2",
+                &[&self.shared.owner, &(self.shared.lease_ms.max(DEFAULT_LEASE.as_millis() as i64) * 2)],
+            )
+            .await
+            .map_err(io)?
+            .get(0);
+        Ok(n as usize)
+    }
+
     async fn forward(&self, id: ExecutionId, command: &Command) -> Result<u64, StoreError> {
         let body = serde_json::to_string(command)
             .map_err(|e| StoreError::Io(format!("cannot encode a command: {e}")))?;
@@ -1171,20 +1224,44 @@ async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Re
     let every = Duration::from_millis((shared.lease_ms / 4).max(50) as u64);
     let mut rounds = 0u64;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            r = stop.changed() => if r.is_err() { return },
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            r = stop.changed() => r.is_err(),
+        };
+        let Ok(c) = pool.get().await else {
+            if stopping {
+                return;
+            }
+            continue;
+        };
+        if stopping {
+            // The store was dropped: this process is leaving.
+            let _ = c
+                .execute(
+                    "DELETE FROM sagatx_processes WHERE owner = $1",
+                    &[&shared.owner],
+                )
+                .await;
+            return;
         }
-        let Ok(c) = pool.get().await else { continue };
+        let _ = c
+            .execute(
+                "UPDATE sagatx_processes SET seen_at = sagatx_now_ms() WHERE owner = $1",
+                &[&shared.owner],
+            )
+            .await;
+        // Rows the writer has locked are skipped, not waited for (waiting
+        // could deadlock with its batch): the write renews them itself.
         match c
             .execute(
-                "UPDATE sagatx_executions SET lease_until = sagatx_now_ms() + $2 WHERE lease_owner = $1",
+                "UPDATE sagatx_executions SET lease_until = sagatx_now_ms() + $2
+                 WHERE id IN (SELECT id FROM sagatx_executions WHERE lease_owner = $1 FOR UPDATE SKIP LOCKED)",
                 &[&shared.owner, &shared.lease_ms],
             )
             .await
         {
             Ok(n) => tracing::trace!(renewed = n, "leases renewed"),
-            Err(e) => tracing::warn!(error = %e, "cannot renew leases"),
+            Err(e) => tracing::warn!(error = %io(e), "cannot renew leases"),
         }
         rounds += 1;
         if rounds.is_multiple_of(256) {

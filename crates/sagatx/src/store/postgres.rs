@@ -189,23 +189,153 @@ pub struct PostgresStore {
     _stop: tokio::sync::watch::Sender<()>,
 }
 
-async fn connect(cfg: &Config, url: &str) -> Result<Client, StoreError> {
-    let (client, conn) = tokio::time::timeout(Duration::from_secs(10), cfg.connect(NoTls))
-        .await
-        .map_err(|_| StoreError::Open {
+/// How the store reaches PostgreSQL: the connection settings and, when
+/// the URL asks for TLS, the rustls connector.
+#[derive(Clone)]
+struct Target {
+    cfg: Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// Parses a `postgres://` URL. Besides what tokio-postgres reads, it takes
+/// `sslrootcert=FILE` (PEM certificates to trust) and the `sslmode`s
+/// `verify-ca` and `verify-full`: any of `require`, `verify-ca`,
+/// `verify-full` or a `sslrootcert` makes the connection TLS, with the
+/// server's certificate checked against `sslrootcert` or, without it,
+/// against the system's roots (stricter than libpq's `require`, which
+/// checks nothing).
+fn target(url: &str) -> Result<Target, StoreError> {
+    let bad = |reason: String| StoreError::Open {
+        path: redact(url),
+        reason,
+    };
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut kept = Vec::new();
+    let (mut root, mut tls) = (None, false);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match (k, v) {
+            ("sslrootcert", file) => {
+                root = Some(file.to_string());
+                tls = true;
+            }
+            ("sslmode", "verify-ca" | "verify-full" | "require") => {
+                tls = true;
+                kept.push("sslmode=require".to_string());
+            }
+            _ => kept.push(pair.to_string()),
+        }
+    }
+    let plain = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let mut cfg: Config = plain
+        .parse()
+        .map_err(|e| bad(format!("not a PostgreSQL URL: {e}")))?;
+    cfg.application_name("sagatx");
+    if !tls {
+        return Ok(Target { cfg, tls: None });
+    }
+    if root.is_some() && !kept.iter().any(|p| p.starts_with("sslmode=")) {
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &root {
+        Some(file) => {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let certs = CertificateDer::pem_file_iter(file)
+                .map_err(|e| bad(format!("cannot read sslrootcert {file}: {e}")))?;
+            for c in certs {
+                let c = c.map_err(|e| bad(format!("sslrootcert {file} is not PEM: {e}")))?;
+                roots
+                    .add(c)
+                    .map_err(|e| bad(format!("sslrootcert {file}: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(format!("sslrootcert {file} holds no certificate")));
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(bad(
+                    "TLS was asked for but the system has no root certificates; give sslrootcert=FILE"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Target {
+        cfg,
+        tls: Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)),
+    })
+}
+
+impl Target {
+    /// A new connection whose messages a spawned task drives.
+    async fn connect(&self, url: &str) -> Result<Client, StoreError> {
+        let timeout = |_| StoreError::Open {
             path: redact(url),
             reason: "no answer within 10 s; check the host and port".into(),
-        })?
-        .map_err(|e| StoreError::Open {
-            path: redact(url),
-            reason: format!("{e}; check that PostgreSQL runs there and accepts this user"),
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        };
+        let refused = |e: tokio_postgres::Error| {
+            let what = e.to_string();
+            let hint = if what.contains("TLS") {
+                "check sslrootcert: it must hold the certificate of the CA that signed the server's"
+            } else {
+                "check that PostgreSQL runs there and accepts this user"
+            };
+            StoreError::Open {
+                path: redact(url),
+                reason: format!("{what}; {hint}"),
+            }
+        };
+        let ended = |e: tokio_postgres::Error| {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
+        };
+        let ten = Duration::from_secs(10);
+        match &self.tls {
+            None => {
+                let (client, conn) = tokio::time::timeout(ten, self.cfg.connect(NoTls))
+                    .await
+                    .map_err(timeout)?
+                    .map_err(refused)?;
+                tokio::spawn(async move { conn.await.map_err(ended) });
+                Ok(client)
+            }
+            Some(tls) => {
+                let (client, conn) = tokio::time::timeout(ten, self.cfg.connect(tls.clone()))
+                    .await
+                    .map_err(timeout)?
+                    .map_err(refused)?;
+                tokio::spawn(async move { conn.await.map_err(ended) });
+                Ok(client)
+            }
         }
-    });
-    Ok(client)
+    }
+
+    fn manager(&self) -> Manager {
+        let mc = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        match &self.tls {
+            None => Manager::from_config(self.cfg.clone(), NoTls, mc),
+            Some(tls) => Manager::from_config(self.cfg.clone(), tls.clone(), mc),
+        }
+    }
 }
 
 async fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
@@ -267,17 +397,14 @@ impl PostgresStore {
 
     /// [`open`](Self::open) with options.
     pub async fn open_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let cfg: Config = url.parse().map_err(|e| StoreError::Open {
-            path: redact(url),
-            reason: format!("not a PostgreSQL URL: {e}"),
-        })?;
+        let target = target(url)?;
         if options.lease < Duration::from_millis(200) {
             return Err(StoreError::Open {
                 path: redact(url),
                 reason: "the lease must last at least 200 ms".into(),
             });
         }
-        let mut client = connect(&cfg, url).await?;
+        let mut client = target.connect(url).await?;
         migrate(&mut client, url).await?;
         let secret: Vec<u8> = client
             .query_one("SELECT value FROM sagatx_meta WHERE key = 'secret'", &[])
@@ -291,14 +418,7 @@ impl PostgresStore {
                 path: redact(url),
                 reason: "its secret is not 32 bytes".into(),
             })?;
-        let mgr = Manager::from_config(
-            cfg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(mgr)
+        let pool = Pool::builder(target.manager())
             .max_size(16)
             .build()
             .map_err(|e| StoreError::Open {
@@ -328,13 +448,16 @@ impl PostgresStore {
         let (tx, rx) = mpsc::channel(8192);
         tokio::spawn(writer(
             client,
-            cfg.clone(),
+            target.clone(),
             url.to_string(),
             rx,
             shared.clone(),
         ));
         tokio::spawn(renew(pool.clone(), shared.clone(), stopped.clone()));
-        tokio::spawn(listen(cfg, shared.clone(), stopped));
+        match target.tls {
+            None => tokio::spawn(listen(target.cfg, NoTls, shared.clone(), stopped)),
+            Some(tls) => tokio::spawn(listen(target.cfg, tls, shared.clone(), stopped)),
+        };
         tracing::info!(owner = %shared.owner, lease_ms = shared.lease_ms, "PostgreSQL store open");
         Ok(PostgresStore {
             pool,
@@ -359,7 +482,7 @@ impl PostgresStore {
 
 async fn writer(
     mut client: Client,
-    cfg: Config,
+    target: Target,
     url: String,
     mut rx: mpsc::Receiver<Write>,
     shared: Arc<Shared>,
@@ -407,7 +530,7 @@ async fn writer(
                     loop {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
-                        if let Ok(c) = connect(&cfg, &url).await {
+                        if let Ok(c) = target.connect(&url).await {
                             tracing::info!("reconnected to PostgreSQL");
                             client = c;
                             statements = None;
@@ -1278,12 +1401,23 @@ async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Re
 /// Listens for forwarded commands; wakes the engine on each one meant for
 /// this process and after every (re)connect, when notifications may have
 /// been missed.
-async fn listen(cfg: Config, shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<()>) {
+async fn listen<T>(
+    cfg: Config,
+    tls: T,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+{
     use futures_util::StreamExt;
     let me = shared.owner.to_string();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let connected = tokio::time::timeout(Duration::from_secs(10), cfg.connect(NoTls)).await;
+        let connected =
+            tokio::time::timeout(Duration::from_secs(10), cfg.connect(tls.clone())).await;
         if let Ok(Ok((client, mut conn))) = connected {
             let (ntx, mut nrx) = mpsc::unbounded_channel::<String>();
             let pump = tokio::spawn(async move {

@@ -763,3 +763,55 @@ async fn a_lease_taken_over_fences_the_old_holder_out() {
         Claim::Mine { .. }
     ));
 }
+
+/// `sslmode=verify-full&sslrootcert=…`: every connection of the store is
+/// TLS, checked against the given certificate; a server whose certificate
+/// the roots do not vouch for is refused with a message that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_connects_over_tls_and_checks_the_certificate() {
+    use sagatx::store::{conformance, PostgresStore};
+    let base = env_url("SAGATX_TEST_PG_URL");
+    let ca = env_url("SAGATX_TEST_PG_CA");
+    let url = fresh_db(&base).await;
+    let db = url.rsplit('/').next().expect("db").to_string();
+    let store = Arc::new(
+        PostgresStore::open(&format!("{url}?sslmode=verify-full&sslrootcert={ca}"))
+            .await
+            .unwrap_or_else(|e| panic!("open over TLS: {e}")),
+    );
+    conformance::run(store.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let admin = client(&base).await;
+    let rows = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.datname = $1 AND a.application_name = 'sagatx'",
+            &[&db],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    assert!(rows.len() >= 2, "the store's connections: {}", rows.len());
+    assert!(
+        rows.iter().all(|r| r.get::<_, bool>(0)),
+        "every connection of the store is TLS"
+    );
+    // The self-signed certificate is not among the system's roots.
+    let err = PostgresStore::open(&format!("{url}?sslmode=require"))
+        .await
+        .err()
+        .expect("an unknown certificate is refused");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    let err = PostgresStore::open(&format!("{url}?sslrootcert=/nonexistent.pem"))
+        .await
+        .err()
+        .expect("a missing root file is refused");
+    assert!(
+        err.to_string()
+            .contains("cannot read sslrootcert /nonexistent.pem"),
+        "{err}"
+    );
+}

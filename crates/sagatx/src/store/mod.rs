@@ -16,6 +16,7 @@ use sagatx_core::{DecodeError, Execution, ExecutionId, SagaDefinition, Status};
 pub mod conformance;
 mod memory;
 pub mod migrate;
+mod migrations;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod sqlite;

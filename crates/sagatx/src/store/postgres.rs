@@ -37,60 +37,23 @@ use super::{
     Store, StoreError,
 };
 
-/// Migrations, applied in order; entry `i` takes the schema to version `i+1`.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE sagatx_meta (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
-CREATE TABLE sagatx_definitions (
-    name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL, created_at BIGINT NOT NULL,
-    PRIMARY KEY (name, version));
-CREATE TABLE sagatx_executions (
-    n BIGSERIAL PRIMARY KEY,
-    id UUID NOT NULL UNIQUE,
-    saga TEXT NOT NULL,
-    status TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    due_at BIGINT,
-    created_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    state BYTEA NOT NULL);
-CREATE INDEX sagatx_executions_due ON sagatx_executions (due_at) WHERE due_at IS NOT NULL;
-CREATE INDEX sagatx_executions_status ON sagatx_executions (status, n);
-CREATE INDEX sagatx_executions_saga ON sagatx_executions (saga, n);
-CREATE TABLE sagatx_oplog (
-    id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL, args TEXT NOT NULL,
-    created_at BIGINT NOT NULL, finished_at BIGINT, error TEXT);
-CREATE INDEX sagatx_oplog_pending ON sagatx_oplog (id) WHERE finished_at IS NULL;
-"#,
-    r#"
-CREATE INDEX sagatx_executions_saga_status ON sagatx_executions (saga, status);
-"#,
-    r#"
-CREATE FUNCTION sagatx_now_ms() RETURNS BIGINT LANGUAGE sql VOLATILE
-    AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
-ALTER TABLE sagatx_executions
-    ADD COLUMN lease_owner UUID,
-    ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0,
-    ADD COLUMN lease_until BIGINT;
-CREATE INDEX sagatx_executions_lease ON sagatx_executions (lease_until) WHERE lease_owner IS NOT NULL;
-CREATE INDEX sagatx_executions_owner ON sagatx_executions (lease_owner) WHERE lease_owner IS NOT NULL;
-CREATE INDEX sagatx_executions_orphans ON sagatx_executions (n)
-    WHERE lease_owner IS NULL AND status IN ('created', 'running', 'compensating');
-CREATE TABLE sagatx_inbox (
-    id BIGSERIAL PRIMARY KEY,
-    execution_id UUID NOT NULL,
-    command TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    taken BOOLEAN NOT NULL DEFAULT false,
-    outcome TEXT);
-CREATE INDEX sagatx_inbox_pending ON sagatx_inbox (execution_id) WHERE NOT taken;
-CREATE TABLE sagatx_processes (
-    owner UUID PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    started_at BIGINT NOT NULL,
-    seen_at BIGINT NOT NULL);
-"#,
+/// Migrations (numbered SQL files under `migrations/postgres`).
+pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
+    super::migrations::Migration {
+        version: 1,
+        name: "executions",
+        sql: include_str!("migrations/postgres/0001_executions.sql"),
+    },
+    super::migrations::Migration {
+        version: 2,
+        name: "saga_status_index",
+        sql: include_str!("migrations/postgres/0002_saga_status_index.sql"),
+    },
+    super::migrations::Migration {
+        version: 3,
+        name: "leases_inbox_processes",
+        sql: include_str!("migrations/postgres/0003_leases_inbox_processes.sql"),
+    },
 ];
 
 /// How long a lease lasts unless renewed, by default.
@@ -129,7 +92,7 @@ impl Shared {
 }
 
 /// The schema version this build writes.
-pub const PG_SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+pub const PG_SCHEMA_VERSION: i32 = super::migrations::latest(MIGRATIONS) as i32;
 /// Writes applied in one transaction at most.
 const MAX_BATCH: usize = 1024;
 
@@ -357,15 +320,13 @@ async fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
         .map_err(open)?
         .map(|r| r.get(0))
         .unwrap_or(0);
-    if version > PG_SCHEMA_VERSION {
-        return Err(StoreError::FutureSchema {
-            path: redact(url),
-            found: version as i64,
-            known: PG_SCHEMA_VERSION as i64,
-        });
-    }
-    for sql in MIGRATIONS.iter().skip(version as usize) {
-        tx.batch_execute(sql).await.map_err(open)?;
+    for m in super::migrations::pending(MIGRATIONS, version as i64, &redact(url))? {
+        tx.batch_execute(m.sql)
+            .await
+            .map_err(|e| StoreError::Open {
+                path: redact(url),
+                reason: format!("migration {} ({}) failed: {e}", m.version, m.name),
+            })?;
     }
     tx.execute("DELETE FROM sagatx_schema", &[])
         .await

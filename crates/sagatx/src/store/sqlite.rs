@@ -37,53 +37,28 @@ pub const QUEUE_DEPTH: usize = 8192;
 /// Read connections kept open at most.
 pub const MAX_READERS: usize = 8;
 
-/// Migrations, applied in order; entry `i` takes the schema to version `i+1`.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE definitions (
-    name        TEXT    NOT NULL,
-    version     INTEGER NOT NULL,
-    body        TEXT    NOT NULL,
-    created_at  INTEGER NOT NULL,
-    PRIMARY KEY (name, version)
-) WITHOUT ROWID;
-CREATE TABLE executions (
-    n           INTEGER PRIMARY KEY,
-    id          BLOB    NOT NULL UNIQUE,
-    saga        TEXT    NOT NULL,
-    status      TEXT    NOT NULL,
-    seq         INTEGER NOT NULL,
-    due_at      INTEGER,
-    created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL,
-    state       BLOB    NOT NULL
-);
-CREATE INDEX executions_due ON executions (due_at) WHERE due_at IS NOT NULL;
-CREATE INDEX executions_status ON executions (status, n);
-CREATE INDEX executions_saga ON executions (saga, n);
-"#,
-    r#"
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value BLOB NOT NULL
-) WITHOUT ROWID;
-INSERT INTO meta (key, value) VALUES ('secret', randomblob(32));
-"#,
-    r#"
-CREATE TABLE oplog (
-    id          INTEGER PRIMARY KEY,
-    name        TEXT    NOT NULL,
-    args        TEXT    NOT NULL,
-    created_at  INTEGER NOT NULL,
-    finished_at INTEGER,
-    error       TEXT
-);
-CREATE INDEX oplog_pending ON oplog (id) WHERE finished_at IS NULL;
-"#,
-    // The dashboard's summary counts from this index alone.
-    r#"
-CREATE INDEX executions_saga_status ON executions (saga, status);
-"#,
+/// Migrations (numbered SQL files under `migrations/sqlite`).
+pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
+    super::migrations::Migration {
+        version: 1,
+        name: "executions",
+        sql: include_str!("migrations/sqlite/0001_executions.sql"),
+    },
+    super::migrations::Migration {
+        version: 2,
+        name: "secret",
+        sql: include_str!("migrations/sqlite/0002_secret.sql"),
+    },
+    super::migrations::Migration {
+        version: 3,
+        name: "oplog",
+        sql: include_str!("migrations/sqlite/0003_oplog.sql"),
+    },
+    super::migrations::Migration {
+        version: 4,
+        name: "saga_status_index",
+        sql: include_str!("migrations/sqlite/0004_saga_status_index.sql"),
+    },
 ];
 
 /// How hard a commit insists on reaching the disk.
@@ -216,32 +191,24 @@ fn prepare(conn: &mut Connection, path: &Path, durability: Durability) -> Result
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(io)?;
-    const _: () = assert!(MIGRATIONS.len() as i64 == SCHEMA_VERSION);
-    let known = SCHEMA_VERSION;
-    if version > known {
-        return Err(StoreError::FutureSchema {
-            path: display(path),
-            found: version,
-            known,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    const _: () = assert!(super::migrations::latest(MIGRATIONS) == SCHEMA_VERSION);
+    for m in super::migrations::pending(MIGRATIONS, version, &display(path))? {
         let tx = conn.transaction().map_err(|e| StoreError::Open {
             path: display(path),
             reason: e.to_string(),
         })?;
-        tx.execute_batch(sql).map_err(|e| StoreError::Open {
+        tx.execute_batch(m.sql).map_err(|e| StoreError::Open {
             path: display(path),
-            reason: format!("migration {} failed: {e}", i + 1),
+            reason: format!("migration {} ({}) failed: {e}", m.version, m.name),
         })?;
         tx.execute_batch(&format!(
             "PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version={};",
-            i + 1
+            m.version
         ))
         .map_err(io)?;
         tx.commit().map_err(|e| StoreError::Open {
             path: display(path),
-            reason: format!("migration {} could not be committed: {e}", i + 1),
+            reason: format!("migration {} could not be committed: {e}", m.version),
         })?;
     }
     Ok(())

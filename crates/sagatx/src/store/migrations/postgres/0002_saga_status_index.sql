@@ -1,0 +1,1 @@
+CREATE INDEX sagatx_executions_saga_status ON sagatx_executions (saga, status);

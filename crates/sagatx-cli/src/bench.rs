@@ -266,7 +266,16 @@ async fn postgres(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         "PostgreSQL, group commit, one process",
     )
     .await?;
-    http_on(o, out, "postgres-http", &fresh_pg_db(&pg_url()?).await?).await
+    http_on(o, out, "postgres-http", &fresh_pg_db(&pg_url()?).await?, 1).await?;
+    // Three coordinators on one database, the load spread over them.
+    http_on(
+        o,
+        out,
+        "postgres-http-3",
+        &fresh_pg_db(&pg_url()?).await?,
+        3,
+    )
+    .await
 }
 
 async fn durable(
@@ -369,31 +378,46 @@ pub async fn service(listen: &str) -> Result<()> {
 }
 
 async fn http(o: &Options, out: &mut Vec<Row>) -> Result<()> {
-    http_on(o, out, "http", "sqlite://bench.db").await
+    http_on(o, out, "http", "sqlite://bench.db", 1).await
 }
 
-async fn http_on(o: &Options, out: &mut Vec<Row>, workload: &str, store: &str) -> Result<()> {
+/// `servers` coordinators on `store` (several only on PostgreSQL), a step
+/// service, and the load generator here, spreading requests over the
+/// coordinators.
+async fn http_on(
+    o: &Options,
+    out: &mut Vec<Row>,
+    workload: &str,
+    store: &str,
+    servers: usize,
+) -> Result<()> {
     sagatx_server::install_crypto();
     let dir = tempfile::tempdir()?;
-    let (sp, vp) = (free_port()?, free_port()?);
-    let server = spawn_self(
-        &[
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{sp}"),
-            "--store",
-            store,
-        ],
-        dir.path(),
-    )?;
+    let vp = free_port()?;
+    let mut procs = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..servers.max(1) {
+        let sp = free_port()?;
+        procs.push(spawn_self(
+            &[
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{sp}"),
+                "--store",
+                store,
+            ],
+            dir.path(),
+        )?);
+        wait_port(sp).await?;
+        bases.push(format!("http://127.0.0.1:{sp}"));
+    }
     let _svc = spawn_self(
         &["bench-service", "--listen", &format!("127.0.0.1:{vp}")],
         dir.path(),
     )?;
-    wait_port(sp).await?;
     wait_port(vp).await?;
-    let spid = server.0.id().to_string();
-    let base = format!("http://127.0.0.1:{sp}");
+    let spid = procs[0].0.id().to_string();
+    let base = bases[0].clone();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()?;
@@ -436,13 +460,13 @@ async fn http_on(o: &Options, out: &mut Vec<Row>, workload: &str, store: &str) -
             ));
             let run = |n: usize| {
                 let client = client.clone();
-                let base = base.clone();
+                let bases = bases.clone();
                 async move {
                     let per = n.div_ceil(c);
                     let mut tasks = tokio::task::JoinSet::new();
-                    for _ in 0..c {
+                    for i in 0..c {
                         let client = client.clone();
-                        let url = format!("{base}/v1/executions?wait=30");
+                        let url = format!("{}/v1/executions?wait=30", bases[i % bases.len()]);
                         tasks.spawn(async move {
                             let mut lat = Vec::with_capacity(per);
                             for _ in 0..per {
@@ -485,7 +509,11 @@ async fn http_on(o: &Options, out: &mut Vec<Row>, workload: &str, store: &str) -
                 c,
                 s,
                 &spid,
-                "server process: CPU, RSS and bytes written are the server's",
+                &if servers > 1 {
+                    format!("{servers} server processes on one PostgreSQL; CPU, RSS and bytes written are the first server's")
+                } else {
+                    "server process: CPU, RSS and bytes written are the server's".to_string()
+                },
             ));
         }
     }

@@ -861,6 +861,125 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The Python peers (bench/peers), run as a child process in this run.
+async fn peers(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    let script = std::env::var("SAGATX_PEERS")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/peers/run").into());
+    progress("peers: py-api-saga, minos-microservice-saga, transaction, nti.transactions");
+    let output = tokio::process::Command::new(&script)
+        .env("PEERS_SECONDS", if o.quick { "0.2" } else { "3" })
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .with_context(|| format!("cannot run {script}; set SAGATX_PEERS to bench/peers/run"))?;
+    if !output.status.success() {
+        bail!("{script} failed ({})", output.status);
+    }
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{script} printed something that is not JSON: {line}"))?;
+        let (Some(peer), Some(workload), Some(per_s), Some(us), Some(n)) = (
+            v["peer"].as_str(),
+            v["workload"].as_str(),
+            v["per_second"].as_f64(),
+            v["us_each"].as_f64(),
+            v["n"].as_u64(),
+        ) else {
+            bail!("{script} printed an incomplete row: {line}");
+        };
+        out.push(Row {
+            workload: "peers".into(),
+            variant: format!("{peer}: {workload}"),
+            concurrency: 1,
+            sagas: n as usize,
+            seconds: n as f64 / per_s,
+            sagas_per_second: per_s,
+            p50_us: us,
+            p90_us: f64::NAN,
+            p99_us: f64::NAN,
+            max_us: f64::NAN,
+            cpu_seconds_per_1000: f64::NAN,
+            peak_rss_mib: f64::NAN,
+            bytes_written_per_saga: None,
+            note: format!("mean µs in p50; {}", v["note"].as_str().unwrap_or("")),
+        });
+    }
+    Ok(())
+}
+
+/// For each peer figure measured in this run, the sagatx figure of the
+/// same workload and the ratio of their mean times.
+pub fn ratios(rows: &[Row]) -> Option<String> {
+    let find = |w: &str, v: &str| {
+        rows.iter()
+            .find(|r| r.workload == w && r.variant == v && r.concurrency == 1)
+    };
+    let pairs = [
+        (
+            "memory",
+            "3 steps, sequential",
+            "py-api-saga 0.0.3: memory: 3 steps, sequential",
+        ),
+        (
+            "memory",
+            "3rd rejected, 2 compensations",
+            "py-api-saga 0.0.3: memory: 3rd rejected, 2 compensations",
+        ),
+        (
+            "memory",
+            "3 steps, sequential",
+            "minos-microservice-saga 0.7.0: memory: 3 steps, sequential",
+        ),
+        (
+            "tx",
+            "begin, join 1, commit",
+            "transaction 5.1: tx: begin, join 1, commit",
+        ),
+        (
+            "tx",
+            "begin, join 3, commit",
+            "transaction 5.1: tx: begin, join 3, commit",
+        ),
+        (
+            "tx",
+            "TransactionLoop, join 1",
+            "nti.transactions 5.2: tx: TransactionLoop, join 1",
+        ),
+    ];
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+    t.set_header([
+        "peer and workload",
+        "peer µs",
+        "sagatx µs",
+        "sagatx is faster by",
+    ]);
+    let mut any = false;
+    for (w, v, peer) in pairs {
+        let (Some(ours), Some(theirs)) = (find(w, v), find("peers", peer)) else {
+            continue;
+        };
+        let (a, b) = (1e6 / ours.sagas_per_second, 1e6 / theirs.sagas_per_second);
+        t.add_row([
+            peer.to_string(),
+            format!("{b:.2}"),
+            format!("{a:.2}"),
+            format!("{:.2}×", b / a),
+        ]);
+        any = true;
+    }
+    any.then(|| t.to_string())
+}
+
+/// A figure for the table; "–" when not measured.
+fn num(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "–".into()
+    }
+}
+
 /// Runs the chosen workloads.
 pub async fn run(o: &Options) -> Result<Vec<Row>> {
     let mut out = Vec::new();
@@ -873,8 +992,9 @@ pub async fn run(o: &Options) -> Result<Vec<Row>> {
             "idle" => idle(o, &mut out).await?,
             "postgres" => postgres(o, &mut out).await?,
             "tx" => tx(o, &mut out).await?,
+            "peers" => peers(o, &mut out).await?,
             other => bail!(
-                "no workload {other:?}; choose from {}, postgres",
+                "no workload {other:?}; choose from {}, postgres, peers",
                 ALL.join(", ")
             ),
         }
@@ -908,11 +1028,11 @@ pub fn table(rows: &[Row]) -> String {
             r.sagas.to_string(),
             format!("{:.0}", r.sagas_per_second),
             format!("{:.0}", r.p50_us),
-            format!("{:.0}", r.p90_us),
-            format!("{:.0}", r.p99_us),
-            format!("{:.0}", r.max_us),
-            format!("{:.3}", r.cpu_seconds_per_1000),
-            format!("{:.1}", r.peak_rss_mib),
+            num(r.p90_us, 0),
+            num(r.p99_us, 0),
+            num(r.max_us, 0),
+            num(r.cpu_seconds_per_1000, 3),
+            num(r.peak_rss_mib, 1),
             r.bytes_written_per_saga
                 .map(|b| format!("{b:.0}"))
                 .unwrap_or_else(|| "-".into()),

@@ -292,6 +292,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
             } else {
                 println!("{}", bench::table(&rows));
+                if let Some(r) = bench::ratios(&rows) {
+                    println!("\nSide by side, measured in this run (mean time per saga or transaction):\n{r}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -223,6 +223,47 @@ fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
     );
 }
 
+/// The Python peers run in the same `sagatx bench` run (a pinned
+/// virtualenv, made under target/ on first use), and the side-by-side table
+/// pairs each with the sagatx figure of the same workload.
+#[test]
+fn bench_runs_the_python_peers_side_by_side() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(
+        &["bench", "--quick", "--json", "--workload", "tx,peers"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output is JSON");
+    let peers: Vec<&serde_json::Value> = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["workload"] == "peers")
+        .collect();
+    let names: Vec<&str> = peers.iter().filter_map(|r| r["variant"].as_str()).collect();
+    for want in [
+        "py-api-saga 0.0.3: memory: 3 steps, sequential",
+        "py-api-saga 0.0.3: memory: 3rd rejected, 2 compensations",
+        "minos-microservice-saga 0.7.0: memory: 3 steps, sequential",
+        "transaction 5.1: tx: begin, join 1, commit",
+        "nti.transactions 5.2: tx: TransactionLoop, join 1",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for r in peers {
+        assert!(r["sagas_per_second"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    }
+    let table = run(&["bench", "--quick", "--workload", "tx,peers"], dir.path());
+    assert!(table.status.success(), "{}", text(&table));
+    let t = text(&table);
+    assert!(t.contains("Side by side, measured in this run"), "{t}");
+    assert!(
+        t.contains("transaction 5.1: tx: begin, join 1, commit"),
+        "{t}"
+    );
+}
+
 #[test]
 fn serve_runs_sagas_on_postgresql() {
     let base = std::env::var("SAGATX_TEST_PG_URL")

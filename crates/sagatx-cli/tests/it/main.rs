@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod large;
 mod shared;
 
 use std::path::{Path, PathBuf};
@@ -220,6 +221,21 @@ fn blocking_get(url: &str) -> Value {
         match reqwest::get(url).await {
             Ok(r) => r.json().await.unwrap_or(Value::Null),
             Err(_) => Value::Null,
+        }
+    })
+}
+
+/// A GET of a page as text.
+pub fn get_text(url: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        sagatx_server::install_crypto();
+        match reqwest::get(url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
         }
     })
 }

@@ -263,10 +263,9 @@ pub struct Inboxed {
 /// A process claims an execution before it drives it, and the claim bumps
 /// the execution's lease epoch; every journal write of the process carries
 /// the epoch and fails with [`StoreError::LeaseLost`] once another process
-/// has claimed the execution since. A lease runs out unless renewed (the
-/// store renews the leases of a live process in the background), so the
-/// work of a process that died is claimed by another when its leases
-/// expire. A terminal write and [`release`](Leases::release) give the
+/// has claimed the execution since. A process's leases last as long as
+/// its heartbeat, so the work of a process that died (or stalled past its
+/// lease time) is claimed by another once the heartbeat is that old. A terminal write and [`release`](Leases::release) give the
 /// lease up at once.
 #[async_trait]
 pub trait Leases: Send + Sync {
@@ -291,8 +290,8 @@ pub trait Leases: Send + Sync {
     /// Journals a transition as [`Store::append`] does, under the lease of
     /// this `epoch`: fails with [`StoreError::LeaseLost`] when another
     /// claim replaced it. `seq == 1` creates the execution under a new
-    /// lease of this process (epoch 1). A write renews the lease; a
-    /// terminal one gives it up. ([`Store::append`] on a shared store
+    /// lease of this process (epoch 1). A terminal write gives the lease
+    /// up. ([`Store::append`] on a shared store
     /// writes under no lease: accepted while no other process holds the
     /// execution.)
     async fn append_leased(&self, ex: &Execution, epoch: u64) -> Result<(), StoreError>;

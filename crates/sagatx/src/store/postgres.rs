@@ -12,10 +12,10 @@
 //!   [`Leases`](super::Leases)): a process claims an execution before it
 //!   drives it (`FOR UPDATE SKIP LOCKED` for due work), every write carries
 //!   the lease's owner and epoch and fails once another process claimed the
-//!   execution, the leases of a live process are renewed in the background,
-//!   and those of a dead one run out and are claimed by the others.
-//!   Lease times use the database's clock, so the processes' clocks need
-//!   not agree.
+//!   execution, a live process keeps its leases with a heartbeat (one row
+//!   in `sagatx_processes`), and those of a dead one run out and are
+//!   claimed by the others. Lease times use the database's clock, so the
+//!   processes' clocks need not agree.
 //! - Commands for an execution another process drives go through the
 //!   `sagatx_inbox` table; `LISTEN/NOTIFY` wakes the holder at once (a
 //!   notification is a hint: the table is read again after every reconnect
@@ -148,7 +148,7 @@ pub struct PostgresStore {
     writer: mpsc::Sender<Write>,
     secret: std::sync::Mutex<[u8; 32]>,
     shared: Arc<Shared>,
-    /// Dropped with the store: ends the renewal and listener tasks.
+    /// Dropped with the store: ends the heartbeat and listener tasks.
     _stop: tokio::sync::watch::Sender<()>,
 }
 
@@ -350,7 +350,7 @@ async fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
 }
 
 impl PostgresStore {
-    /// Connects, migrates the schema, starts the writer, the lease renewal
+    /// Connects, migrates the schema, starts the writer, the heartbeat
     /// and the listener, with the default lease.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         Self::open_with(url, PostgresOptions::default()).await
@@ -395,12 +395,13 @@ impl PostgresStore {
         // database that processes use).
         client
             .execute(
-                "INSERT INTO sagatx_processes (owner, host, pid, started_at, seen_at)
-                 VALUES ($1, $2, $3, sagatx_now_ms(), sagatx_now_ms())",
+                "INSERT INTO sagatx_processes (owner, host, pid, lease_ms, started_at, seen_at)
+                 VALUES ($1, $2, $3, $4, sagatx_now_ms(), sagatx_now_ms())",
                 &[
                     &shared.owner,
                     &std::env::var("HOSTNAME").unwrap_or_default(),
                     &(std::process::id() as i32),
+                    &shared.lease_ms,
                 ],
             )
             .await
@@ -555,27 +556,26 @@ async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         insert: client
             .prepare(
                 "INSERT INTO sagatx_executions
-                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch, lease_until)
-                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8::UUID, 1,
-                   CASE WHEN $8::UUID IS NULL THEN NULL ELSE sagatx_now_ms() + $9 END)
+                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch)
+                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8::UUID, 1)
                  ON CONFLICT (id) DO NOTHING",
             )
             .await?,
-        // A write under a lease renews it; a terminal one gives it up.
+        // A terminal write gives the lease up. The lease columns are not
+        // otherwise touched, so that a write that changes no indexed column
+        // stays a HOT update.
         update: client
             .prepare(
                 "UPDATE sagatx_executions SET status = $2, seq = $3, due_at = $4, updated_at = $5, state = $6,
-                   lease_owner = CASE WHEN $12 THEN lease_owner ELSE $8::UUID END,
-                   lease_until = CASE WHEN $12 THEN lease_until
-                                      WHEN $8::UUID IS NULL THEN NULL ELSE sagatx_now_ms() + $9 END
+                   lease_owner = CASE WHEN $11 THEN lease_owner ELSE $8::UUID END
                  WHERE id = $1 AND seq = $7
-                   AND ((lease_owner = $10 AND lease_epoch = $11)
-                        OR ($11 = 0 AND (lease_owner IS NULL OR lease_owner = $10)))",
+                   AND ((lease_owner = $9 AND lease_epoch = $10)
+                        OR ($10 = 0 AND (lease_owner IS NULL OR lease_owner = $9)))",
             )
             .await?,
         release: client
             .prepare(
-                "UPDATE sagatx_executions SET lease_owner = NULL, lease_until = NULL
+                "UPDATE sagatx_executions SET lease_owner = NULL
                  WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
             )
             .await?,
@@ -590,7 +590,7 @@ async fn apply(
 ) -> Result<Vec<Done>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let (insert, update) = (&st.insert, &st.update);
-    let (me, lease_ms) = (shared.owner, shared.lease_ms);
+    let me = shared.owner;
     // The executions' writes are pipelined on the connection (sent
     // together, answered in order): one round trip for the batch instead of
     // one per write.
@@ -635,7 +635,6 @@ async fn apply(
                         &(ex.updated_at_ms as i64),
                         p.state,
                         &p.owner,
-                        &lease_ms,
                     ],
                 )
                 .await
@@ -652,7 +651,6 @@ async fn apply(
                         p.state,
                         &((ex.seq - 1) as i64),
                         &p.owner,
-                        &lease_ms,
                         &me,
                         &p.epoch,
                         &p.keep,
@@ -1091,10 +1089,12 @@ impl Leases for PostgresStore {
         let row = c
             .query_opt(
                 "UPDATE sagatx_executions
-                 SET lease_owner = $2, lease_epoch = lease_epoch + 1, lease_until = sagatx_now_ms() + $3
-                 WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < sagatx_now_ms())
+                 SET lease_owner = $2, lease_epoch = lease_epoch + 1
+                 WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_owner IN (
+                     SELECT owner FROM sagatx_processes WHERE seen_at + lease_ms < sagatx_now_ms())
+                   OR NOT EXISTS (SELECT 1 FROM sagatx_processes WHERE owner = lease_owner))
                  RETURNING lease_epoch, state",
-                &[&id.0, &me, &self.shared.lease_ms],
+                &[&id.0, &me],
             )
             .await
             .map_err(io)?;
@@ -1135,25 +1135,22 @@ impl Leases for PostgresStore {
                     SELECT id FROM sagatx_executions
                     WHERE due_at IS NOT NULL AND due_at <= $1 AND lease_owner IS NULL
                     ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED),
+                 dead AS (
+                    SELECT owner FROM sagatx_processes
+                    WHERE owner <> $2 AND seen_at + lease_ms < sagatx_now_ms()),
                  lapsed AS (
                     SELECT id FROM sagatx_executions
-                    WHERE lease_owner IS NOT NULL AND lease_owner <> $2 AND lease_until < sagatx_now_ms()
-                    ORDER BY lease_until LIMIT $3 FOR UPDATE SKIP LOCKED),
+                    WHERE lease_owner IN (SELECT owner FROM dead)
+                    LIMIT $3 FOR UPDATE SKIP LOCKED),
                  orphans AS (
                     SELECT id FROM sagatx_executions
-                    WHERE $5 AND lease_owner IS NULL AND status IN ('created', 'running', 'compensating')
+                    WHERE $4 AND lease_owner IS NULL AND status IN ('created', 'running', 'compensating')
                     ORDER BY n LIMIT $3 FOR UPDATE SKIP LOCKED)
                  UPDATE sagatx_executions e
-                 SET lease_owner = $2, lease_epoch = e.lease_epoch + 1, lease_until = sagatx_now_ms() + $4
+                 SET lease_owner = $2, lease_epoch = e.lease_epoch + 1
                  WHERE e.id IN (SELECT id FROM due UNION SELECT id FROM lapsed UNION SELECT id FROM orphans)
                  RETURNING e.id, e.lease_epoch, e.state",
-                &[
-                    &clamp_ms(now_ms),
-                    &self.shared.owner,
-                    &(limit as i64),
-                    &self.shared.lease_ms,
-                    &orphans,
-                ],
+                &[&clamp_ms(now_ms), &self.shared.owner, &(limit as i64), &orphans],
             )
             .await
             .map_err(io)?;
@@ -1191,7 +1188,7 @@ impl Leases for PostgresStore {
     async fn release_all(&self) -> Result<(), StoreError> {
         let c = self.read().await?;
         c.execute(
-            "UPDATE sagatx_executions SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+            "UPDATE sagatx_executions SET lease_owner = NULL WHERE lease_owner = $1",
             &[&self.shared.owner],
         )
         .await
@@ -1203,8 +1200,8 @@ impl Leases for PostgresStore {
         let c = self.read().await?;
         let n: i64 = c
             .query_one(
-                "SELECT count(*) FROM sagatx_processes WHERE owner <> $1 AND seen_at > sagatx_now_ms() - $2",
-                &[&self.shared.owner, &(self.shared.lease_ms.max(DEFAULT_LEASE.as_millis() as i64) * 2)],
+                "SELECT count(*) FROM sagatx_processes WHERE owner <> $1 AND seen_at + 2 * lease_ms > sagatx_now_ms()",
+                &[&self.shared.owner],
             )
             .await
             .map_err(io)?
@@ -1302,8 +1299,9 @@ impl Leases for PostgresStore {
     }
 }
 
-/// Renews this process's leases every quarter of the lease time, and
-/// clears old answered inbox entries whose sender went away.
+/// Renews this process's leases every quarter of the lease time (a
+/// heartbeat in `sagatx_processes`), and clears old answered inbox entries
+/// whose sender went away.
 async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<()>) {
     let every = Duration::from_millis((shared.lease_ms / 4).max(50) as u64);
     let mut rounds = 0u64;
@@ -1319,33 +1317,35 @@ async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Re
             continue;
         };
         if stopping {
-            // The store was dropped: this process is leaving.
+            // The store was dropped: this process is leaving. Marked gone
+            // (not deleted) so that whatever it still holds is claimed by
+            // the others at once.
             let _ = c
                 .execute(
-                    "DELETE FROM sagatx_processes WHERE owner = $1",
+                    "UPDATE sagatx_processes SET seen_at = 0 WHERE owner = $1",
                     &[&shared.owner],
                 )
                 .await;
             return;
         }
-        let _ = c
-            .execute(
-                "UPDATE sagatx_processes SET seen_at = sagatx_now_ms() WHERE owner = $1",
-                &[&shared.owner],
-            )
-            .await;
-        // Rows the writer has locked are skipped, not waited for (waiting
-        // could deadlock with its batch): the write renews them itself.
+        // The heartbeat keeps every lease of this process: one row, however
+        // many executions it drives. A row removed meanwhile is made again.
         match c
             .execute(
-                "UPDATE sagatx_executions SET lease_until = sagatx_now_ms() + $2
-                 WHERE id IN (SELECT id FROM sagatx_executions WHERE lease_owner = $1 FOR UPDATE SKIP LOCKED)",
-                &[&shared.owner, &shared.lease_ms],
+                "INSERT INTO sagatx_processes (owner, host, pid, lease_ms, started_at, seen_at)
+                 VALUES ($1, $2, $3, $4, sagatx_now_ms(), sagatx_now_ms())
+                 ON CONFLICT (owner) DO UPDATE SET seen_at = sagatx_now_ms()",
+                &[
+                    &shared.owner,
+                    &std::env::var("HOSTNAME").unwrap_or_default(),
+                    &(std::process::id() as i32),
+                    &shared.lease_ms,
+                ],
             )
             .await
         {
-            Ok(n) => tracing::trace!(renewed = n, "leases renewed"),
-            Err(e) => tracing::warn!(error = %io(e), "cannot renew leases"),
+            Ok(_) => tracing::trace!("heartbeat"),
+            Err(e) => tracing::warn!(error = %io(e), "cannot renew leases (heartbeat)"),
         }
         rounds += 1;
         if rounds.is_multiple_of(256) {
@@ -1353,6 +1353,14 @@ async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Re
                 .execute(
                     "DELETE FROM sagatx_inbox WHERE outcome IS NOT NULL AND created_at < $1",
                     &[&clamp_ms(now_ms().saturating_sub(3_600_000))],
+                )
+                .await;
+            // Processes gone for an hour that hold nothing.
+            let _ = c
+                .execute(
+                    "DELETE FROM sagatx_processes p WHERE seen_at < sagatx_now_ms() - 3600000
+                     AND NOT EXISTS (SELECT 1 FROM sagatx_executions e WHERE e.lease_owner = p.owner)",
+                    &[],
                 )
                 .await;
         }

@@ -56,6 +56,12 @@ try {
   const boxes = await page.$$eval("#diagram svg text", els => els.map(e => e.textContent));
   check(boxes.includes("reserve") && boxes.includes("undo reserve"), "the diagram shows steps and compensations");
   check(await page.$("#saga-error") !== null, "the error of the saga is shown");
+  const calls = await page.$$eval("#calls tbody tr", rows => rows.map(r => [...r.cells].map(c => c.textContent.trim())));
+  check(calls.some(c => c[1] === "charge" && c[2] === "action" && c[5].startsWith("permanent") && /402/.test(c[6])),
+        "the calls show the rejected charge with its error");
+  check(calls.some(c => c[1] === "reserve" && c[2] === "compensation" && c[5].startsWith("ok")),
+        "the calls show the compensation of reserve");
+  check(calls.every(c => /\d+ ms/.test(c[4])), "each finished call shows how long it took");
   if (shots) await page.screenshot({ path: shots + "/dashboard-execution.png", fullPage: true });
 
   // Cancel a paused execution from its page (the confirmation is accepted).

@@ -226,6 +226,105 @@ pub struct StepState {
     /// The reply received for a `callback` step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<Reply>,
+    /// The calls made for this step, oldest first: the last
+    /// [`HISTORY_CAP`] of them (the counters above count them all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Attempt>,
+}
+
+/// At most this many calls are kept in a step's history.
+pub const HISTORY_CAP: usize = 16;
+
+/// An error message is kept in the history up to this many bytes.
+const HISTORY_ERROR_BYTES: usize = 300;
+
+/// One call of a step, for the timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// `a`, `c` or `f`: action, compensation or confirm (short: it is
+    /// journaled with every transition).
+    #[serde(rename = "p", with = "phase_letter")]
+    pub phase: Phase,
+    #[serde(rename = "n")]
+    pub attempt: u32,
+    /// When the call was journaled as started, ms since the Unix epoch.
+    #[serde(rename = "s")]
+    pub started_at_ms: u64,
+    /// When its outcome was journaled; `None` while it is in flight.
+    #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<u64>,
+    /// `ok`, `transient`, `permanent`, `unknown_outcome`, or `interrupted`
+    /// (cut short by a restart or a takeover).
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+mod phase_letter {
+    use super::Phase;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Phase, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match p {
+            Phase::Action => "a",
+            Phase::Compensation => "c",
+            Phase::Confirm => "f",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Phase, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "a" => Ok(Phase::Action),
+            "c" => Ok(Phase::Compensation),
+            "f" => Ok(Phase::Confirm),
+            other => Err(serde::de::Error::custom(format!("unknown phase letter {other:?}"))),
+        }
+    }
+}
+
+impl StepState {
+    /// Records the start of a call in the history.
+    pub(crate) fn began(&mut self, phase: Phase, attempt: u32, now_ms: u64) {
+        if self.history.len() == HISTORY_CAP {
+            self.history.remove(0);
+        }
+        self.history.push(Attempt {
+            phase,
+            attempt,
+            started_at_ms: now_ms,
+            ended_at_ms: None,
+            outcome: None,
+            error: None,
+        });
+    }
+
+    /// Records the end of a call in the history.
+    pub(crate) fn ended(
+        &mut self,
+        phase: Phase,
+        attempt: u32,
+        now_ms: u64,
+        outcome: &str,
+        error: Option<&str>,
+    ) {
+        if let Some(a) = self
+            .history
+            .iter_mut()
+            .rev()
+            .find(|a| a.phase == phase && a.attempt == attempt && a.ended_at_ms.is_none())
+        {
+            a.ended_at_ms = Some(now_ms.max(a.started_at_ms));
+            a.outcome = Some(outcome.to_string());
+            a.error = error.map(|e| {
+                let mut end = e.len().min(HISTORY_ERROR_BYTES);
+                while !e.is_char_boundary(end) {
+                    end -= 1;
+                }
+                e[..end].to_string()
+            });
+        }
+    }
 }
 
 use crate::definition::Phase;
@@ -248,6 +347,7 @@ impl StepState {
             due_at_ms: None,
             owed: None,
             reply: None,
+            history: Vec::new(),
         }
     }
 
@@ -464,6 +564,14 @@ impl Execution {
                     "compensation_error": s.compensation_error,
                     "confirm_error": s.confirm_error,
                     "next_attempt_at": s.due_at_ms.map(format_ms),
+                    "history": s.history.iter().map(|a| serde_json::json!({
+                        "phase": a.phase.as_str(),
+                        "attempt": a.attempt,
+                        "started_at": format_ms(a.started_at_ms),
+                        "ended_at": a.ended_at_ms.map(format_ms),
+                        "outcome": a.outcome,
+                        "error": a.error,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -500,6 +608,11 @@ impl Execution {
         }
         if self.steps.is_empty() {
             return Err("an execution has at least one step".into());
+        }
+        for s in &self.steps {
+            if s.history.len() > HISTORY_CAP {
+                return Err(format!("step {} keeps {} calls in its history", s.name, s.history.len()));
+            }
         }
         let paused = self.status == Status::Paused;
         if paused != self.awaiting.is_some() {

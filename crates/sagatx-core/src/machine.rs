@@ -225,6 +225,7 @@ impl Run<'_> {
             Phase::Confirm => {}
         }
         let attempt = s.attempts_of(phase);
+        s.began(phase, attempt, self.env.now_ms);
         self.out.calls.push(crate::machine::Call {
             step: i,
             phase,
@@ -309,6 +310,11 @@ impl Run<'_> {
         }
         self.ex.steps[i].in_flight = None;
         self.out.changed = true;
+        let (label, message) = match &outcome {
+            Ok(_) => ("ok", None),
+            Err(e) => (e.class.as_str(), Some(e.message.as_str())),
+        };
+        self.ex.steps[i].ended(phase, attempt, self.env.now_ms, label, message);
         match phase {
             Phase::Action => self.on_action_outcome(i, outcome),
             Phase::Compensation | Phase::Confirm => self.on_undo_outcome(i, phase, outcome),
@@ -517,6 +523,8 @@ impl Run<'_> {
             self.out.changed = true;
             let rolling_back = self.rolling_back() || self.ex.committing;
             let s = &mut self.ex.steps[i];
+            let attempt = s.attempts_of(phase);
+            s.ended(phase, attempt, now, "interrupted", None);
             s.in_flight = None;
             *s.exempt_mut(phase) += 1;
             if phase == Phase::Action {

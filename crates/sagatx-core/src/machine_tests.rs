@@ -708,7 +708,10 @@ fn golden_state() -> Execution {
 
 #[test]
 fn golden_files_of_every_format_version_stay_readable() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/execution-v1.json");
+    // Format 1 as first written (no call history), and with the history
+    // that was added to it later (an optional field: the version did not
+    // change).
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/execution-v1-history.json");
     if std::env::var_os("SAGATX_WRITE_GOLDEN").is_some() {
         let v: Value =
             serde_json::from_slice(&golden_state().to_raw().expect("encode")).expect("json");
@@ -717,5 +720,62 @@ fn golden_files_of_every_format_version_stay_readable() {
     }
     let raw = include_bytes!("../golden/execution-v1.json");
     let ex = Execution::from_raw(raw).expect("version 1 journal entries decode");
-    assert_eq!(ex, golden_state(), "decoding v1 gives the same state");
+    let mut without_history = golden_state();
+    for s in &mut without_history.steps {
+        s.history.clear();
+    }
+    assert_eq!(ex, without_history, "decoding v1 gives the same state");
+    let raw = include_bytes!("../golden/execution-v1-history.json");
+    let ex = Execution::from_raw(raw).expect("version 1 entries with history decode");
+    assert_eq!(ex, golden_state(), "decoding v1 with history gives the same state");
+}
+
+/// The timeline of a step: every call with its times and outcome, a call
+/// cut short by a restart marked as such, the oldest dropped past the cap.
+#[test]
+fn each_call_is_kept_in_the_step_history_with_its_times_and_outcome() {
+    let mut h = callback_saga();
+    h.now = 1_000;
+    h.ev(Event::Start);
+    h.now = 1_005;
+    h.err(0, A, StepError::transient("HTTP 503"));
+    h.now = 1_200;
+    h.ev(Event::Tick);
+    h.now = 1_210;
+    h.ev(Event::Resume);
+    h.now = 1_220;
+    h.ok(0, A, json!(1));
+    let hist = &h.ex.steps[0].history;
+    let outcomes: Vec<_> = hist
+        .iter()
+        .map(|a| (a.attempt, a.outcome.as_deref(), a.error.as_deref()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (1, Some("transient"), Some("HTTP 503")),
+            (2, Some("interrupted"), None),
+            (3, Some("ok"), None),
+        ]
+    );
+    assert_eq!((hist[0].started_at_ms, hist[0].ended_at_ms), (1_000, Some(1_005)));
+    assert_eq!(hist[1].ended_at_ms, Some(1_210));
+    assert_eq!(hist[2].started_at_ms, 1_210, "made again at once after the restart");
+    // The public view shows it.
+    let v = h.ex.view();
+    assert_eq!(v["steps"][0]["history"][0]["outcome"], "transient");
+    assert_eq!(v["steps"][0]["history"][2]["phase"], "action");
+
+    let mut s = sagatx_core_step("x");
+    for n in 1..=(crate::HISTORY_CAP as u32 + 4) {
+        s.began(A, n, u64::from(n));
+        s.ended(A, n, u64::from(n) + 1, "transient", Some(&"e".repeat(1_000)));
+    }
+    assert_eq!(s.history.len(), crate::HISTORY_CAP);
+    assert_eq!(s.history[0].attempt, 5, "the oldest calls go first");
+    assert!(s.history[0].error.as_ref().is_some_and(|e| e.len() <= 300));
+}
+
+fn sagatx_core_step(name: &str) -> crate::StepState {
+    crate::StepState::new(name)
 }

@@ -61,6 +61,24 @@ pub struct StepView {
     pub confirm_error: Option<String>,
     /// RFC 3339; the next retry or reply deadline.
     pub next_attempt_at: Option<String>,
+    /// The last 16 calls of the step, oldest first.
+    pub history: Vec<AttemptView>,
+}
+
+/// One call of a step.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AttemptView {
+    /// action, compensation or confirm
+    pub phase: String,
+    pub attempt: u32,
+    /// RFC 3339
+    pub started_at: String,
+    /// RFC 3339; null while in flight
+    pub ended_at: Option<String>,
+    /// ok, transient, permanent, unknown_outcome, interrupted; null while in flight
+    pub outcome: Option<String>,
+    pub error: Option<String>,
 }
 
 /// A compensation in an execution's error.
@@ -157,6 +175,7 @@ pub struct ErrorBody {
         StartRequest,
         ReplyRequest,
         StepView,
+        AttemptView,
         CompensationView,
         ExecutionErrorView,
         ExecutionView,

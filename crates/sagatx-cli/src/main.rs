@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 mod bench;
 mod client;
 mod graph;
+#[cfg(feature = "otel")]
+mod otel;
 mod show;
 
 use client::Client;
@@ -77,6 +79,11 @@ enum Command {
         /// process that died waits for another to take it over.
         #[arg(long, env = "SAGATX_LEASE_MS", default_value_t = 10_000)]
         lease_ms: u64,
+        /// Export tracing spans (executions, step calls, store commits) to
+        /// this OpenTelemetry collector over OTLP/HTTP, e.g.
+        /// http://127.0.0.1:4318 (builds with the `otel` feature).
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
     },
     /// Start an execution of the definition in FILE and follow it until it
     /// is terminal or paused; exit 0 for completed, 1 otherwise.
@@ -202,6 +209,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             notify_on,
             log_format,
             lease_ms,
+            otlp_endpoint,
         } => {
             let statuses = notify_on
                 .iter()
@@ -216,15 +224,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     statuses,
                 })
             };
-            serve(
+            serve(Serve {
                 listen,
                 store,
                 token,
                 public_url,
                 notify,
-                log_format == "json",
-                Duration::from_millis(lease_ms),
-            )
+                json_logs: log_format == "json",
+                lease: Duration::from_millis(lease_ms),
+                otlp: otlp_endpoint,
+            })
             .await
         }
         Command::Run {
@@ -381,7 +390,8 @@ async fn follow(c: &Client, def: Value, input: Value) -> Result<ExitCode> {
     }
 }
 
-async fn serve(
+/// What `sagatx serve` was asked for.
+struct Serve {
     listen: String,
     store: String,
     token: Option<String>,
@@ -389,17 +399,55 @@ async fn serve(
     notify: Option<sagatx_server::notify::NotifyConfig>,
     json_logs: bool,
     lease: Duration,
-) -> Result<ExitCode> {
+    otlp: Option<String>,
+}
+
+async fn serve(args: Serve) -> Result<ExitCode> {
+    let Serve {
+        listen,
+        store,
+        token,
+        public_url,
+        notify,
+        json_logs,
+        lease,
+        otlp,
+    } = args;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SAGATX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json_logs {
-        logs.json().init();
+    let logs = if json_logs {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        logs.init();
-    }
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
+    #[cfg(feature = "otel")]
+    let (provider, spans) = match &otlp {
+        Some(endpoint) => {
+            let (p, l) = otel::layer(endpoint)?;
+            // Executions, step calls and store commits.
+            let f = tracing_subscriber::EnvFilter::new("info,sagatx::store=debug");
+            (Some(p), Some(l.with_filter(f)))
+        }
+        None => (None, None),
+    };
+    #[cfg(not(feature = "otel"))]
+    let spans: Option<tracing_subscriber::layer::Identity> = match &otlp {
+        Some(_) => bail!(
+            "--otlp-endpoint: this build has no OTLP export; build sagatx with the otel feature \
+             (cargo build --release -p sagatx-cli --features otel)"
+        ),
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .init();
     let stop = shutdown_signal()?;
     let store =
         sagatx::store::open_with(&store, sagatx::store::OpenOptions::default().lease(lease))
@@ -422,6 +470,11 @@ async fn serve(
     sagatx_server::serve(listener, store, cfg, stop)
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    #[cfg(feature = "otel")]
+    if let Some(p) = provider {
+        // Sends the spans still in the batch.
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+    }
     eprintln!("sagatx serve: stopped");
     Ok(ExitCode::SUCCESS)
 }

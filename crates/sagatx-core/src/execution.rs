@@ -278,7 +278,9 @@ mod phase_letter {
             "a" => Ok(Phase::Action),
             "c" => Ok(Phase::Compensation),
             "f" => Ok(Phase::Confirm),
-            other => Err(serde::de::Error::custom(format!("unknown phase letter {other:?}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown phase letter {other:?}"
+            ))),
         }
     }
 }
@@ -611,7 +613,11 @@ impl Execution {
         }
         for s in &self.steps {
             if s.history.len() > HISTORY_CAP {
-                return Err(format!("step {} keeps {} calls in its history", s.name, s.history.len()));
+                return Err(format!(
+                    "step {} keeps {} calls in its history",
+                    s.name,
+                    s.history.len()
+                ));
             }
         }
         let paused = self.status == Status::Paused;

@@ -711,7 +711,10 @@ fn golden_files_of_every_format_version_stay_readable() {
     // Format 1 as first written (no call history), and with the history
     // that was added to it later (an optional field: the version did not
     // change).
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/execution-v1-history.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/golden/execution-v1-history.json"
+    );
     if std::env::var_os("SAGATX_WRITE_GOLDEN").is_some() {
         let v: Value =
             serde_json::from_slice(&golden_state().to_raw().expect("encode")).expect("json");
@@ -727,7 +730,11 @@ fn golden_files_of_every_format_version_stay_readable() {
     assert_eq!(ex, without_history, "decoding v1 gives the same state");
     let raw = include_bytes!("../golden/execution-v1-history.json");
     let ex = Execution::from_raw(raw).expect("version 1 entries with history decode");
-    assert_eq!(ex, golden_state(), "decoding v1 with history gives the same state");
+    assert_eq!(
+        ex,
+        golden_state(),
+        "decoding v1 with history gives the same state"
+    );
 }
 
 /// The timeline of a step: every call with its times and outcome, a call
@@ -758,9 +765,15 @@ fn each_call_is_kept_in_the_step_history_with_its_times_and_outcome() {
             (3, Some("ok"), None),
         ]
     );
-    assert_eq!((hist[0].started_at_ms, hist[0].ended_at_ms), (1_000, Some(1_005)));
+    assert_eq!(
+        (hist[0].started_at_ms, hist[0].ended_at_ms),
+        (1_000, Some(1_005))
+    );
     assert_eq!(hist[1].ended_at_ms, Some(1_210));
-    assert_eq!(hist[2].started_at_ms, 1_210, "made again at once after the restart");
+    assert_eq!(
+        hist[2].started_at_ms, 1_210,
+        "made again at once after the restart"
+    );
     // The public view shows it.
     let v = h.ex.view();
     assert_eq!(v["steps"][0]["history"][0]["outcome"], "transient");
@@ -769,7 +782,13 @@ fn each_call_is_kept_in_the_step_history_with_its_times_and_outcome() {
     let mut s = sagatx_core_step("x");
     for n in 1..=(crate::HISTORY_CAP as u32 + 4) {
         s.began(A, n, u64::from(n));
-        s.ended(A, n, u64::from(n) + 1, "transient", Some(&"e".repeat(1_000)));
+        s.ended(
+            A,
+            n,
+            u64::from(n) + 1,
+            "transient",
+            Some(&"e".repeat(1_000)),
+        );
     }
     assert_eq!(s.history.len(), crate::HISTORY_CAP);
     assert_eq!(s.history[0].attempt, 5, "the oldest calls go first");

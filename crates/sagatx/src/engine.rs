@@ -541,11 +541,15 @@ impl Engine {
                     _ = stop.wait_for(|s| *s) => return Err(EngineError::ShuttingDown),
                     _ = tokio::time::sleep(every) => {}
                 }
+                every = (every * 2).min(Duration::from_millis(250));
+                if lock(&self.inner.active).contains_key(&id) {
+                    // Driven here: its driver wakes this waiter.
+                    continue;
+                }
                 let ex = self.get(id).await?;
                 if ex.status.is_terminal() || ex.status == Status::Paused {
                     return Ok(ex);
                 }
-                every = (every * 2).min(Duration::from_millis(250));
             }
         }
         tokio::select! {

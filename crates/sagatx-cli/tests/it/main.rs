@@ -4,6 +4,8 @@
 mod cli;
 mod crash;
 mod large;
+#[cfg(feature = "otel")]
+mod otel;
 mod shared;
 
 use std::path::{Path, PathBuf};

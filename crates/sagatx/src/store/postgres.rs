@@ -464,10 +464,13 @@ async fn writer(
         if statements.is_none() {
             statements = prepare(&client).await.ok();
         }
+        let span = tracing::debug_span!("store_commit", store = "postgres", batch = n);
         let result: Result<Vec<Done>, String> = match &statements {
-            Some(st) => apply(&mut client, st, &batch, &shared)
-                .await
-                .map_err(|e| e.to_string()),
+            Some(st) => {
+                tracing::Instrument::instrument(apply(&mut client, st, &batch, &shared), span)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             None => Err("cannot prepare the journal's statements".into()),
         };
         match result {

@@ -816,6 +816,9 @@ struct Driver {
     lease: Option<u64>,
     /// Another process took the execution over: this driver stops.
     lost: bool,
+    /// Outcomes of local calls that finished on their first poll, to apply
+    /// before anything else (no task was spawned for them).
+    ready: std::collections::VecDeque<CallResult>,
 }
 
 /// Drives one execution, in a `tracing` span that names it.
@@ -905,10 +908,14 @@ async fn drive_inner(
             in_flight.decrement(1.0);
             return;
         }
+        if let Some(done) = d.ready.pop_front() {
+            d.finished(done).await;
+            continue;
+        }
         let now = inner.clock.now_ms();
         let due = d.ex.next_due_ms();
         let sleep_to = due.filter(|&t| t <= now + inner.idle_horizon_ms);
-        let busy = !d.calls.is_empty() || sleep_to.is_some();
+        let busy = !d.calls.is_empty() || !d.ready.is_empty() || sleep_to.is_some();
         if !busy {
             let mut active = lock(&inner.active);
             if rx.is_empty() {
@@ -927,30 +934,7 @@ async fn drive_inner(
             }
             Some(done) = d.calls.join_next(), if !d.calls.is_empty() => {
                 match done {
-                    Ok((call, outcome, took)) => {
-                        let label = match &outcome {
-                            Ok(_) => "ok",
-                            Err(e) => e.class.as_str(),
-                        };
-                        metrics::histogram!(
-                            "sagatx_step_duration_seconds",
-                            "saga" => d.ex.saga.clone(),
-                            "step" => d.def.steps[call.step].name.clone(),
-                            "phase" => call.phase.as_str(),
-                        )
-                        .record(took.as_secs_f64());
-                        metrics::counter!(
-                            "sagatx_step_attempts_total",
-                            "saga" => d.ex.saga.clone(),
-                            "step" => d.def.steps[call.step].name.clone(),
-                            "phase" => call.phase.as_str(),
-                            "outcome" => label,
-                        )
-                        .increment(1);
-                        d.apply_internal(Event::Outcome {
-                            step: call.step, phase: call.phase, attempt: call.attempt, outcome,
-                        }).await;
-                    }
+                    Ok(done) => d.finished(done).await,
                     Err(e) => tracing::error!(execution = %id, error = %e, "call task failed"),
                 }
             }
@@ -1124,6 +1108,7 @@ impl Driver {
             unconfirmed: None,
             lease: None,
             lost: false,
+            ready: std::collections::VecDeque::new(),
         }
     }
 
@@ -1229,6 +1214,37 @@ impl Driver {
         }
     }
 
+    /// A call's outcome: counted, timed, and applied.
+    async fn finished(&mut self, (call, outcome, took): CallResult) {
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(e) => e.class.as_str(),
+        };
+        let step = &self.def.steps[call.step].name;
+        metrics::histogram!(
+            "sagatx_step_duration_seconds",
+            "saga" => self.ex.saga.clone(),
+            "step" => step.clone(),
+            "phase" => call.phase.as_str(),
+        )
+        .record(took.as_secs_f64());
+        metrics::counter!(
+            "sagatx_step_attempts_total",
+            "saga" => self.ex.saga.clone(),
+            "step" => step.clone(),
+            "phase" => call.phase.as_str(),
+            "outcome" => label,
+        )
+        .increment(1);
+        self.apply_internal(Event::Outcome {
+            step: call.step,
+            phase: call.phase,
+            attempt: call.attempt,
+            outcome,
+        })
+        .await;
+    }
+
     fn spawn_call(&mut self, call: Call) {
         let step = &self.def.steps[call.step];
         let ctx = StepContext {
@@ -1247,6 +1263,7 @@ impl Driver {
             .def
             .attempt_timeout_ms(call.step, call.phase)
             .map(Duration::from_millis);
+        let local = matches!(step.endpoint(call.phase), Some(Endpoint::Local));
         let fut: crate::saga::StepFuture = match step.endpoint(call.phase) {
             Some(Endpoint::Local) => {
                 match self
@@ -1293,6 +1310,32 @@ impl Driver {
             phase = call.phase.as_str(),
             attempt = call.attempt,
         );
+        // A local step that is done at its first poll (no I/O, no await)
+        // needs no task: its outcome is applied by the driver next. One
+        // that is not goes to its task, which polls it again (futures allow
+        // that) and so registers the task's waker.
+        let mut fut = fut;
+        if local {
+            let started = Instant::now();
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let first = span.in_scope(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    fut.as_mut().poll(&mut cx)
+                }))
+            });
+            match first {
+                Ok(std::task::Poll::Ready(outcome)) => {
+                    self.ready.push_back((call, outcome, started.elapsed()));
+                    return;
+                }
+                Ok(std::task::Poll::Pending) => {}
+                Err(_) => {
+                    let outcome = Err(StepError::unknown_outcome("the step panicked"));
+                    self.ready.push_back((call, outcome, started.elapsed()));
+                    return;
+                }
+            }
+        }
         self.calls.spawn(tracing::Instrument::instrument(
             async move {
                 use futures_util::FutureExt;

@@ -253,12 +253,45 @@ pub struct Attempt {
     /// When its outcome was journaled; `None` while it is in flight.
     #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
     pub ended_at_ms: Option<u64>,
-    /// `ok`, `transient`, `permanent`, `unknown_outcome`, or `interrupted`
-    /// (cut short by a restart or a takeover).
+    /// How it ended; `None` while it is in flight.
     #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
+    pub outcome: Option<CallOutcome>,
     #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOutcome {
+    Ok,
+    Transient,
+    Permanent,
+    UnknownOutcome,
+    /// Cut short by a restart or a takeover.
+    Interrupted,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Transient => "transient",
+            CallOutcome::Permanent => "permanent",
+            CallOutcome::UnknownOutcome => "unknown_outcome",
+            CallOutcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl From<crate::ErrorClass> for CallOutcome {
+    fn from(c: crate::ErrorClass) -> Self {
+        match c {
+            crate::ErrorClass::Transient => CallOutcome::Transient,
+            crate::ErrorClass::Permanent => CallOutcome::Permanent,
+            crate::ErrorClass::UnknownOutcome => CallOutcome::UnknownOutcome,
+        }
+    }
 }
 
 mod phase_letter {
@@ -307,7 +340,7 @@ impl StepState {
         phase: Phase,
         attempt: u32,
         now_ms: u64,
-        outcome: &str,
+        outcome: CallOutcome,
         error: Option<&str>,
     ) {
         if let Some(a) = self
@@ -317,7 +350,7 @@ impl StepState {
             .find(|a| a.phase == phase && a.attempt == attempt && a.ended_at_ms.is_none())
         {
             a.ended_at_ms = Some(now_ms.max(a.started_at_ms));
-            a.outcome = Some(outcome.to_string());
+            a.outcome = Some(outcome);
             a.error = error.map(|e| {
                 let mut end = e.len().min(HISTORY_ERROR_BYTES);
                 while !e.is_char_boundary(end) {
@@ -571,7 +604,7 @@ impl Execution {
                         "attempt": a.attempt,
                         "started_at": format_ms(a.started_at_ms),
                         "ended_at": a.ended_at_ms.map(format_ms),
-                        "outcome": a.outcome,
+                        "outcome": a.outcome.map(CallOutcome::as_str),
                         "error": a.error,
                     })).collect::<Vec<_>>(),
                 })

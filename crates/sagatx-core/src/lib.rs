@@ -47,8 +47,8 @@ pub use definition::{
 };
 pub use error::{CompensationOutcome, ErrorClass, SagaError, StepError};
 pub use execution::{
-    Attempt, Awaiting, DecodeError, Execution, ExecutionId, Failure, Reply, Status, StepState,
-    StepStatus, FORMAT_VERSION, HISTORY_CAP,
+    Attempt, Awaiting, CallOutcome, DecodeError, Execution, ExecutionId, Failure, Reply, Status,
+    StepState, StepStatus, FORMAT_VERSION, HISTORY_CAP,
 };
 pub use machine::{Call, Conflict, Env, Event, Transition};
 pub use retry::{RetryOverride, RetryPolicy};

@@ -311,8 +311,8 @@ impl Run<'_> {
         self.ex.steps[i].in_flight = None;
         self.out.changed = true;
         let (label, message) = match &outcome {
-            Ok(_) => ("ok", None),
-            Err(e) => (e.class.as_str(), Some(e.message.as_str())),
+            Ok(_) => (crate::CallOutcome::Ok, None),
+            Err(e) => (crate::CallOutcome::from(e.class), Some(e.message.as_str())),
         };
         self.ex.steps[i].ended(phase, attempt, self.env.now_ms, label, message);
         match phase {
@@ -524,7 +524,7 @@ impl Run<'_> {
             let rolling_back = self.rolling_back() || self.ex.committing;
             let s = &mut self.ex.steps[i];
             let attempt = s.attempts_of(phase);
-            s.ended(phase, attempt, now, "interrupted", None);
+            s.ended(phase, attempt, now, crate::CallOutcome::Interrupted, None);
             s.in_flight = None;
             *s.exempt_mut(phase) += 1;
             if phase == Phase::Action {

@@ -755,7 +755,13 @@ fn each_call_is_kept_in_the_step_history_with_its_times_and_outcome() {
     let hist = &h.ex.steps[0].history;
     let outcomes: Vec<_> = hist
         .iter()
-        .map(|a| (a.attempt, a.outcome.as_deref(), a.error.as_deref()))
+        .map(|a| {
+            (
+                a.attempt,
+                a.outcome.map(crate::CallOutcome::as_str),
+                a.error.as_deref(),
+            )
+        })
         .collect();
     assert_eq!(
         outcomes,
@@ -786,7 +792,7 @@ fn each_call_is_kept_in_the_step_history_with_its_times_and_outcome() {
             A,
             n,
             u64::from(n) + 1,
-            "transient",
+            crate::CallOutcome::Transient,
             Some(&"e".repeat(1_000)),
         );
     }

@@ -122,7 +122,7 @@ enum Write {
         oneshot::Sender<Result<(), StoreError>>,
     ),
     /// Gives a lease up unless a later claim replaced it.
-    Release(ExecutionId, u64),
+    Release(ExecutionId, u64, oneshot::Sender<Result<(), StoreError>>),
     Definition(
         Box<SagaDefinition>,
         u64,
@@ -519,7 +519,9 @@ enum Done {
 
 fn answer(w: Write, r: Result<Done, StoreError>) {
     match w {
-        Write::Release(..) => {}
+        Write::Release(_, _, tx) => {
+            let _ = tx.send(r.map(|_| ()));
+        }
         Write::Append(_, _, _, tx) => {
             let _ = tx.send(match r {
                 Ok(Done::Appended(r)) => r,
@@ -663,7 +665,7 @@ async fn apply(
         }
     }));
     let releases = futures_util::future::try_join_all(batch.iter().filter_map(|w| match w {
-        Write::Release(id, epoch) => {
+        Write::Release(id, epoch, _) => {
             let (release, epoch) = (&st.release, *epoch as i64);
             Some(async move { tx_ref.execute(release, &[&id.0, &me, &epoch]).await })
         }
@@ -1184,8 +1186,29 @@ impl Leases for PostgresStore {
     }
 
     async fn release(&self, id: ExecutionId, epoch: u64) {
-        // Best effort: a lease not given up runs out by itself.
-        let _ = self.writer.send(Write::Release(id, epoch)).await;
+        // A lease this live process keeps by mistake would hold the
+        // execution's due work back from every process (due work is
+        // claimed when nobody holds it): retried until it is written, in
+        // the background (the writer reconnects after an outage). A later
+        // claim's epoch makes a late release a no-op.
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let (tx, rx) = oneshot::channel();
+                if writer.send(Write::Release(id, epoch, tx)).await.is_err() {
+                    return; // the store is closed
+                }
+                match rx.await {
+                    Ok(Ok(())) | Err(_) => return,
+                    Ok(Err(e)) => {
+                        tracing::warn!(execution = %id, error = %e, "cannot give a lease up; retrying")
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     async fn release_all(&self) -> Result<(), StoreError> {

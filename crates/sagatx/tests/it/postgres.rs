@@ -815,3 +815,91 @@ async fn the_store_connects_over_tls_and_checks_the_certificate() {
         "{err}"
     );
 }
+
+/// Two engines on one database (two processes' worth): backoffs longer than
+/// the idle horizon leave the executions with no driver and no lease, and
+/// the due work is claimed by exactly one of the schedulers: every step is
+/// called twice (a failure, then the retry), never three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_work_is_claimed_by_one_of_several_processes() {
+    use sagatx::store::PostgresStore;
+    use sagatx::{Engine, RetryPolicy, Saga, Status, StepContext, StepError};
+    use std::collections::HashMap;
+    use std::time::Duration;
+    let base = env_url("SAGATX_TEST_PG_URL");
+    let url = fresh_db(&base).await;
+    let calls: Arc<std::sync::Mutex<HashMap<String, u32>>> = Arc::default();
+    let saga = |calls: Arc<std::sync::Mutex<HashMap<String, u32>>>| {
+        Saga::builder("backoff")
+            .step("s", move |c: StepContext| {
+                let calls = calls.clone();
+                async move {
+                    *calls
+                        .lock()
+                        .expect("lock")
+                        .entry(c.execution_id().to_string())
+                        .or_default() += 1;
+                    if c.attempt() == 1 {
+                        Err(StepError::transient("not yet"))
+                    } else {
+                        Ok(c.attempt())
+                    }
+                }
+            })
+            .retry(RetryPolicy {
+                max_attempts: 3,
+                initial_backoff_ms: 300,
+                max_backoff_ms: 300,
+                multiplier: 1.0,
+            })
+            .build()
+            .expect("valid")
+    };
+    let mut engines = Vec::new();
+    for _ in 0..2 {
+        let store = PostgresStore::open(&url).await.expect("open");
+        engines.push(
+            Engine::builder()
+                .store(store)
+                .saga(saga(calls.clone()))
+                .idle_horizon(Duration::ZERO)
+                .poll_interval(Duration::from_millis(50))
+                .build()
+                .await
+                .expect("engine"),
+        );
+    }
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(
+            engines[i % 2]
+                .start("backoff", serde_json::json!({"i": i}))
+                .await
+                .expect("start"),
+        );
+    }
+    for id in &ids {
+        let ex = engines[0]
+            .wait_timeout(*id, Duration::from_secs(20))
+            .await
+            .expect("wait");
+        assert_eq!(ex.status, Status::Completed, "{ex:?}");
+        assert_eq!(ex.steps[0].attempts, 2);
+    }
+    let calls = calls.lock().expect("lock").clone();
+    assert_eq!(calls.len(), ids.len());
+    assert!(
+        calls.values().all(|&n| n == 2),
+        "each step called twice: {calls:?}"
+    );
+    let admin = client(&url).await;
+    let held: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM sagatx_executions WHERE lease_owner IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(held, 0, "finished executions hold no lease");
+}

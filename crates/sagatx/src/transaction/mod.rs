@@ -229,7 +229,8 @@ struct State {
 
 struct Inner {
     id: u64,
-    gid: String,
+    /// Made on first use: most transactions never need it.
+    gid: std::sync::OnceLock<String>,
     state: Mutex<State>,
 }
 
@@ -259,7 +260,7 @@ impl Transaction {
         Transaction {
             inner: Arc::new(Inner {
                 id: NEXT_TX.fetch_add(1, Ordering::Relaxed),
-                gid: uuid::Uuid::now_v7().simple().to_string(),
+                gid: std::sync::OnceLock::new(),
                 state: Mutex::new(State {
                     status: TxStatus::Active,
                     joined: Vec::new(),
@@ -278,9 +279,14 @@ impl Transaction {
         self.inner.id
     }
 
-    /// The globally unique id.
+    /// The globally unique id: 32 hex digits, a random number drawn once
+    /// per process followed by this transaction's number in the process.
     pub fn gid(&self) -> &str {
-        &self.inner.gid
+        self.inner.gid.get_or_init(|| {
+            static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+            let p = PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+            format!("{p:016x}{:016x}", self.inner.id)
+        })
     }
 
     /// Logs the commit decision there, durably, after every vote and before
@@ -300,7 +306,7 @@ impl Transaction {
     fn info(&self) -> TxInfo {
         TxInfo {
             id: self.inner.id,
-            gid: self.inner.gid.clone(),
+            gid: self.gid().to_string(),
             note: lock(&self.inner.state).note.clone(),
         }
     }
@@ -466,7 +472,9 @@ impl Transaction {
         let order: Vec<usize> = {
             let st = lock(&self.inner.state);
             let mut idx: Vec<usize> = (0..st.joined.len()).collect();
-            idx.sort_by_key(|&i| st.joined[i].dm.sort_key());
+            if idx.len() > 1 {
+                idx.sort_by_cached_key(|&i| st.joined[i].dm.sort_key());
+            }
             idx
         };
         let total = order.len();
@@ -571,7 +579,10 @@ impl Transaction {
 /// Managers by sort key; equal keys keep their joining order (stable sort).
 fn sorted(joined: &[Joined]) -> Vec<Arc<dyn DataManager>> {
     let mut v: Vec<Arc<dyn DataManager>> = joined.iter().map(|j| j.dm.clone()).collect();
-    v.sort_by_key(|d| d.sort_key());
+    if v.len() > 1 {
+        // Keys are Strings: made once per manager, not per comparison.
+        v.sort_by_cached_key(|d| d.sort_key());
+    }
     v
 }
 

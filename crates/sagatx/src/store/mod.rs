@@ -18,7 +18,7 @@ mod memory;
 pub mod migrate;
 mod migrations;
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
 mod sqlite;
 mod url;
 

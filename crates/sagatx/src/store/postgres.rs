@@ -155,8 +155,8 @@ pub struct PostgresStore {
 /// How the store reaches PostgreSQL: the connection settings and, when
 /// the URL asks for TLS, the rustls connector.
 #[derive(Clone)]
-struct Target {
-    cfg: Config,
+pub(crate) struct Target {
+    pub(crate) cfg: Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
@@ -167,7 +167,7 @@ struct Target {
 /// server's certificate checked against `sslrootcert` or, without it,
 /// against the system's roots (stricter than libpq's `require`, which
 /// checks nothing).
-fn target(url: &str) -> Result<Target, StoreError> {
+pub(crate) fn target(url: &str) -> Result<Target, StoreError> {
     let bad = |reason: String| StoreError::Open {
         path: redact(url),
         reason,
@@ -250,10 +250,15 @@ fn target(url: &str) -> Result<Target, StoreError> {
 impl Target {
     /// A new connection whose messages a spawned task drives.
     async fn connect(&self, url: &str) -> Result<Client, StoreError> {
-        let timeout = |_| StoreError::Open {
+        self.client().await.map_err(|reason| StoreError::Open {
             path: redact(url),
-            reason: "no answer within 10 s; check the host and port".into(),
-        };
+            reason,
+        })
+    }
+
+    /// A new connection, or what went wrong and what to check.
+    pub(crate) async fn client(&self) -> Result<Client, String> {
+        let timeout = |_| "no answer within 10 s; check the host and port".to_string();
         let refused = |e: tokio_postgres::Error| {
             let what = e.to_string();
             let hint = if what.contains("TLS") {
@@ -261,10 +266,7 @@ impl Target {
             } else {
                 "check that PostgreSQL runs there and accepts this user"
             };
-            StoreError::Open {
-                path: redact(url),
-                reason: format!("{what}; {hint}"),
-            }
+            format!("{what}; {hint}")
         };
         let ended = |e: tokio_postgres::Error| {
             tracing::warn!(error = %e, "PostgreSQL connection ended");

@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::store::postgres::Target;
 use async_trait::async_trait;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 use super::{DataManager, TxError, TxInfo, DECISION_OP};
 use crate::Store;
@@ -41,22 +42,22 @@ fn classify(e: &tokio_postgres::Error, what: &str) -> TxError {
     TxError::unknown_outcome(format!("{what}: {e}"))
 }
 
-async fn connect(config: &Config) -> Result<Client, TxError> {
-    let (client, conn) = config
-        .connect(NoTls)
+/// Connects as the store does: the same URL settings, TLS included
+/// (`sslmode=require|verify-ca|verify-full`, `sslrootcert=`).
+async fn connect(target: &Target) -> Result<Client, TxError> {
+    target
+        .client()
         .await
-        .map_err(|e| TxError::transient(format!("cannot connect to PostgreSQL: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "PostgreSQL connection ended");
-        }
-    });
-    Ok(client)
+        .map_err(|e| TxError::transient(format!("cannot connect to PostgreSQL: {e}")))
 }
 
-fn parse(url: &str) -> Result<Config, TxError> {
-    url.parse::<Config>()
-        .map_err(|e| TxError::permanent(format!("{url:?} is not a PostgreSQL URL: {e}")))
+fn parse(url: &str) -> Result<Target, TxError> {
+    crate::store::postgres::target(url).map_err(|e| match e {
+        crate::StoreError::Open { path, reason } => {
+            TxError::permanent(format!("cannot use {path}: {reason}"))
+        }
+        other => TxError::permanent(other.to_string()),
+    })
 }
 
 /// A PostgreSQL transaction that joins a [`super::Transaction`].
@@ -220,7 +221,8 @@ pub async fn recover_prepared(
     }
     let mut report = PreparedReport::default();
     for url in urls {
-        let cfg = parse(url)?;
+        let target = parse(url)?;
+        let cfg = &target.cfg;
         let db = cfg
             .get_dbname()
             .map(str::to_string)
@@ -228,7 +230,7 @@ pub async fn recover_prepared(
             .unwrap_or_else(|| "postgres".into());
         // COMMIT PREPARED must run in the prepared transaction's database:
         // the URL names it.
-        let client = connect(&cfg).await?;
+        let client = connect(&target).await?;
         let rows = client
             .query(
                 "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'sagatx:%' AND database = $1 ORDER BY prepared",

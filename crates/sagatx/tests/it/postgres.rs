@@ -805,6 +805,19 @@ async fn the_store_connects_over_tls_and_checks_the_certificate() {
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
     );
+    // The data manager of two-phase commit takes the same URL settings.
+    let tls_url = format!("{url}?sslmode=verify-full&sslrootcert={ca}");
+    let dm = PostgresDataManager::begin("tls", &tls_url)
+        .await
+        .unwrap_or_else(|e| panic!("a data manager over TLS: {e}"));
+    dm.client()
+        .execute("INSERT INTO t (v) VALUES (1)", &[])
+        .await
+        .expect("insert");
+    let tx = Transaction::new();
+    tx.join(dm).expect("join");
+    tx.commit().await.expect("commit over TLS");
+    assert_eq!(crate::postgres::rows(&url).await, 1);
     let err = PostgresStore::open(&format!("{url}?sslrootcert=/nonexistent.pem"))
         .await
         .err()

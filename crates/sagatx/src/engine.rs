@@ -283,6 +283,28 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Inner {
+    /// A driver slot (at most `max_active` drivers at once).
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// The mailbox of a new driver for `id`, registered; `None` when this
+    /// process has a driver for it already.
+    fn mailbox(&self, id: ExecutionId) -> Option<mpsc::UnboundedReceiver<Msg>> {
+        match lock(&self.active).entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => None,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                v.insert(tx);
+                Some(rx)
+            }
+        }
+    }
+
     fn env(&self) -> Env {
         // splitmix64: cheap, lock-free, good enough for jitter.
         let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
@@ -419,33 +441,22 @@ impl Engine {
         let mut ex = Execution::new(id, &def, version, input, opts.user, env.now_ms);
         let t = ex.handle(&def, Event::Start, env)?;
         ex.seq = 1;
-        let permit = inner
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| EngineError::ShuttingDown)?;
+        let permit = inner.permit().await?;
         // The mailbox is in place before the journal write, so an event for
         // this id that arrives meanwhile waits for this driver instead of
         // starting a second one.
-        let (tx, rx) = mpsc::unbounded_channel();
-        let claimed = match lock(&inner.active).entry(id) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(tx);
-                true
-            }
-        };
-        let written = if claimed {
-            match inner.store.leases() {
+        let mailbox = inner.mailbox(id);
+        let claimed = mailbox.is_some();
+        let written = match mailbox {
+            Some(rx) => match inner.store.leases() {
                 Some(leases) => leases.append_leased(&ex, 1).await,
                 None => inner.store.append(&ex).await,
             }
-        } else {
-            Err(StoreError::Exists(id))
+            .map(|()| rx),
+            None => Err(StoreError::Exists(id)),
         };
-        match written {
-            Ok(()) => {}
+        let rx = match written {
+            Ok(rx) => rx,
             Err(e) => {
                 if claimed {
                     lock(&inner.active).remove(&id);
@@ -467,7 +478,7 @@ impl Engine {
                     Err(EngineError::IdTaken(id))
                 };
             }
-        }
+        };
         tracing::debug!(execution = %id, saga, "started");
         metrics::counter!("sagatx_executions_started_total", "saga" => ex.saga.clone())
             .increment(1);
@@ -673,20 +684,11 @@ impl Engine {
                         continue;
                     }
                 };
-                let permit = inner
-                    .permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| EngineError::ShuttingDown)?;
+                let permit = inner.permit().await?;
                 let id = ex.id;
-                let (tx, rx) = mpsc::unbounded_channel();
-                match lock(&inner.active).entry(id) {
-                    std::collections::hash_map::Entry::Occupied(_) => continue,
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(tx);
-                    }
-                }
+                let Some(rx) = inner.mailbox(id) else {
+                    continue;
+                };
                 tokio::spawn(drive(
                     inner.clone(),
                     id,
@@ -1389,27 +1391,14 @@ async fn claim_work(inner: &Arc<Inner>, now: u64, orphans: bool) -> Result<usize
                 continue;
             }
         };
-        let permit = inner
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| EngineError::ShuttingDown)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let vacant = match lock(&inner.active).entry(id) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(tx);
-                true
-            }
-        };
-        if !vacant {
+        let permit = inner.permit().await?;
+        let Some(rx) = inner.mailbox(id) else {
             // A driver of this process has it already (claimed while that
             // driver was finishing): give this claim back; that driver
             // goes on under no lease or stops at its next write.
             leases.release(id, c.epoch).await;
             continue;
-        }
+        };
         tokio::spawn(drive(
             inner.clone(),
             id,

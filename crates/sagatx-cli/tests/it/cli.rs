@@ -266,24 +266,7 @@ fn bench_runs_the_python_peers_side_by_side() {
 
 #[test]
 fn serve_runs_sagas_on_postgresql() {
-    let base = std::env::var("SAGATX_TEST_PG_URL")
-        .expect("SAGATX_TEST_PG_URL is not set: run the tests with scripts/test");
-    let db = format!("sagatx_cli_{}", std::process::id());
-    let admin = std::process::Command::new("psql")
-        .args([
-            base.as_str(),
-            "-q",
-            "-c",
-            &format!("DROP DATABASE IF EXISTS {db}"),
-            "-c",
-            &format!("CREATE DATABASE {db}"),
-        ])
-        .status();
-    assert!(
-        admin.map(|s| s.success()).unwrap_or(false),
-        "psql (installed with PostgreSQL by scripts/test) must create the test database"
-    );
-    let url = format!("{}/{db}", base.rsplit_once('/').expect("url").0);
+    let url = crate::shared::fresh_db("cli");
     let dir = tempfile::tempdir().expect("tempdir");
     let svc = Services::start(0);
     let server = Server::start_on(dir.path(), free_port(), &url);

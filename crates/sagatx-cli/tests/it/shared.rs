@@ -14,7 +14,7 @@ use crate::crash::check_calls;
 use crate::{free_port, sagatx, Server, Services};
 
 /// A new database on the test server; its URL.
-fn fresh_db(tag: &str) -> String {
+pub(crate) fn fresh_db(tag: &str) -> String {
     let base = std::env::var("SAGATX_TEST_PG_URL")
         .expect("SAGATX_TEST_PG_URL is not set: run the tests with scripts/test");
     let db = format!("sagatx_{tag}_{}", std::process::id());

@@ -305,16 +305,33 @@ impl Inner {
         }
     }
 
-    fn env(&self) -> Env {
-        // splitmix64: cheap, lock-free, good enough for jitter.
+    /// The next number of a splitmix64 stream seeded at random once per
+    /// engine: cheap and lock-free, good enough for jitter and for the
+    /// random bits of ids (which need to be unique, not secret).
+    fn random(&self) -> u64 {
         let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        z ^ (z >> 31)
+    }
+
+    fn env(&self) -> Env {
         Env {
             now_ms: self.clock.now_ms(),
-            random01: (z >> 11) as f64 / (1u64 << 53) as f64,
+            random01: (self.random() >> 11) as f64 / (1u64 << 53) as f64,
         }
+    }
+
+    /// A new execution id: a UUID v7 (time-ordered by its millisecond)
+    /// whose 74 random bits come from [`random`](Self::random) rather than
+    /// from the operating system, which `Uuid::now_v7` asks on every call.
+    fn new_id(&self) -> ExecutionId {
+        let mut bytes = [0u8; 10];
+        bytes[..8].copy_from_slice(&self.random().to_le_bytes());
+        bytes[8..].copy_from_slice(&self.random().to_le_bytes()[..2]);
+        ExecutionId(
+            uuid::Builder::from_unix_timestamp_millis(self.clock.now_ms(), &bytes).into_uuid(),
+        )
     }
 
     fn remember(&self, version: u32, def: Arc<SagaDefinition>, latest: bool) {
@@ -427,6 +444,23 @@ impl Engine {
         input: Value,
         opts: StartOptions,
     ) -> Result<Started, EngineError> {
+        match self.begin(saga, input, opts).await? {
+            Begun::Found(id) => Ok(Started { id, created: false }),
+            Begun::New(id, rx, loaded) => {
+                tokio::spawn(drive(self.inner.clone(), id, rx, Some(*loaded)));
+                Ok(Started { id, created: true })
+            }
+        }
+    }
+
+    /// Creates the execution durably and hands back what its driver needs,
+    /// for the caller to spawn or to run.
+    async fn begin(
+        &self,
+        saga: &str,
+        input: Value,
+        opts: StartOptions,
+    ) -> Result<Begun, EngineError> {
         let inner = &self.inner;
         let pinned_version = opts.version;
         if *inner.stop.borrow() {
@@ -436,7 +470,7 @@ impl Engine {
             Some(v) => (v, inner.definition(saga, v).await?),
             None => inner.latest(saga).await?,
         };
-        let id = opts.id.unwrap_or_else(|| ExecutionId(Uuid::now_v7()));
+        let id = opts.id.unwrap_or_else(|| inner.new_id());
         let env = inner.env();
         let mut ex = Execution::new(id, &def, version, input, opts.user, env.now_ms);
         let t = ex.handle(&def, Event::Start, env)?;
@@ -473,7 +507,7 @@ impl Engine {
                     && existing.input == ex.input
                     && pinned_version.is_none_or(|v| v == existing.saga_version);
                 return if same {
-                    Ok(Started { id, created: false })
+                    Ok(Begun::Found(id))
                 } else {
                     Err(EngineError::IdTaken(id))
                 };
@@ -483,40 +517,50 @@ impl Engine {
         metrics::counter!("sagatx_executions_started_total", "saga" => ex.saga.clone())
             .increment(1);
         inner.notify_waiters(&ex);
-        tokio::spawn(drive(
-            self.inner.clone(),
-            id,
-            rx,
-            Some(Loaded {
-                ex,
-                def,
-                calls: t.calls,
-                permit,
-                // A new execution is created under this process's lease.
-                lease: inner.store.leases().map(|_| 1),
-                resume: false,
-            }),
-        ));
-        Ok(Started { id, created: true })
+        let loaded = Loaded {
+            ex,
+            def,
+            calls: t.calls,
+            permit,
+            // A new execution is created under this process's lease.
+            lease: inner.store.leases().map(|_| 1),
+            resume: false,
+        };
+        Ok(Begun::New(id, rx, Box::new(loaded)))
     }
 
     /// Starts an execution and waits until it is terminal or paused.
+    ///
+    /// The new execution's driver runs in the caller's task for as long as
+    /// it does not have to wait (a journal write that is not yet durable, a
+    /// step that is not done at its first poll), and is handed to a task of
+    /// its own at the first wait. So a saga of quick local steps on a store
+    /// that answers at once ends within this call, with no task spawned
+    /// and no thread woken; and dropping this future never stops the
+    /// execution, which is only ever left between polls in its own task.
     pub async fn run(&self, saga: &str, input: Value) -> Result<Execution, EngineError> {
         // The id is chosen here so that the waiter is registered before the
         // execution exists: no read of the store is needed to close the race
         // between the start and the wait.
-        let id = ExecutionId(Uuid::now_v7());
+        let id = self.inner.new_id();
         let _guard = WaitGuard {
             inner: &self.inner,
             id,
         };
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         lock(&self.inner.waiters).entry(id).or_default().push(tx);
         let opts = StartOptions {
             id: Some(id),
             ..Default::default()
         };
-        self.submit(saga, input, opts).await?;
+        if let Begun::New(id, mailbox, loaded) = self.begin(saga, input, opts).await? {
+            let driver = Box::pin(drive(self.inner.clone(), id, mailbox, Some(*loaded)));
+            InlineThenSpawn(Some(driver)).await;
+            // Answered already when the driver ended in this call.
+            if let Ok(ex) = rx.try_recv() {
+                return Ok(ex);
+            }
+        }
         let mut stop = self.inner.stop.subscribe();
         tokio::select! {
             r = rx => r.map_err(|_| EngineError::ShuttingDown),
@@ -768,6 +812,36 @@ impl Drop for WaitGuard<'_> {
     }
 }
 
+/// What [`Engine::begin`] did.
+enum Begun {
+    /// The execution existed (an idempotent start).
+    Found(ExecutionId),
+    /// Created and journaled: its mailbox and the state its driver starts from.
+    New(ExecutionId, mpsc::UnboundedReceiver<Msg>, Box<Loaded>),
+}
+
+type DriverFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Polls a driver once in the current task; if it has to wait, hands it to
+/// a task of its own (which polls it again at once, so what it waits for
+/// wakes that task from then on) and is done.
+struct InlineThenSpawn(Option<DriverFuture>);
+
+impl std::future::Future for InlineThenSpawn {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if let Some(mut driver) = self.0.take() {
+            if driver.as_mut().poll(cx).is_pending() {
+                tokio::spawn(driver);
+            }
+        }
+        std::task::Poll::Ready(())
+    }
+}
+
 /// Hands an event to the execution's driver, starting one (which loads the
 /// state from the store) when there is none.
 fn deliver(inner: &Arc<Inner>, id: ExecutionId, event: Event, reply: Option<Reply_>) {
@@ -804,6 +878,9 @@ struct Loaded {
 
 type CallResult = (Call, Result<Value, StepError>, Duration);
 
+/// An execution's status and what it awaited, before a transition.
+type Was = (Status, Option<sagatx_core::Awaiting>);
+
 struct Driver {
     inner: Arc<Inner>,
     ex: Execution,
@@ -811,9 +888,13 @@ struct Driver {
     handlers: Option<Arc<HashMap<String, Handlers>>>,
     input: Arc<Value>,
     calls: JoinSet<CallResult>,
-    /// The state and calls of the last transition whose journal write
-    /// failed: the write may have committed all the same.
-    unconfirmed: Option<(Execution, Vec<Call>)>,
+    /// The state in memory may differ from the journaled one (a write
+    /// failed): read it back before the next event.
+    stale: bool,
+    /// The status before, and the calls of, the transition whose journal
+    /// write failed in a way that may have committed all the same (the
+    /// state it wrote is the one in memory, until the resync).
+    unconfirmed: Option<(Was, Vec<Call>)>,
     /// The epoch of this process's lease, on a shared store.
     lease: Option<u64>,
     /// Another process took the execution over: this driver stops.
@@ -1107,6 +1188,7 @@ impl Driver {
             handlers,
             input,
             calls: JoinSet::new(),
+            stale: false,
             unconfirmed: None,
             lease: None,
             lost: false,
@@ -1114,43 +1196,74 @@ impl Driver {
         }
     }
 
-    /// Applies an event: the machine on a copy, the copy journaled, then the
-    /// calls made. On any error the state stays as it was journaled.
+    /// Applies an event: the machine changes the state in place, the new
+    /// state is journaled, then the calls are made. When the write fails,
+    /// the state in memory is no longer known to be the journaled one: it
+    /// is read back from the store ([`resync`](Self::resync)) before the
+    /// next event, so no copy of the state is made on the way (a copy per
+    /// transition was the largest cost of an in-memory saga).
     async fn apply(&mut self, event: Event) -> Result<(), EngineError> {
-        let mut next = self.ex.clone();
-        let t = next.handle(&self.def, event, self.inner.env())?;
+        if self.stale {
+            self.resync().await?;
+        }
+        let was = (self.ex.status, self.ex.awaiting);
+        // On a conflict the machine leaves the state as it was.
+        let t = self.ex.handle(&self.def, event, self.inner.env())?;
         if t.changed {
-            next.seq += 1;
+            self.ex.seq += 1;
             let started = std::time::Instant::now();
             let written = match (self.inner.store.leases(), self.lease) {
-                (Some(leases), Some(epoch)) => leases.append_leased(&next, epoch).await,
-                _ => self.inner.store.append(&next).await,
+                (Some(leases), Some(epoch)) => leases.append_leased(&self.ex, epoch).await,
+                _ => self.inner.store.append(&self.ex).await,
             };
             if let Err(e) = written {
+                self.stale = true;
                 if matches!(e, StoreError::LeaseLost(_)) {
-                    tracing::warn!(execution = %next.id, "another process took this execution over; this one stops driving it");
+                    tracing::warn!(execution = %self.ex.id, "another process took this execution over; this one stops driving it");
                     self.lost = true;
                     return Err(e.into());
                 }
                 // A conflict says the write did not happen; any other
-                // failure leaves it unknown.
+                // failure leaves it unknown: it may have committed.
                 if !matches!(e, StoreError::Conflict { .. }) {
-                    self.unconfirmed = Some((next, t.calls));
+                    self.unconfirmed = Some((was, t.calls));
                 }
                 return Err(e.into());
             }
-            tracing::trace!(execution = %next.id, seq = next.seq, us = started.elapsed().as_micros() as u64, "journaled");
+            tracing::trace!(execution = %self.ex.id, seq = self.ex.seq, us = started.elapsed().as_micros() as u64, "journaled");
         }
-        self.advance_to(next, t.calls);
+        self.advanced(was, t.calls);
         Ok(())
     }
 
-    /// Takes a journaled state as the current one and makes its calls.
-    fn advance_to(&mut self, next: Execution, calls: Vec<Call>) {
-        self.unconfirmed = None;
-        let finished = next.status.is_terminal() && !self.ex.status.is_terminal();
-        let moved = next.status != self.ex.status || next.awaiting != self.ex.awaiting;
-        self.ex = next;
+    /// After a failed write: takes the journaled state back from the
+    /// store. Returns `true` when the failed write had committed after all
+    /// (its answer was lost): the store then holds exactly the state that
+    /// was written, which stays, and its calls are made.
+    async fn resync(&mut self) -> Result<bool, EngineError> {
+        let stored = self
+            .inner
+            .store
+            .load(self.ex.id)
+            .await?
+            .ok_or(EngineError::NotFound(self.ex.id))?;
+        self.stale = false;
+        if let Some((was, calls)) = self.unconfirmed.take() {
+            if stored == self.ex {
+                tracing::info!(execution = %self.ex.id, "a journal write whose answer was lost had committed");
+                self.advanced(was, calls);
+                return Ok(true);
+            }
+        }
+        self.ex = stored;
+        Ok(false)
+    }
+
+    /// The state was journaled (it left `was`): tells who needs to know,
+    /// and makes its calls.
+    fn advanced(&mut self, was: Was, calls: Vec<Call>) {
+        let finished = self.ex.status.is_terminal() && !was.0.is_terminal();
+        let moved = (self.ex.status, self.ex.awaiting) != was;
         if moved {
             if let Some(hook) = &self.inner.on_status {
                 hook(&self.ex);
@@ -1176,25 +1289,19 @@ impl Driver {
     /// lost while the process lives.
     async fn apply_internal(&mut self, event: Event) {
         let mut backoff = Duration::from_millis(50);
-        let mut failed_before = false;
         loop {
-            match self.apply(event.clone()).await {
-                Ok(_) => return,
-                Err(EngineError::Store(StoreError::Conflict { .. })) if failed_before => {
-                    // The earlier write may have committed though its answer
-                    // was lost: if the store holds exactly that state, it did.
-                    let attempted = self.unconfirmed.take();
-                    match (self.inner.store.load(self.ex.id).await, attempted) {
-                        (Ok(Some(stored)), Some((state, calls))) if stored == state => {
-                            tracing::info!(execution = %self.ex.id, "a journal write whose answer was lost had committed");
-                            self.advance_to(stored, calls);
-                        }
-                        _ => {
-                            tracing::error!(execution = %self.ex.id, "event dropped: the journal moved on")
-                        }
-                    }
-                    return;
+            let r = if self.stale {
+                // Did the failed write of this very event commit after all?
+                match self.resync().await {
+                    Ok(true) => return,
+                    Ok(false) => self.apply(event.clone()).await,
+                    Err(e) => Err(e),
                 }
+            } else {
+                self.apply(event.clone()).await
+            };
+            match r {
+                Ok(_) => return,
                 Err(EngineError::Store(e))
                     if !matches!(
                         e,
@@ -1202,7 +1309,6 @@ impl Driver {
                     ) =>
                 {
                     tracing::warn!(execution = %self.ex.id, error = %e, "journal write failed; retrying");
-                    failed_before = true;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

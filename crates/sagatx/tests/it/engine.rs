@@ -808,3 +808,56 @@ async fn a_panicking_step_is_an_unknown_outcome_and_the_engine_goes_on() {
     assert_eq!(ex.steps[0].attempts, 2);
     assert_eq!(ex.results()["a"], json!(2));
 }
+
+/// `run` drives a new execution in the caller's task until it has to wait;
+/// from then on the execution has a task of its own, so a caller that
+/// gives up (its future dropped) does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_given_up_while_a_step_waits_still_finishes() {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
+    let saga = Saga::builder("slow")
+        .step("quick", |_ctx: StepContext| async { Ok::<_, StepError>(1) })
+        .step("gated", move |_ctx: StepContext| {
+            let released = released.clone();
+            async move {
+                if let Some(rx) = released.lock().await.take() {
+                    let _ = rx.await;
+                }
+                Ok::<_, StepError>(2)
+            }
+        })
+        .build()
+        .expect("valid");
+    let engine = memory_engine(vec![saga]).await;
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        engine.run("slow", json!({"n": 1})),
+    )
+    .await;
+    assert!(given_up.is_err(), "the gated step holds the saga");
+    let page = engine
+        .list(ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let id = page.items[0].id;
+    assert_eq!(page.items[0].steps[1].in_flight, Some(Phase::Action));
+    let _ = release.send(());
+    let ex = tokio::time::timeout(Duration::from_secs(5), engine.wait(id))
+        .await
+        .expect("finishes without its caller")
+        .expect("wait");
+    assert_eq!(ex.status, Status::Completed);
+    assert_eq!(ex.results()["gated"], json!(2));
+    // The waiter is answered just before the driver leaves.
+    for _ in 0..200 {
+        if engine.active() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(engine.active(), 0, "its driver ended");
+}

@@ -4,6 +4,7 @@ mod bad_input;
 mod crash;
 mod engine;
 mod examples;
+mod faults;
 mod oplog;
 mod participants;
 #[cfg(feature = "postgres")]

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -426,6 +427,109 @@ impl StepState {
     }
 }
 
+/// The steps of an execution, each shared until it changes: cloning an
+/// execution (the journal's copy, a waiter's, a reader's) copies no step,
+/// and a transition copies only the steps it changes (copy-on-write). So a
+/// transition costs what it changes, not what the saga holds.
+///
+/// Reads as a slice of [`StepState`] (`steps[i]`, `iter()`, `len()`);
+/// `steps[i]` as a place to assign copies that one step first if it is
+/// shared. Serialised as a plain list of steps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Steps(Vec<Arc<StepState>>);
+
+impl Steps {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &StepState> + DoubleEndedIterator {
+        self.0.iter().map(|s| &**s)
+    }
+
+    pub fn get(&self, i: usize) -> Option<&StepState> {
+        self.0.get(i).map(|s| &**s)
+    }
+
+    pub fn first(&self) -> Option<&StepState> {
+        self.get(0)
+    }
+
+    pub fn last(&self) -> Option<&StepState> {
+        self.0.last().map(|s| &**s)
+    }
+
+    /// Every step for writing (each one copied first if it is shared).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut StepState> {
+        self.0.iter_mut().map(Arc::make_mut)
+    }
+
+    pub fn push(&mut self, step: StepState) {
+        self.0.push(Arc::new(step));
+    }
+}
+
+impl std::ops::Index<usize> for Steps {
+    type Output = StepState;
+    fn index(&self, i: usize) -> &StepState {
+        &self.0[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Steps {
+    fn index_mut(&mut self, i: usize) -> &mut StepState {
+        Arc::make_mut(&mut self.0[i])
+    }
+}
+
+impl FromIterator<StepState> for Steps {
+    fn from_iter<I: IntoIterator<Item = StepState>>(it: I) -> Self {
+        Steps(it.into_iter().map(Arc::new).collect())
+    }
+}
+
+impl From<Vec<StepState>> for Steps {
+    fn from(v: Vec<StepState>) -> Self {
+        v.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Steps {
+    type Item = &'a StepState;
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, Arc<StepState>>, fn(&Arc<StepState>) -> &StepState>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|s| &**s)
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Steps {
+    type Item = &'a mut StepState;
+    type IntoIter = std::iter::Map<
+        std::slice::IterMut<'a, Arc<StepState>>,
+        fn(&mut Arc<StepState>) -> &mut StepState,
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter_mut().map(Arc::make_mut)
+    }
+}
+
+impl Serialize for Steps {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Steps {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<StepState>::deserialize(d).map(Steps::from)
+    }
+}
+
 /// Why an execution left the happy path: the first step that failed (or
 /// `None` after a cancel or a reject) and its message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -444,8 +548,9 @@ pub struct Execution {
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub awaiting: Option<Awaiting>,
-    pub input: Value,
-    pub steps: Vec<StepState>,
+    /// Shared: a transition never copies it.
+    pub input: Arc<Value>,
+    pub steps: Steps,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
     /// The commit decision is taken: confirms run; no rollback any more.
@@ -492,7 +597,7 @@ impl Execution {
             saga_version,
             status: Status::Created,
             awaiting: None,
-            input,
+            input: Arc::new(input),
             steps: saga.steps.iter().map(|s| StepState::new(&s.name)).collect(),
             failure: None,
             committing: false,

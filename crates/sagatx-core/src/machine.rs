@@ -252,7 +252,9 @@ impl Run<'_> {
         self.ex.status = Status::Compensating;
         self.ex.awaiting = None;
         for i in 0..self.ex.steps.len() {
-            let s = &mut self.ex.steps[i];
+            // Read first: a step is written (and so copied, when shared
+            // with an earlier state) only when it changes.
+            let s = &self.ex.steps[i];
             if s.in_flight.is_some() {
                 continue; // decided when its outcome arrives
             }
@@ -260,12 +262,14 @@ impl Run<'_> {
                 StepStatus::Running => {
                     // Backing off after a retryable failure: it may have
                     // taken effect.
+                    let s = &mut self.ex.steps[i];
                     s.status = StepStatus::Failed;
                     s.outcome_unknown = true;
                     s.due_at_ms = None;
                     self.owe_compensation(i);
                 }
                 StepStatus::Waiting => {
+                    let s = &mut self.ex.steps[i];
                     s.status = StepStatus::Failed;
                     s.outcome_unknown = true;
                     s.due_at_ms = None;
@@ -552,7 +556,14 @@ impl Run<'_> {
             });
         }
         let mut compensations = false;
-        for s in &mut self.ex.steps {
+        for i in 0..self.ex.steps.len() {
+            if !matches!(
+                self.ex.steps[i].status,
+                StepStatus::CompensationFailed | StepStatus::ConfirmFailed
+            ) {
+                continue;
+            }
+            let s = &mut self.ex.steps[i];
             match s.status {
                 StepStatus::CompensationFailed => {
                     s.owed = Some(Phase::Compensation);
@@ -622,7 +633,8 @@ impl Run<'_> {
         }
         match self.def.mode {
             Mode::Sequential => {
-                if let Some(j) = self.ex.steps.iter().position(|s| !s.action_succeeded()) {
+                let next = self.ex.steps.iter().position(|s| !s.action_succeeded());
+                if let Some(j) = next {
                     if self.ex.steps[j].status == StepStatus::Pending {
                         self.start_call(j, Phase::Action);
                     }

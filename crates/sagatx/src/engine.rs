@@ -28,6 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::plan::Plan;
 use crate::saga::{Handlers, Saga, StepContext};
 use crate::store::{Claim, Command, ListQuery, Outcome, Page, Registered, Store, StoreError};
 
@@ -201,7 +202,7 @@ impl EngineBuilder {
         });
         for saga in self.sagas {
             let reg = inner.store.put_definition(&saga.definition).await?;
-            let def = Arc::new(saga.definition);
+            let def = Arc::new(Plan::new(saga.definition));
             inner.remember(reg.version, def.clone(), true);
             write(&inner.handlers).insert(def.name.clone(), Arc::new(saga.handlers));
         }
@@ -254,9 +255,9 @@ struct Msg {
 struct Inner {
     store: Arc<dyn Store>,
     handlers: RwLock<HashMap<String, Arc<HashMap<String, Handlers>>>>,
-    definitions: RwLock<HashMap<(String, u32), Arc<SagaDefinition>>>,
-    latest: RwLock<HashMap<String, (u32, Arc<SagaDefinition>)>>,
-    active: Mutex<HashMap<ExecutionId, mpsc::UnboundedSender<Msg>>>,
+    definitions: RwLock<HashMap<(String, u32), Arc<Plan>>>,
+    latest: RwLock<HashMap<String, (u32, Arc<Plan>)>>,
+    active: Mutex<HashMap<ExecutionId, mpsc::UnboundedSender<Box<Msg>>>>,
     waiters: Mutex<HashMap<ExecutionId, Vec<oneshot::Sender<Execution>>>>,
     remote: Option<Arc<dyn RemoteCaller>>,
     on_status: Option<StatusHook>,
@@ -294,7 +295,7 @@ impl Inner {
 
     /// The mailbox of a new driver for `id`, registered; `None` when this
     /// process has a driver for it already.
-    fn mailbox(&self, id: ExecutionId) -> Option<mpsc::UnboundedReceiver<Msg>> {
+    fn mailbox(&self, id: ExecutionId) -> Option<mpsc::UnboundedReceiver<Box<Msg>>> {
         match lock(&self.active).entry(id) {
             std::collections::hash_map::Entry::Occupied(_) => None,
             std::collections::hash_map::Entry::Vacant(v) => {
@@ -334,18 +335,14 @@ impl Inner {
         )
     }
 
-    fn remember(&self, version: u32, def: Arc<SagaDefinition>, latest: bool) {
+    fn remember(&self, version: u32, def: Arc<Plan>, latest: bool) {
         if latest {
             write(&self.latest).insert(def.name.clone(), (version, def.clone()));
         }
         write(&self.definitions).insert((def.name.clone(), version), def);
     }
 
-    async fn definition(
-        &self,
-        saga: &str,
-        version: u32,
-    ) -> Result<Arc<SagaDefinition>, EngineError> {
+    async fn definition(&self, saga: &str, version: u32) -> Result<Arc<Plan>, EngineError> {
         if let Some(d) = read(&self.definitions).get(&(saga.to_string(), version)) {
             return Ok(d.clone());
         }
@@ -357,12 +354,12 @@ impl Inner {
                 saga: saga.to_string(),
                 version,
             })?;
-        let def = Arc::new(def);
+        let def = Arc::new(Plan::new(def));
         self.remember(v, def.clone(), false);
         Ok(def)
     }
 
-    async fn latest(&self, saga: &str) -> Result<(u32, Arc<SagaDefinition>), EngineError> {
+    async fn latest(&self, saga: &str) -> Result<(u32, Arc<Plan>), EngineError> {
         if let Some(x) = read(&self.latest).get(saga) {
             return Ok(x.clone());
         }
@@ -371,7 +368,7 @@ impl Inner {
             .get_definition(saga, None)
             .await?
             .ok_or_else(|| EngineError::UnknownSaga(saga.to_string()))?;
-        let def = Arc::new(def);
+        let def = Arc::new(Plan::new(def));
         self.remember(v, def.clone(), true);
         Ok((v, def))
     }
@@ -415,7 +412,8 @@ impl Engine {
     pub async fn register(&self, def: SagaDefinition) -> Result<Registered, EngineError> {
         def.validate()?;
         let reg = self.inner.store.put_definition(&def).await?;
-        self.inner.remember(reg.version, Arc::new(def), true);
+        self.inner
+            .remember(reg.version, Arc::new(Plan::new(def)), true);
         Ok(reg)
     }
 
@@ -514,8 +512,7 @@ impl Engine {
             }
         };
         tracing::debug!(execution = %id, saga, "started");
-        metrics::counter!("sagatx_executions_started_total", "saga" => ex.saga.clone())
-            .increment(1);
+        def.started();
         inner.notify_waiters(&ex);
         let loaded = Loaded {
             ex,
@@ -817,7 +814,7 @@ enum Begun {
     /// The execution existed (an idempotent start).
     Found(ExecutionId),
     /// Created and journaled: its mailbox and the state its driver starts from.
-    New(ExecutionId, mpsc::UnboundedReceiver<Msg>, Box<Loaded>),
+    New(ExecutionId, mpsc::UnboundedReceiver<Box<Msg>>, Box<Loaded>),
 }
 
 type DriverFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -846,7 +843,9 @@ impl std::future::Future for InlineThenSpawn {
 /// state from the store) when there is none.
 fn deliver(inner: &Arc<Inner>, id: ExecutionId, event: Event, reply: Option<Reply_>) {
     let mut active = lock(&inner.active);
-    let msg = Msg { event, reply };
+    // Boxed: the channel allocates its slots in blocks of 32, which
+    // are small this way (most executions never get a message).
+    let msg = Box::new(Msg { event, reply });
     let msg = match active.get(&id) {
         Some(tx) => match tx.send(msg) {
             Ok(()) => return,
@@ -864,7 +863,7 @@ fn deliver(inner: &Arc<Inner>, id: ExecutionId, event: Event, reply: Option<Repl
 
 struct Loaded {
     ex: Execution,
-    def: Arc<SagaDefinition>,
+    def: Arc<Plan>,
     calls: Vec<Call>,
     permit: OwnedSemaphorePermit,
     /// The epoch of this process's lease on it, on a shared store.
@@ -884,7 +883,7 @@ type Was = (Status, Option<sagatx_core::Awaiting>);
 struct Driver {
     inner: Arc<Inner>,
     ex: Execution,
-    def: Arc<SagaDefinition>,
+    def: Arc<Plan>,
     handlers: Option<Arc<HashMap<String, Handlers>>>,
     input: Arc<Value>,
     calls: JoinSet<CallResult>,
@@ -902,13 +901,17 @@ struct Driver {
     /// Outcomes of local calls that finished on their first poll, to apply
     /// before anything else (no task was spawned for them).
     ready: std::collections::VecDeque<CallResult>,
+    /// The results step contexts see, kept up to date as steps succeed
+    /// (results are only ever added): shared by every call, and extended
+    /// in place once the calls that saw the older map are done.
+    results: Arc<serde_json::Map<String, Value>>,
 }
 
 /// Drives one execution, in a `tracing` span that names it.
 async fn drive(
     inner: Arc<Inner>,
     id: ExecutionId,
-    rx: mpsc::UnboundedReceiver<Msg>,
+    rx: mpsc::UnboundedReceiver<Box<Msg>>,
     loaded: Option<Loaded>,
 ) {
     use tracing::Instrument;
@@ -919,7 +922,7 @@ async fn drive(
 async fn drive_inner(
     inner: Arc<Inner>,
     id: ExecutionId,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
+    mut rx: mpsc::UnboundedReceiver<Box<Msg>>,
     loaded: Option<Loaded>,
 ) {
     let (mut d, calls, _permit) = match loaded {
@@ -1040,8 +1043,8 @@ async fn drive_inner(
 fn drain(
     inner: &Inner,
     id: ExecutionId,
-    rx: &mut mpsc::UnboundedReceiver<Msg>,
-    mut each: impl FnMut(Msg),
+    rx: &mut mpsc::UnboundedReceiver<Box<Msg>>,
+    mut each: impl FnMut(Box<Msg>),
 ) {
     loop {
         while let Ok(m) = rx.try_recv() {
@@ -1056,7 +1059,7 @@ fn drain(
 }
 
 enum Taken {
-    Mine(Box<Execution>, Arc<SagaDefinition>, Option<u64>),
+    Mine(Box<Execution>, Arc<Plan>, Option<u64>),
     Elsewhere,
 }
 
@@ -1164,10 +1167,7 @@ async fn forward(
     }
 }
 
-async fn load(
-    inner: &Arc<Inner>,
-    id: ExecutionId,
-) -> Result<(Execution, Arc<SagaDefinition>), EngineError> {
+async fn load(inner: &Arc<Inner>, id: ExecutionId) -> Result<(Execution, Arc<Plan>), EngineError> {
     let ex = inner
         .store
         .load(id)
@@ -1178,9 +1178,9 @@ async fn load(
 }
 
 impl Driver {
-    fn new(inner: Arc<Inner>, ex: Execution, def: Arc<SagaDefinition>) -> Self {
+    fn new(inner: Arc<Inner>, ex: Execution, def: Arc<Plan>) -> Self {
         let handlers = read(&inner.handlers).get(&ex.saga).cloned();
-        let input = Arc::new(ex.input.clone());
+        let input = ex.input.clone();
         Driver {
             inner,
             ex,
@@ -1193,7 +1193,28 @@ impl Driver {
             lease: None,
             lost: false,
             ready: std::collections::VecDeque::new(),
+            results: Arc::default(),
         }
+    }
+
+    /// The results of the steps that succeeded so far.
+    fn results(&mut self) -> Arc<serde_json::Map<String, Value>> {
+        let succeeded = self.ex.steps.iter().filter(|s| s.result.is_some()).count();
+        if succeeded < self.results.len() {
+            // Not expected (a journaled result stays); start afresh.
+            self.results = Arc::default();
+        }
+        if succeeded != self.results.len() {
+            let map = Arc::make_mut(&mut self.results);
+            for s in self.ex.steps.iter() {
+                if let Some(r) = &s.result {
+                    if !map.contains_key(&s.name) {
+                        map.insert(s.name.clone(), r.clone());
+                    }
+                }
+            }
+        }
+        self.results.clone()
     }
 
     /// Applies an event: the machine changes the state in place, the new
@@ -1211,7 +1232,7 @@ impl Driver {
         let t = self.ex.handle(&self.def, event, self.inner.env())?;
         if t.changed {
             self.ex.seq += 1;
-            let started = std::time::Instant::now();
+            let started = tracing::enabled!(tracing::Level::TRACE).then(std::time::Instant::now);
             let written = match (self.inner.store.leases(), self.lease) {
                 (Some(leases), Some(epoch)) => leases.append_leased(&self.ex, epoch).await,
                 _ => self.inner.store.append(&self.ex).await,
@@ -1230,7 +1251,9 @@ impl Driver {
                 }
                 return Err(e.into());
             }
-            tracing::trace!(execution = %self.ex.id, seq = self.ex.seq, us = started.elapsed().as_micros() as u64, "journaled");
+            if let Some(started) = started {
+                tracing::trace!(execution = %self.ex.id, seq = self.ex.seq, us = started.elapsed().as_micros() as u64, "journaled");
+            }
         }
         self.advanced(was, t.calls);
         Ok(())
@@ -1274,12 +1297,8 @@ impl Driver {
         }
         if finished {
             let ex = &self.ex;
-            let status = ex.status.as_str();
-            metrics::counter!("sagatx_executions_finished_total", "saga" => ex.saga.clone(), "status" => status)
-                .increment(1);
             let seconds = ex.updated_at_ms.saturating_sub(ex.created_at_ms) as f64 / 1000.0;
-            metrics::histogram!("sagatx_execution_duration_seconds", "saga" => ex.saga.clone(), "status" => status)
-                .record(seconds);
+            self.def.finished(ex.status, seconds);
         }
         self.inner.notify_waiters(&self.ex);
     }
@@ -1324,26 +1343,13 @@ impl Driver {
 
     /// A call's outcome: counted, timed, and applied.
     async fn finished(&mut self, (call, outcome, took): CallResult) {
-        let label = match &outcome {
-            Ok(_) => "ok",
-            Err(e) => e.class.as_str(),
-        };
-        let step = &self.def.steps[call.step].name;
-        metrics::histogram!(
-            "sagatx_step_duration_seconds",
-            "saga" => self.ex.saga.clone(),
-            "step" => step.clone(),
-            "phase" => call.phase.as_str(),
-        )
-        .record(took.as_secs_f64());
-        metrics::counter!(
-            "sagatx_step_attempts_total",
-            "saga" => self.ex.saga.clone(),
-            "step" => step.clone(),
-            "phase" => call.phase.as_str(),
-            "outcome" => label,
-        )
-        .increment(1);
+        let class = outcome.as_ref().err().map(|e| e.class);
+        self.def.call(
+            call.step,
+            call.phase,
+            crate::plan::outcome_label(class),
+            took.as_secs_f64(),
+        );
         self.apply_internal(Event::Outcome {
             step: call.step,
             phase: call.phase,
@@ -1354,15 +1360,16 @@ impl Driver {
     }
 
     fn spawn_call(&mut self, call: Call) {
+        let results = self.results();
         let step = &self.def.steps[call.step];
         let ctx = StepContext {
             execution_id: self.ex.id,
-            saga: Arc::from(self.ex.saga.as_str()),
-            step: Arc::from(step.name.as_str()),
+            saga: self.def.saga_name.clone(),
+            step: self.def.step_names[call.step].clone(),
             phase: call.phase,
             attempt: call.attempt,
             input: self.input.clone(),
-            results: Arc::new(self.ex.results()),
+            results,
             user: self.ex.user.as_deref().map(Arc::from),
             callback: call.phase == sagatx_core::Phase::Action
                 && step.reply == sagatx_core::ReplyMode::Callback,

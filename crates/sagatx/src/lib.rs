@@ -45,6 +45,7 @@
 pub mod barrier;
 mod engine;
 pub mod oplog;
+mod plan;
 mod saga;
 pub mod store;
 pub mod transaction;

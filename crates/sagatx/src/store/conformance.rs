@@ -349,7 +349,7 @@ async fn append_and_load(store: &dyn Store, tag: &str) -> R {
     // A stale writer (seq 2 again, from the old state) is fenced out.
     let mut stale = before.clone();
     stale.seq = 2;
-    stale.input = json!("stale");
+    stale.input = std::sync::Arc::new(json!("stale"));
     match store.append(&stale).await {
         Err(StoreError::Conflict {
             expected: 1,

@@ -1,11 +1,11 @@
 //! An in-memory store: the reference implementation of the trait, for tests
 //! and the in-process benchmark. Nothing survives the process.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use sagatx_core::{Execution, ExecutionId, SagaDefinition};
+use sagatx_core::{Execution, ExecutionId, SagaDefinition, Status};
 
 use super::{may_have_work, same_definition, ListQuery, Page, Registered, Store, StoreError};
 
@@ -20,12 +20,16 @@ struct Inner {
     next: u64,
     /// Operation log: id → (record, finished).
     ops: BTreeMap<u64, (super::OpRecord, bool)>,
+    /// With a retention: the finished executions it may drop, oldest first.
+    finished: VecDeque<u64>,
 }
 
-/// A store that keeps everything in memory.
+/// A store that keeps everything in memory (or, with a retention, every
+/// execution but the oldest finished ones).
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     secret: Mutex<[u8; 32]>,
+    keep_finished: Option<usize>,
 }
 
 impl Default for MemoryStore {
@@ -36,6 +40,7 @@ impl Default for MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner::default()),
             secret: Mutex::new(secret),
+            keep_finished: None,
         }
     }
 }
@@ -43,6 +48,38 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store that keeps only the `keep` executions that most recently
+    /// ended `completed` or `compensated`, and drops older ones as they
+    /// finish (as a retention period drops closed workflows), so that a
+    /// long-lived process that runs sagas in memory does not grow without
+    /// bound. Unfinished executions, and `failed` ones (which wait for an
+    /// operator's retry), are always kept.
+    pub fn with_retention(keep: usize) -> Self {
+        MemoryStore {
+            keep_finished: Some(keep),
+            ..Self::default()
+        }
+    }
+
+    /// Counts `n` as finished when `ex` is, and takes out the oldest
+    /// finished execution beyond the retention (for the caller to free
+    /// outside the lock).
+    fn retain(&self, g: &mut Inner, n: u64, ex: &Execution) -> Option<Execution> {
+        let keep = self.keep_finished?;
+        if !matches!(ex.status, Status::Completed | Status::Compensated) {
+            return None;
+        }
+        g.finished.push_back(n);
+        // One in, at most one out: the queue never exceeds `keep`.
+        if g.finished.len() <= keep {
+            return None;
+        }
+        let old = g.finished.pop_front()?;
+        let gone = g.executions.remove(&old)?;
+        g.by_id.remove(&gone.id);
+        Some(gone)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -100,6 +137,9 @@ impl Store for MemoryStore {
             id: ex.id.to_string(),
             source: sagatx_core::DecodeError::Invariant(e),
         })?;
+        // Copied before the lock and the replaced state freed after it:
+        // the lock is held for the map updates only.
+        let copy = ex.clone();
         let mut g = self.lock();
         if ex.seq == 1 {
             if g.by_id.contains_key(&ex.id) {
@@ -111,28 +151,39 @@ impl Store for MemoryStore {
             if let Some(d) = ex.next_due_ms() {
                 g.due.insert((d, n));
             }
-            g.executions.insert(n, ex.clone());
+            g.executions.insert(n, copy);
             return Ok(());
         }
         let n = g.by_id.get(&ex.id).copied();
         let held = n.and_then(|n| g.executions.get(&n));
-        match (n, held) {
+        let (replaced, dropped) = match (n, held) {
             (Some(n), Some(cur)) if cur.seq + 1 == ex.seq => {
+                let finishing = ex.status.is_terminal() && !cur.status.is_terminal();
                 if let Some(d) = cur.next_due_ms() {
                     g.due.remove(&(d, n));
                 }
                 if let Some(d) = ex.next_due_ms() {
                     g.due.insert((d, n));
                 }
-                g.executions.insert(n, ex.clone());
-                Ok(())
+                let replaced = g.executions.insert(n, copy);
+                let dropped = if finishing {
+                    self.retain(&mut g, n, ex)
+                } else {
+                    None
+                };
+                (replaced, dropped)
             }
-            (_, other) => Err(StoreError::Conflict {
-                id: ex.id,
-                expected: ex.seq - 1,
-                found: other.map(|c| c.seq),
-            }),
-        }
+            (_, other) => {
+                return Err(StoreError::Conflict {
+                    id: ex.id,
+                    expected: ex.seq - 1,
+                    found: other.map(|c| c.seq),
+                })
+            }
+        };
+        drop(g);
+        drop((replaced, dropped));
+        Ok(())
     }
 
     async fn load(&self, id: ExecutionId) -> Result<Option<Execution>, StoreError> {
@@ -223,6 +274,9 @@ impl Store for MemoryStore {
             g.due.insert((d, n));
         }
         g.executions.insert(n, ex.clone());
+        let dropped = self.retain(&mut g, n, ex);
+        drop(g);
+        drop(dropped);
         Ok(())
     }
 

@@ -113,3 +113,98 @@ async fn a_schema_1_journal_is_migrated_on_open() {
         .expect("version");
     assert_eq!(v, sagatx::store::SCHEMA_VERSION);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_with_a_retention_conforms() {
+    // A retention larger than what the suite finishes drops nothing.
+    conformance::run(Arc::new(MemoryStore::with_retention(100_000)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// With a retention, the oldest completed and compensated executions are
+/// dropped as newer ones finish; a failed one (an operator's to retry) and
+/// unfinished ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_store_retention_drops_the_oldest_finished_only() {
+    use sagatx::{Engine, Saga, StartOptions, Status, StepContext, StepError};
+    use serde_json::json;
+
+    // The run with input n = 0 fails at `b` and its compensation of `a`
+    // fails for good: it ends `failed`. The others complete.
+    let first = |ctx: &StepContext| ctx.input()["n"] == json!(0);
+    let saga = Saga::builder("kept")
+        .step("a", |_ctx: StepContext| async { Ok::<_, StepError>(()) })
+        .compensate(move |ctx: StepContext| async move {
+            if first(&ctx) {
+                return Err(StepError::permanent("cannot undo"));
+            }
+            Ok(())
+        })
+        .step("b", move |ctx: StepContext| async move {
+            if first(&ctx) {
+                return Err(StepError::permanent("rejected"));
+            }
+            Ok::<_, StepError>(())
+        })
+        .build()
+        .expect("valid");
+    let waiting = Saga::builder("waiting")
+        .step("w", |_ctx: sagatx::StepContext| async {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            Ok::<_, sagatx::StepError>(())
+        })
+        .build()
+        .expect("valid");
+    let engine = Engine::builder()
+        .store(MemoryStore::with_retention(3))
+        .saga(saga)
+        .saga(waiting)
+        .build()
+        .await
+        .expect("engine");
+    let unfinished = engine
+        .start_with("waiting", json!({}), StartOptions::default())
+        .await
+        .expect("start");
+    let failed = engine.run("kept", json!({"n": 0})).await.expect("run");
+    assert_eq!(failed.status, Status::Failed);
+    let mut ids = Vec::new();
+    for n in 1..=6 {
+        let ex = engine.run("kept", json!({ "n": n })).await.expect("run");
+        assert_eq!(ex.status, Status::Completed);
+        ids.push(ex.id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let kept = engine.get(*id).await.is_ok();
+        assert_eq!(
+            kept,
+            i >= 3,
+            "execution {i} of 6: kept only among the last 3"
+        );
+    }
+    assert_eq!(
+        engine.get(failed.id).await.expect("failed kept").status,
+        Status::Failed
+    );
+    assert_eq!(
+        engine
+            .get(unfinished)
+            .await
+            .expect("unfinished kept")
+            .status,
+        Status::Running
+    );
+    let page = engine
+        .list(sagatx::ListQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        page.items.len(),
+        5,
+        "3 completed, the failed, the unfinished"
+    );
+}

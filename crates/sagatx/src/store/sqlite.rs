@@ -452,11 +452,7 @@ fn apply_batch(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Done>, 
                         Err(StoreError::Exists(*id))
                     }));
                 } else {
-                    let mut st = tx.prepare_cached(
-                        "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-                         WHERE id = ?1 AND seq = ?7",
-                    )?;
-                    let n = st.execute(params![
+                    let args = params![
                         idb,
                         status,
                         *seq as i64,
@@ -464,7 +460,26 @@ fn apply_batch(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Done>, 
                         *updated_at as i64,
                         state,
                         (*seq - 1) as i64
-                    ])?;
+                    ];
+                    // Most transitions keep the status. Assigning a column
+                    // rewrites its index entries even when the value is the
+                    // same (two more pages per commit: the status and the
+                    // saga-status indexes), so the status is only set when
+                    // the row's differs.
+                    let mut n = tx
+                        .prepare_cached(
+                            "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+                             WHERE id = ?1 AND seq = ?7 AND status = ?2",
+                        )?
+                        .execute(args)?;
+                    if n == 0 {
+                        n = tx
+                            .prepare_cached(
+                                "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+                                 WHERE id = ?1 AND seq = ?7",
+                            )?
+                            .execute(args)?;
+                    }
                     if n == 1 {
                         out.push(Done::Appended(Ok(())));
                     } else {

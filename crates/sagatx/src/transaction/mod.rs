@@ -176,11 +176,27 @@ pub trait DataManager: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct TxInfo {
     pub id: u64,
-    /// A globally unique id (a UUID v7), stable across processes: the
-    /// prefix of prepared transactions' ids and the key of the decision.
-    pub gid: String,
     /// A description for logs (the loop's `describe_transaction`).
     pub note: String,
+    /// Made on first use: most managers never ask for it.
+    gid: std::sync::OnceLock<String>,
+}
+
+impl TxInfo {
+    /// The transaction's globally unique id, the same as
+    /// [`Transaction::gid`]: the prefix of prepared transactions' ids and
+    /// the key of the commit decision.
+    pub fn gid(&self) -> &str {
+        self.gid.get_or_init(|| gid_of(self.id))
+    }
+}
+
+/// The globally unique id of this process's transaction `id`: 32 hex
+/// digits, a random number drawn once per process followed by `id`.
+fn gid_of(id: u64) -> String {
+    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let p = PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    format!("{p:016x}{id:016x}")
 }
 
 /// The status of a transaction.
@@ -282,11 +298,7 @@ impl Transaction {
     /// The globally unique id: 32 hex digits, a random number drawn once
     /// per process followed by this transaction's number in the process.
     pub fn gid(&self) -> &str {
-        self.inner.gid.get_or_init(|| {
-            static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-            let p = PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-            format!("{p:016x}{:016x}", self.inner.id)
-        })
+        self.inner.gid.get_or_init(|| gid_of(self.inner.id))
     }
 
     /// Logs the commit decision there, durably, after every vote and before
@@ -306,8 +318,8 @@ impl Transaction {
     fn info(&self) -> TxInfo {
         TxInfo {
             id: self.inner.id,
-            gid: self.gid().to_string(),
             note: lock(&self.inner.state).note.clone(),
+            gid: std::sync::OnceLock::new(),
         }
     }
 
@@ -424,10 +436,12 @@ impl Transaction {
     }
 
     pub(crate) async fn commit_inner(&self) -> Result<(), TransactionError> {
-        let info = self.info();
-        let resuming = {
+        // One look at the state: the status, what the managers are told,
+        // the managers in commit order, the decision log. The managers no
+        // longer change once the commit began (joining needs `Active`).
+        let (resuming, info, managers, log) = {
             let mut st = lock(&self.inner.state);
-            match st.status {
+            let resuming = match st.status {
                 TxStatus::Active => {
                     st.status = TxStatus::Committing;
                     false
@@ -435,12 +449,22 @@ impl Transaction {
                 // Retry only the commit: finish the managers that did not.
                 TxStatus::CommitFailed => true,
                 s => return Err(TransactionError::NotActive(s.as_str())),
-            }
+            };
+            let info = TxInfo {
+                id: self.inner.id,
+                note: st.note.clone(),
+                gid: std::sync::OnceLock::new(),
+            };
+            (
+                resuming,
+                info,
+                Ordered::of(&st.joined),
+                st.decisions.clone(),
+            )
         };
         if !resuming {
-            let dms = sorted(&lock(&self.inner.state).joined);
             for (phase, n) in [("tpc_begin", 0), ("commit", 1), ("tpc_vote", 2)] {
-                for dm in &dms {
+                for (_, dm, _) in managers.iter() {
                     let r = match n {
                         0 => dm.tpc_begin(&info).await,
                         1 => dm.commit(&info).await,
@@ -453,10 +477,7 @@ impl Transaction {
                     }
                 }
             }
-        }
-        if !resuming {
-            let log = lock(&self.inner.state).decisions.clone();
-            if let Some(log) = log {
+            if let Some(log) = &log {
                 match log.decide_commit(&info).await {
                     Ok(token) => lock(&self.inner.state).decision = Some(token),
                     Err(error) => {
@@ -469,44 +490,37 @@ impl Transaction {
             }
         }
         // Phase two. Every manager voted yes: each must now finish.
-        let order: Vec<usize> = {
-            let st = lock(&self.inner.state);
-            let mut idx: Vec<usize> = (0..st.joined.len()).collect();
-            if idx.len() > 1 {
-                idx.sort_by_cached_key(|&i| st.joined[i].dm.sort_key());
-            }
-            idx
-        };
-        let total = order.len();
-        for i in order {
-            let (dm, done) = {
-                let st = lock(&self.inner.state);
-                (st.joined[i].dm.clone(), st.joined[i].finished)
-            };
-            if done {
+        let total = managers.len();
+        for (k, (_, dm, done)) in managers.iter().enumerate() {
+            if *done {
                 continue;
             }
-            match dm.tpc_finish(&info).await {
-                Ok(()) => lock(&self.inner.state).joined[i].finished = true,
-                Err(error) => {
-                    let mut st = lock(&self.inner.state);
-                    st.status = TxStatus::CommitFailed;
-                    let finished = st.joined.iter().filter(|j| j.finished).count();
-                    tracing::error!(manager = %dm.name(), %error, finished, total, "commit failed after the vote");
-                    return Err(TransactionError::CommitFailed {
-                        manager: dm.name(),
-                        error,
-                        finished,
-                        total,
-                    });
+            if let Err(error) = dm.tpc_finish(&info).await {
+                let mut st = lock(&self.inner.state);
+                // Those before it in commit order have finished, now or
+                // in an earlier attempt.
+                for (i, _, _) in managers.iter().take(k) {
+                    st.joined[*i].finished = true;
                 }
+                st.status = TxStatus::CommitFailed;
+                let finished = st.joined.iter().filter(|j| j.finished).count();
+                tracing::error!(manager = %dm.name(), %error, finished, total, "commit failed after the vote");
+                return Err(TransactionError::CommitFailed {
+                    manager: dm.name(),
+                    error,
+                    finished,
+                    total,
+                });
             }
         }
-        let (log, token) = {
+        let token = {
             let mut st = lock(&self.inner.state);
             st.status = TxStatus::Committed;
             st.generation += 1;
-            (st.decisions.clone(), st.decision.take())
+            for j in &mut st.joined {
+                j.finished = true;
+            }
+            st.decision.take()
         };
         if let (Some(log), Some(token)) = (log, token) {
             if let Err(e) = log.forget(token).await {
@@ -515,6 +529,38 @@ impl Transaction {
             }
         }
         Ok(())
+    }
+}
+
+/// The managers of a transaction in commit order (by sort key, stable):
+/// each one's position in `joined`, the manager, and whether it finished.
+/// A list is made only for several: most transactions have one.
+struct Ordered {
+    first: Option<(usize, Arc<dyn DataManager>, bool)>,
+    rest: Vec<(usize, Arc<dyn DataManager>, bool)>,
+}
+
+impl Ordered {
+    fn of(joined: &[Joined]) -> Self {
+        let entry = |i: usize| (i, joined[i].dm.clone(), joined[i].finished);
+        match joined.len() {
+            1 => Ordered {
+                first: Some(entry(0)),
+                rest: Vec::new(),
+            },
+            _ => Ordered {
+                first: None,
+                rest: sorted_positions(joined).into_iter().map(entry).collect(),
+            },
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(usize, Arc<dyn DataManager>, bool)> {
+        self.first.iter().chain(self.rest.iter())
     }
 }
 
@@ -537,7 +583,7 @@ pub struct StoreDecisions(pub Arc<dyn crate::Store>);
 impl DecisionLog for StoreDecisions {
     async fn decide_commit(&self, tx: &TxInfo) -> Result<u64, TxError> {
         self.0
-            .op_record(DECISION_OP, &serde_json::json!({"tx": tx.gid}), now_ms())
+            .op_record(DECISION_OP, &serde_json::json!({"tx": tx.gid()}), now_ms())
             .await
             .map_err(|e| TxError::transient(format!("cannot log the commit decision: {e}")))
     }
@@ -574,6 +620,14 @@ impl Transaction {
             error,
         }
     }
+}
+
+/// Positions of the managers by sort key; equal keys keep their joining
+/// order (stable sort). Keys are Strings: made once per manager.
+fn sorted_positions(joined: &[Joined]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..joined.len()).collect();
+    idx.sort_by_cached_key(|&i| joined[i].dm.sort_key());
+    idx
 }
 
 /// Managers by sort key; equal keys keep their joining order (stable sort).

@@ -99,7 +99,7 @@ impl PostgresDataManager {
     }
 
     fn gid(&self, tx: &TxInfo) -> String {
-        format!("{GID_PREFIX}{}:{}", tx.gid, self.key)
+        format!("{GID_PREFIX}{}:{}", tx.gid(), self.key)
     }
 
     fn prepared(&self) -> Option<String> {

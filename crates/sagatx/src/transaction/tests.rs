@@ -672,3 +672,57 @@ async fn a_manager_that_fails_in_every_phase_gets_clear_errors_and_harms_no_one(
         "aborting failed in broken: abort is broken"
     );
 }
+
+/// A manager that notes the global id it is told.
+struct GidDm(Mutex<Vec<String>>);
+
+#[async_trait]
+impl DataManager for GidDm {
+    fn sort_key(&self) -> String {
+        "gid".into()
+    }
+    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_vote(&self, tx: &TxInfo) -> Result<(), TxError> {
+        self.0.lock().expect("lock").push(tx.gid().to_string());
+        Ok(())
+    }
+    async fn tpc_finish(&self, tx: &TxInfo) -> Result<(), TxError> {
+        self.0.lock().expect("lock").push(tx.gid().to_string());
+        Ok(())
+    }
+    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+}
+
+/// The global id a manager is told (made on first use) is the
+/// transaction's own, the same in every call, and differs between
+/// transactions.
+#[tokio::test]
+async fn managers_see_the_transactions_global_id() {
+    let seen = Arc::new(GidDm(Mutex::new(Vec::new())));
+    let a = Transaction::new();
+    a.join(seen.clone()).expect("join");
+    a.commit().await.expect("commit");
+    let b = Transaction::new();
+    b.join(seen.clone()).expect("join");
+    b.commit().await.expect("commit");
+    let got = seen.0.lock().expect("lock").clone();
+    assert_eq!(
+        got,
+        [a.gid(), a.gid(), b.gid(), b.gid()]
+            .map(String::from)
+            .to_vec()
+    );
+    assert_ne!(a.gid(), b.gid());
+    assert_eq!(a.gid().len(), 32);
+    assert!(a.gid().chars().all(|c| c.is_ascii_hexdigit()));
+}

@@ -445,7 +445,7 @@ impl Engine {
         match self.begin(saga, input, opts).await? {
             Begun::Found(id) => Ok(Started { id, created: false }),
             Begun::New(id, rx, loaded) => {
-                tokio::spawn(drive(self.inner.clone(), id, rx, Some(*loaded)));
+                tokio::spawn(drive(self.inner.clone(), id, rx, Some(loaded)));
                 Ok(Started { id, created: true })
             }
         }
@@ -523,7 +523,7 @@ impl Engine {
             lease: inner.store.leases().map(|_| 1),
             resume: false,
         };
-        Ok(Begun::New(id, rx, Box::new(loaded)))
+        Ok(Begun::New(id, rx, loaded))
     }
 
     /// Starts an execution and waits until it is terminal or paused.
@@ -536,28 +536,39 @@ impl Engine {
     /// and no thread woken; and dropping this future never stops the
     /// execution, which is only ever left between polls in its own task.
     pub async fn run(&self, saga: &str, input: Value) -> Result<Execution, EngineError> {
-        // The id is chosen here so that the waiter is registered before the
-        // execution exists: no read of the store is needed to close the race
-        // between the start and the wait.
-        let id = self.inner.new_id();
+        let opts = StartOptions {
+            id: Some(self.inner.new_id()),
+            ..Default::default()
+        };
+        let (id, mailbox, loaded) = match self.begin(saga, input, opts).await? {
+            Begun::New(id, mailbox, loaded) => (id, mailbox, loaded),
+            // Not with a new id; but should it happen, waiting is right.
+            Begun::Found(id) => return self.wait(id).await,
+        };
+        let driven = InlineThenSpawn {
+            driver: Some(Box::pin(drive(
+                self.inner.clone(),
+                id,
+                mailbox,
+                Some(loaded),
+            ))),
+            inner: &self.inner,
+            id,
+        }
+        .await;
+        // However this call ends, a waiter it registered goes.
         let _guard = WaitGuard {
             inner: &self.inner,
             id,
         };
-        let (tx, mut rx) = oneshot::channel();
-        lock(&self.inner.waiters).entry(id).or_default().push(tx);
-        let opts = StartOptions {
-            id: Some(id),
-            ..Default::default()
-        };
-        if let Begun::New(id, mailbox, loaded) = self.begin(saga, input, opts).await? {
-            let driver = Box::pin(drive(self.inner.clone(), id, mailbox, Some(*loaded)));
-            InlineThenSpawn(Some(driver)).await;
-            // Answered already when the driver ended in this call.
-            if let Ok(ex) = rx.try_recv() {
-                return Ok(ex);
+        let rx = match driven {
+            Driven::Ended(Some(ex)) if ex.status.is_terminal() || ex.status == Status::Paused => {
+                return Ok(ex)
             }
-        }
+            // It waits in the store (a long backoff): wait for it there.
+            Driven::Ended(_) => return self.wait(id).await,
+            Driven::Spawned(rx) => rx,
+        };
         let mut stop = self.inner.stop.subscribe();
         tokio::select! {
             r = rx => r.map_err(|_| EngineError::ShuttingDown),
@@ -810,32 +821,60 @@ impl Drop for WaitGuard<'_> {
 }
 
 /// What [`Engine::begin`] did.
+// Made once per start and taken apart at once: not worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Begun {
     /// The execution existed (an idempotent start).
     Found(ExecutionId),
     /// Created and journaled: its mailbox and the state its driver starts from.
-    New(ExecutionId, mpsc::UnboundedReceiver<Box<Msg>>, Box<Loaded>),
+    New(ExecutionId, mpsc::UnboundedReceiver<Box<Msg>>, Loaded),
 }
 
-type DriverFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type DriverFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Execution>> + Send>>;
 
-/// Polls a driver once in the current task; if it has to wait, hands it to
-/// a task of its own (which polls it again at once, so what it waits for
-/// wakes that task from then on) and is done.
-struct InlineThenSpawn(Option<DriverFuture>);
+/// What became of a driver run by [`InlineThenSpawn`].
+enum Driven {
+    /// It ended in the caller's task, with the state it left (`None` when
+    /// that is not known to be the journaled one).
+    Ended(Option<Execution>),
+    /// It had to wait and went on in a task of its own; the receiver is
+    /// answered when the execution is terminal or paused.
+    Spawned(oneshot::Receiver<Execution>),
+}
 
-impl std::future::Future for InlineThenSpawn {
-    type Output = ();
+/// Polls a driver once in the current task. If it has to wait, registers a
+/// waiter for its execution and hands it to a task of its own, which polls
+/// it again at once (so what it waits for wakes that task from then on).
+/// The waiter is in place before the driver can go on, so no change is
+/// missed; and none is needed when the driver ends in this poll.
+struct InlineThenSpawn<'a> {
+    driver: Option<DriverFuture>,
+    inner: &'a Inner,
+    id: ExecutionId,
+}
+
+impl std::future::Future for InlineThenSpawn<'_> {
+    type Output = Driven;
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if let Some(mut driver) = self.0.take() {
-            if driver.as_mut().poll(cx).is_pending() {
+    ) -> std::task::Poll<Driven> {
+        let Some(mut driver) = self.driver.take() else {
+            // Polled again after it was ready: nothing is left to do.
+            return std::task::Poll::Ready(Driven::Ended(None));
+        };
+        std::task::Poll::Ready(match driver.as_mut().poll(cx) {
+            std::task::Poll::Ready(ex) => Driven::Ended(ex),
+            std::task::Poll::Pending => {
+                let (tx, rx) = oneshot::channel();
+                lock(&self.inner.waiters)
+                    .entry(self.id)
+                    .or_default()
+                    .push(tx);
                 tokio::spawn(driver);
+                Driven::Spawned(rx)
             }
-        }
-        std::task::Poll::Ready(())
+        })
     }
 }
 
@@ -886,7 +925,8 @@ struct Driver {
     def: Arc<Plan>,
     handlers: Option<Arc<HashMap<String, Handlers>>>,
     input: Arc<Value>,
-    calls: JoinSet<CallResult>,
+    /// Calls under way in tasks of their own (made on the first).
+    calls: Option<JoinSet<CallResult>>,
     /// The state in memory may differ from the journaled one (a write
     /// failed): read it back before the next event.
     stale: bool,
@@ -913,7 +953,7 @@ async fn drive(
     id: ExecutionId,
     rx: mpsc::UnboundedReceiver<Box<Msg>>,
     loaded: Option<Loaded>,
-) {
+) -> Option<Execution> {
     use tracing::Instrument;
     let span = tracing::info_span!("execution", id = %id);
     drive_inner(inner, id, rx, loaded).instrument(span).await
@@ -924,7 +964,7 @@ async fn drive_inner(
     id: ExecutionId,
     mut rx: mpsc::UnboundedReceiver<Box<Msg>>,
     loaded: Option<Loaded>,
-) {
+) -> Option<Execution> {
     let (mut d, calls, _permit) = match loaded {
         Some(l) => {
             let mut d = Driver::new(inner.clone(), l.ex, l.def);
@@ -937,7 +977,7 @@ async fn drive_inner(
         None => {
             let permit = match inner.permits.clone().acquire_owned().await {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(_) => return None,
             };
             match take(&inner, id).await {
                 Ok(Taken::Mine(ex, def, lease)) => {
@@ -957,7 +997,7 @@ async fn drive_inner(
                             });
                         }
                     });
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     // Answer everything queued, then leave.
@@ -970,7 +1010,7 @@ async fn drive_inner(
                             }));
                         }
                     });
-                    return;
+                    return None;
                 }
             }
         }
@@ -985,14 +1025,16 @@ async fn drive_inner(
             // The journal belongs to another process now: what is in flight
             // here is abandoned (the new holder calls it again, same key)
             // and what is queued is answered.
-            d.calls.abort_all();
+            if let Some(calls) = &mut d.calls {
+                calls.abort_all();
+            }
             drain(&inner, id, &mut rx, |m| {
                 if let Some(r) = m.reply {
                     let _ = r.send(Err(EngineError::Store(StoreError::LeaseLost(id))));
                 }
             });
             in_flight.decrement(1.0);
-            return;
+            return None;
         }
         if let Some(done) = d.ready.pop_front() {
             d.finished(done).await;
@@ -1001,7 +1043,7 @@ async fn drive_inner(
         let now = inner.clock.now_ms();
         let due = d.ex.next_due_ms();
         let sleep_to = due.filter(|&t| t <= now + inner.idle_horizon_ms);
-        let busy = !d.calls.is_empty() || !d.ready.is_empty() || sleep_to.is_some();
+        let busy = d.has_calls() || !d.ready.is_empty() || sleep_to.is_some();
         if !busy {
             let mut active = lock(&inner.active);
             if rx.is_empty() {
@@ -1018,7 +1060,7 @@ async fn drive_inner(
                     let _ = reply.send(r);
                 }
             }
-            Some(done) = d.calls.join_next(), if !d.calls.is_empty() => {
+            Some(done) = next_call(&mut d.calls), if d.has_calls() => {
                 match done {
                     Ok(done) => d.finished(done).await,
                     Err(e) => tracing::error!(execution = %id, error = %e, "call task failed"),
@@ -1035,6 +1077,19 @@ async fn drive_inner(
         if !d.ex.status.is_terminal() {
             leases.release(id, epoch).await;
         }
+    }
+    // What run() hands back when the driver ended in its task: the state
+    // as journaled, unless a write failed or another process took over.
+    (!d.stale && !d.lost).then_some(d.ex)
+}
+
+/// The next call task to finish; never, without any.
+async fn next_call(
+    calls: &mut Option<JoinSet<CallResult>>,
+) -> Option<Result<CallResult, tokio::task::JoinError>> {
+    match calls {
+        Some(c) => c.join_next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1187,7 +1242,7 @@ impl Driver {
             def,
             handlers,
             input,
-            calls: JoinSet::new(),
+            calls: None,
             stale: false,
             unconfirmed: None,
             lease: None,
@@ -1195,6 +1250,10 @@ impl Driver {
             ready: std::collections::VecDeque::new(),
             results: Arc::default(),
         }
+    }
+
+    fn has_calls(&self) -> bool {
+        self.calls.as_ref().is_some_and(|c| !c.is_empty())
     }
 
     /// The results of the steps that succeeded so far.
@@ -1451,32 +1510,34 @@ impl Driver {
                 }
             }
         }
-        self.calls.spawn(tracing::Instrument::instrument(
-            async move {
-                use futures_util::FutureExt;
-                let started = Instant::now();
-                let timed = async move {
-                    match timeout {
-                        Some(t) => match tokio::time::timeout(t, fut).await {
-                            Ok(r) => r,
-                            Err(_) => Err(StepError::unknown_outcome(format!(
-                                "timed out after {} ms",
-                                t.as_millis()
-                            ))),
-                        },
-                        None => fut.await,
-                    }
-                };
-                // A panic in user code becomes an outcome instead of killing
-                // the driver.
-                let outcome = match std::panic::AssertUnwindSafe(timed).catch_unwind().await {
-                    Ok(r) => r,
-                    Err(_) => Err(StepError::unknown_outcome("the step panicked")),
-                };
-                (call, outcome, started.elapsed())
-            },
-            span,
-        ));
+        self.calls
+            .get_or_insert_with(JoinSet::new)
+            .spawn(tracing::Instrument::instrument(
+                async move {
+                    use futures_util::FutureExt;
+                    let started = Instant::now();
+                    let timed = async move {
+                        match timeout {
+                            Some(t) => match tokio::time::timeout(t, fut).await {
+                                Ok(r) => r,
+                                Err(_) => Err(StepError::unknown_outcome(format!(
+                                    "timed out after {} ms",
+                                    t.as_millis()
+                                ))),
+                            },
+                            None => fut.await,
+                        }
+                    };
+                    // A panic in user code becomes an outcome instead of killing
+                    // the driver.
+                    let outcome = match std::panic::AssertUnwindSafe(timed).catch_unwind().await {
+                        Ok(r) => r,
+                        Err(_) => Err(StepError::unknown_outcome("the step panicked")),
+                    };
+                    (call, outcome, started.elapsed())
+                },
+                span,
+            ));
     }
 }
 

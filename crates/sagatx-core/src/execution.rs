@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error::{CompensationOutcome, SagaError};
+use crate::name::Name;
 
 /// The journal format written by this version.
 pub const FORMAT_VERSION: u32 = 1;
@@ -186,7 +187,7 @@ fn is_default_exempt(e: &Exempt) -> bool {
 /// The state of one step within an execution.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
-    pub name: String,
+    pub name: Name,
     pub status: StepStatus,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
@@ -366,7 +367,7 @@ impl StepState {
 use crate::definition::Phase;
 
 impl StepState {
-    pub fn new(name: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<Name>) -> Self {
         StepState {
             name: name.into(),
             status: StepStatus::Pending,
@@ -543,7 +544,7 @@ pub struct Failure {
 pub struct Execution {
     pub format_version: u32,
     pub id: ExecutionId,
-    pub saga: String,
+    pub saga: Name,
     pub saga_version: u32,
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -590,15 +591,38 @@ impl Execution {
         user: Option<String>,
         now_ms: u64,
     ) -> Self {
+        Self::with_names(
+            id,
+            Name::from(&saga.name),
+            saga.steps.iter().map(|s| Name::from(&s.name)),
+            saga_version,
+            input,
+            user,
+            now_ms,
+        )
+    }
+
+    /// A new execution in status `created`, with the saga's and its steps'
+    /// names given (shared with whoever holds them already: a runtime that
+    /// keeps the names of its sagas makes no copy of them per execution).
+    pub fn with_names(
+        id: ExecutionId,
+        saga: Name,
+        steps: impl IntoIterator<Item = Name>,
+        saga_version: u32,
+        input: Value,
+        user: Option<String>,
+        now_ms: u64,
+    ) -> Self {
         Execution {
             format_version: FORMAT_VERSION,
             id,
-            saga: saga.name.clone(),
+            saga,
             saga_version,
             status: Status::Created,
             awaiting: None,
             input: Arc::new(input),
-            steps: saga.steps.iter().map(|s| StepState::new(&s.name)).collect(),
+            steps: steps.into_iter().map(StepState::new).collect(),
             failure: None,
             committing: false,
             user,
@@ -650,7 +674,7 @@ impl Execution {
     pub fn results(&self) -> Map<String, Value> {
         self.steps
             .iter()
-            .filter_map(|s| Some((s.name.clone(), s.result.clone()?)))
+            .filter_map(|s| Some((s.name.to_string(), s.result.clone()?)))
             .collect()
     }
 
@@ -670,7 +694,7 @@ impl Execution {
                     )
             })
             .map(|s| CompensationOutcome {
-                step: s.name.clone(),
+                step: s.name.to_string(),
                 status: s.status,
                 error: s.compensation_error.clone(),
             })

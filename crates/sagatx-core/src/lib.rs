@@ -40,6 +40,7 @@ pub mod definition;
 pub mod error;
 pub mod execution;
 pub mod machine;
+mod name;
 pub mod retry;
 
 pub use definition::{
@@ -51,5 +52,6 @@ pub use execution::{
     StepState, StepStatus, FORMAT_VERSION, HISTORY_CAP,
 };
 pub use machine::{Call, Conflict, Env, Event, Transition};
+pub use name::Name;
 pub use retry::{RetryOverride, RetryPolicy};
 pub use uuid;

@@ -289,14 +289,15 @@ impl Run<'_> {
         s.status = StepStatus::Failed;
         s.outcome_unknown = unknown;
         s.due_at_ms = None;
-        let message = s.error.clone().unwrap_or_else(|| "failed".to_string());
-        let name = s.name.clone();
         self.out.changed = true;
         if self.rolling_back() {
             if unknown {
                 self.owe_compensation(i);
             }
         } else {
+            let s = &self.ex.steps[i];
+            let message = s.error.clone().unwrap_or_else(|| "failed".to_string());
+            let name = s.name.to_string();
             self.begin_rollback(Some(name), message);
         }
     }
@@ -405,7 +406,7 @@ impl Run<'_> {
             if self.ex.failure.is_none() {
                 let msg = s.confirm_error.clone().unwrap_or_default();
                 self.ex.failure = Some(Failure {
-                    step: Some(s.name.clone()),
+                    step: Some(s.name.to_string()),
                     message: format!("confirm failed: {msg}"),
                 });
             }
@@ -467,7 +468,7 @@ impl Run<'_> {
     }
 
     fn on_reply(&mut self, i: usize, reply: Reply) -> Result<(), Conflict> {
-        let name = self.ex.steps[i].name.clone();
+        let name = self.ex.steps[i].name.to_string();
         if !self.is_callback(i) {
             return Err(Conflict::NotCallback { step: name });
         }

@@ -28,6 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::idmap::{id_map, IdMap};
 use crate::plan::Plan;
 use crate::saga::{Handlers, Saga, StepContext};
 use crate::store::{Claim, Command, ListQuery, Outcome, Page, Registered, Store, StoreError};
@@ -188,8 +189,8 @@ impl EngineBuilder {
             handlers: RwLock::new(HashMap::new()),
             definitions: RwLock::new(HashMap::new()),
             latest: RwLock::new(HashMap::new()),
-            active: Mutex::new(HashMap::new()),
-            waiters: Mutex::new(HashMap::new()),
+            active: Mutex::new(id_map()),
+            waiters: Mutex::new(id_map()),
             remote: self.remote,
             on_status: self.on_status,
             permits: Arc::new(Semaphore::new(self.max_active)),
@@ -257,8 +258,8 @@ struct Inner {
     handlers: RwLock<HashMap<String, Arc<HashMap<String, Handlers>>>>,
     definitions: RwLock<HashMap<(String, u32), Arc<Plan>>>,
     latest: RwLock<HashMap<String, (u32, Arc<Plan>)>>,
-    active: Mutex<HashMap<ExecutionId, mpsc::UnboundedSender<Box<Msg>>>>,
-    waiters: Mutex<HashMap<ExecutionId, Vec<oneshot::Sender<Execution>>>>,
+    active: Mutex<IdMap<mpsc::UnboundedSender<Box<Msg>>>>,
+    waiters: Mutex<IdMap<Vec<oneshot::Sender<Execution>>>>,
     remote: Option<Arc<dyn RemoteCaller>>,
     on_status: Option<StatusHook>,
     permits: Arc<Semaphore>,
@@ -470,7 +471,15 @@ impl Engine {
         };
         let id = opts.id.unwrap_or_else(|| inner.new_id());
         let env = inner.env();
-        let mut ex = Execution::new(id, &def, version, input, opts.user, env.now_ms);
+        let mut ex = Execution::with_names(
+            id,
+            def.saga_name.clone(),
+            def.step_names.iter().cloned(),
+            version,
+            input,
+            opts.user,
+            env.now_ms,
+        );
         let t = ex.handle(&def, Event::Start, env)?;
         ex.seq = 1;
         let permit = inner.permit().await?;
@@ -662,7 +671,7 @@ impl Engine {
         let index = def
             .step_index(step)
             .ok_or_else(|| EngineError::UnknownStep {
-                saga: ex.saga.clone(),
+                saga: ex.saga.to_string(),
                 step: step.to_string(),
             })?;
         self.send(id, Event::Reply { step: index, reply }).await
@@ -1234,7 +1243,7 @@ async fn load(inner: &Arc<Inner>, id: ExecutionId) -> Result<(Execution, Arc<Pla
 
 impl Driver {
     fn new(inner: Arc<Inner>, ex: Execution, def: Arc<Plan>) -> Self {
-        let handlers = read(&inner.handlers).get(&ex.saga).cloned();
+        let handlers = read(&inner.handlers).get(ex.saga.as_str()).cloned();
         let input = ex.input.clone();
         Driver {
             inner,
@@ -1267,8 +1276,8 @@ impl Driver {
             let map = Arc::make_mut(&mut self.results);
             for s in self.ex.steps.iter() {
                 if let Some(r) = &s.result {
-                    if !map.contains_key(&s.name) {
-                        map.insert(s.name.clone(), r.clone());
+                    if !map.contains_key(s.name.as_str()) {
+                        map.insert(s.name.to_string(), r.clone());
                     }
                 }
             }

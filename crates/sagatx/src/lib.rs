@@ -44,6 +44,7 @@
 
 pub mod barrier;
 mod engine;
+mod idmap;
 pub mod oplog;
 mod plan;
 mod saga;

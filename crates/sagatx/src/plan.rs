@@ -12,14 +12,14 @@ use std::ops::Deref;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use metrics::{Counter, Histogram, Label};
-use sagatx_core::{ErrorClass, Phase, SagaDefinition, Status};
+use sagatx_core::{ErrorClass, Name, Phase, SagaDefinition, Status};
 
 pub(crate) struct Plan {
     def: SagaDefinition,
     /// The saga's name.
-    pub(crate) saga_name: Arc<str>,
+    pub(crate) saga_name: Name,
     /// Each step's name, by index.
-    pub(crate) step_names: Box<[Arc<str>]>,
+    pub(crate) step_names: Box<[Name]>,
     handles: RwLock<Option<Arc<Handles>>>,
 }
 
@@ -72,12 +72,8 @@ fn recorder_id() -> usize {
 impl Plan {
     pub(crate) fn new(def: SagaDefinition) -> Self {
         Plan {
-            saga_name: Arc::from(def.name.as_str()),
-            step_names: def
-                .steps
-                .iter()
-                .map(|s| Arc::from(s.name.as_str()))
-                .collect(),
+            saga_name: Name::from(&def.name),
+            step_names: def.steps.iter().map(|s| Name::from(&s.name)).collect(),
             def,
             handles: RwLock::new(None),
         }

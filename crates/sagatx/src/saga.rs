@@ -29,8 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sagatx_core::{
-    DefinitionError, Endpoint, ExecutionId, Mode, Phase, ReplyMode, RetryOverride, RetryPolicy,
-    SagaDefinition, StepDefinition, StepError,
+    DefinitionError, Endpoint, ExecutionId, Mode, Name, Phase, ReplyMode, RetryOverride,
+    RetryPolicy, SagaDefinition, StepDefinition, StepError,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -39,8 +39,8 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone)]
 pub struct StepContext {
     pub(crate) execution_id: ExecutionId,
-    pub(crate) saga: Arc<str>,
-    pub(crate) step: Arc<str>,
+    pub(crate) saga: Name,
+    pub(crate) step: Name,
     pub(crate) phase: Phase,
     pub(crate) attempt: u32,
     pub(crate) input: Arc<Value>,

@@ -1,7 +1,7 @@
 //! An in-memory store: the reference implementation of the trait, for tests
 //! and the in-process benchmark. Nothing survives the process.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ struct Inner {
     definitions: BTreeMap<String, Vec<SagaDefinition>>,
     /// Insertion number → execution; the number is the list cursor.
     executions: BTreeMap<u64, Execution>,
-    by_id: HashMap<ExecutionId, u64>,
+    by_id: crate::idmap::IdMap<u64>,
     /// (due time, insertion number) of every execution with a due time.
     due: BTreeSet<(u64, u64)>,
     next: u64,
@@ -231,7 +231,7 @@ impl Store for MemoryStore {
         let g = self.lock();
         let mut m: BTreeMap<(String, &'static str), (sagatx_core::Status, u64)> = BTreeMap::new();
         for ex in g.executions.values() {
-            m.entry((ex.saga.clone(), ex.status.as_str()))
+            m.entry((ex.saga.to_string(), ex.status.as_str()))
                 .or_insert((ex.status, 0))
                 .1 += 1;
         }

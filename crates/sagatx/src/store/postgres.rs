@@ -635,7 +635,7 @@ async fn apply(
                     insert,
                     &[
                         &ex.id.0,
-                        &ex.saga,
+                        &ex.saga.as_str(),
                         &ex.status.as_str(),
                         &p.due,
                         &(ex.created_at_ms as i64),
@@ -982,7 +982,7 @@ impl Store for PostgresStore {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
                 &[
                     &ex.id.0,
-                    &ex.saga,
+                    &ex.saga.as_str(),
                     &ex.status.as_str(),
                     &(ex.seq as i64),
                     &ex.next_due_ms().map(|d| d as i64),

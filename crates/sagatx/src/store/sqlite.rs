@@ -685,7 +685,7 @@ impl Store for SqliteStore {
         self.writer
             .send(Write::Append {
                 id: ex.id,
-                saga: ex.saga.clone(),
+                saga: ex.saga.to_string(),
                 status: ex.status.as_str(),
                 seq: ex.seq,
                 due_at: ex.next_due_ms(),
@@ -834,7 +834,7 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
                     params![
                         ex.id.0.as_bytes().as_slice(),
-                        ex.saga,
+                        ex.saga.as_str(),
                         ex.status.as_str(),
                         ex.seq as i64,
                         ex.next_due_ms().map(|d| d as i64),

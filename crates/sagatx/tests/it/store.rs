@@ -94,7 +94,7 @@ async fn a_schema_1_journal_is_migrated_on_open() {
              VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7)",
             rusqlite::params![
                 ex.id.0.as_bytes().as_slice(),
-                ex.saga,
+                ex.saga.as_str(),
                 ex.status.as_str(),
                 ex.seq as i64,
                 ex.created_at_ms as i64,

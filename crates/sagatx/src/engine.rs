@@ -13,7 +13,6 @@
 //! with the executions that are under way, not with those that wait.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -26,7 +25,6 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use crate::idmap::{id_map, IdMap};
 use crate::plan::Plan;
@@ -179,11 +177,6 @@ impl EngineBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(crate::store::MemoryStore::new()));
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9)
-            ^ u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]));
         let inner = Arc::new(Inner {
             store,
             handlers: RwLock::new(HashMap::new()),
@@ -194,7 +187,6 @@ impl EngineBuilder {
             remote: self.remote,
             on_status: self.on_status,
             permits: Arc::new(Semaphore::new(self.max_active)),
-            rng: AtomicU64::new(seed),
             clock: Clock::new(),
             poll_interval: self.poll_interval,
             idle_horizon_ms: self.idle_horizon.as_millis() as u64,
@@ -263,7 +255,6 @@ struct Inner {
     remote: Option<Arc<dyn RemoteCaller>>,
     on_status: Option<StatusHook>,
     permits: Arc<Semaphore>,
-    rng: AtomicU64,
     clock: Clock,
     poll_interval: Duration,
     idle_horizon_ms: u64,
@@ -307,14 +298,10 @@ impl Inner {
         }
     }
 
-    /// The next number of a splitmix64 stream seeded at random once per
-    /// engine: cheap and lock-free, good enough for jitter and for the
-    /// random bits of ids (which need to be unique, not secret).
+    /// A random number for jitter and for the random bits of ids (which
+    /// need to be unique, not secret).
     fn random(&self) -> u64 {
-        let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        random()
     }
 
     fn env(&self) -> Env {
@@ -383,6 +370,29 @@ impl Inner {
             let _ = w.send(ex.clone());
         }
     }
+}
+
+/// The next number of a splitmix64 stream of this thread, seeded at random:
+/// cheap, and with no shared word for the cores to pass around (a shared
+/// atomic counter, written at every transition, was).
+fn random() -> u64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(std::thread::current().id())
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0x9E37_79B9)
+        });
+    }
+    STATE.with(|s| {
+        let mut z = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        s.set(z);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
 }
 
 /// The engine handle: cheap to clone.
@@ -471,15 +481,10 @@ impl Engine {
         };
         let id = opts.id.unwrap_or_else(|| inner.new_id());
         let env = inner.env();
-        let mut ex = Execution::with_names(
-            id,
-            def.saga_name.clone(),
-            def.step_names.iter().cloned(),
-            version,
-            input,
-            opts.user,
-            env.now_ms,
-        );
+        // Names of its own (not the plan's): an execution's names are
+        // cloned at every transition, and one count shared by every
+        // execution would bounce between cores.
+        let mut ex = Execution::new(id, &def, version, input, opts.user, env.now_ms);
         let t = ex.handle(&def, Event::Start, env)?;
         ex.seq = 1;
         let permit = inner.permit().await?;
@@ -1432,8 +1437,8 @@ impl Driver {
         let step = &self.def.steps[call.step];
         let ctx = StepContext {
             execution_id: self.ex.id,
-            saga: self.def.saga_name.clone(),
-            step: self.def.step_names[call.step].clone(),
+            saga: self.ex.saga.clone(),
+            step: self.ex.steps[call.step].name.clone(),
             phase: call.phase,
             attempt: call.attempt,
             input: self.input.clone(),

@@ -20,7 +20,8 @@ pub(crate) struct Plan {
     pub(crate) saga_name: Name,
     /// Each step's name, by index.
     pub(crate) step_names: Box<[Name]>,
-    handles: RwLock<Option<Arc<Handles>>>,
+    first: OnceLock<Handles>,
+    later: RwLock<Option<Arc<Handles>>>,
 }
 
 impl Deref for Plan {
@@ -75,38 +76,52 @@ impl Plan {
             saga_name: Name::from(&def.name),
             step_names: def.steps.iter().map(|s| Name::from(&s.name)).collect(),
             def,
-            handles: RwLock::new(None),
+            first: OnceLock::new(),
+            later: RwLock::new(None),
         }
     }
 
-    fn handles(&self) -> Arc<Handles> {
+    /// Runs `f` with the handles of the recorder in use. Those of the
+    /// first recorder seen are read without a lock (most processes have
+    /// one recorder; a lock word written by every call would bounce between
+    /// cores); another recorder's are kept behind a lock.
+    fn with_handles<R>(&self, f: impl FnOnce(&Handles) -> R) -> R {
         let id = recorder_id();
-        if let Some(h) = self
-            .handles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .filter(|h| h.recorder == id)
-        {
-            return h.clone();
+        let first = self.first.get_or_init(|| self.new_handles(id));
+        if first.recorder == id {
+            return f(first);
         }
-        // A poisoned lock still holds a whole value (it is only ever
-        // replaced at once).
-        let mut slot = self.handles.write().unwrap_or_else(|p| p.into_inner());
-        match slot.as_ref().filter(|h| h.recorder == id) {
-            Some(h) => h.clone(),
+        let later = {
+            let read = self.later.read().unwrap_or_else(|p| p.into_inner());
+            read.as_ref().filter(|h| h.recorder == id).cloned()
+        };
+        let h = match later {
+            Some(h) => h,
             None => {
-                let h = Arc::new(Handles {
-                    recorder: id,
-                    started: OnceLock::new(),
-                    calls: (0..self.step_names.len() * PHASES.len())
-                        .map(|_| CallHandles::default())
-                        .collect(),
-                    finished: Default::default(),
-                });
-                *slot = Some(h.clone());
-                h
+                // A poisoned lock still holds a whole value (it is only
+                // ever replaced at once).
+                let mut slot = self.later.write().unwrap_or_else(|p| p.into_inner());
+                match slot.as_ref().filter(|h| h.recorder == id) {
+                    Some(h) => h.clone(),
+                    None => {
+                        let h = Arc::new(self.new_handles(id));
+                        *slot = Some(h.clone());
+                        h
+                    }
+                }
             }
+        };
+        f(&h)
+    }
+
+    fn new_handles(&self, recorder: usize) -> Handles {
+        Handles {
+            recorder,
+            started: OnceLock::new(),
+            calls: (0..self.step_names.len() * PHASES.len())
+                .map(|_| CallHandles::default())
+                .collect(),
+            finished: Default::default(),
         }
     }
 
@@ -116,43 +131,45 @@ impl Plan {
 
     /// `sagatx_executions_started_total{saga}`.
     pub(crate) fn started(&self) {
-        let h = self.handles();
-        h.started
-            .get_or_init(|| {
-                metrics::counter!("sagatx_executions_started_total", vec![self.saga_label()])
-            })
-            .increment(1);
+        self.with_handles(|h| {
+            h.started
+                .get_or_init(|| {
+                    metrics::counter!("sagatx_executions_started_total", vec![self.saga_label()])
+                })
+                .increment(1)
+        });
     }
 
     /// `sagatx_step_duration_seconds{saga,step,phase}` and
     /// `sagatx_step_attempts_total{saga,step,phase,outcome}`.
     pub(crate) fn call(&self, step: usize, phase: Phase, outcome: &'static str, seconds: f64) {
-        let h = self.handles();
-        let Some(c) = h.calls.get(step * PHASES.len() + phase_index(phase)) else {
-            return;
-        };
-        let labels = || {
-            vec![
-                self.saga_label(),
-                Label::new("step", self.step_names[step].to_string()),
-                Label::new("phase", phase.as_str()),
-            ]
-        };
-        c.duration
-            .get_or_init(|| metrics::histogram!("sagatx_step_duration_seconds", labels()))
-            .record(seconds);
-        let l = || {
-            let mut l = labels();
-            l.push(Label::new("outcome", outcome));
-            l
-        };
-        match OUTCOMES.iter().position(|o| *o == outcome) {
-            Some(i) => c.outcomes[i]
-                .get_or_init(|| metrics::counter!("sagatx_step_attempts_total", l()))
-                .increment(1),
-            // An outcome this table does not know yet: not cached.
-            None => metrics::counter!("sagatx_step_attempts_total", l()).increment(1),
-        }
+        self.with_handles(|h| {
+            let Some(c) = h.calls.get(step * PHASES.len() + phase_index(phase)) else {
+                return;
+            };
+            let labels = || {
+                vec![
+                    self.saga_label(),
+                    Label::new("step", self.step_names[step].to_string()),
+                    Label::new("phase", phase.as_str()),
+                ]
+            };
+            c.duration
+                .get_or_init(|| metrics::histogram!("sagatx_step_duration_seconds", labels()))
+                .record(seconds);
+            let l = || {
+                let mut l = labels();
+                l.push(Label::new("outcome", outcome));
+                l
+            };
+            match OUTCOMES.iter().position(|o| *o == outcome) {
+                Some(i) => c.outcomes[i]
+                    .get_or_init(|| metrics::counter!("sagatx_step_attempts_total", l()))
+                    .increment(1),
+                // An outcome this table does not know yet: not cached.
+                None => metrics::counter!("sagatx_step_attempts_total", l()).increment(1),
+            }
+        })
     }
 
     /// `sagatx_executions_finished_total{saga,status}` and
@@ -161,16 +178,17 @@ impl Plan {
         let Some(i) = FINAL.iter().position(|s| *s == status) else {
             return;
         };
-        let h = self.handles();
-        let (count, duration) = h.finished[i].get_or_init(|| {
-            let labels = vec![self.saga_label(), Label::new("status", status.as_str())];
-            (
-                metrics::counter!("sagatx_executions_finished_total", labels.clone()),
-                metrics::histogram!("sagatx_execution_duration_seconds", labels),
-            )
-        });
-        count.increment(1);
-        duration.record(seconds);
+        self.with_handles(|h| {
+            let (count, duration) = h.finished[i].get_or_init(|| {
+                let labels = vec![self.saga_label(), Label::new("status", status.as_str())];
+                (
+                    metrics::counter!("sagatx_executions_finished_total", labels.clone()),
+                    metrics::histogram!("sagatx_execution_duration_seconds", labels),
+                )
+            });
+            count.increment(1);
+            duration.record(seconds);
+        })
     }
 }
 

@@ -506,9 +506,12 @@ pub(crate) async fn start(
         }
         None => None,
     };
-    let started = state
+    // Without `wait`, the state as created; with it, the state once
+    // terminal or paused (or when the time runs out). A new execution's
+    // answer needs no read of the store.
+    let (started, ex) = state
         .engine
-        .submit(
+        .start_and_wait(
             &saga,
             body.input,
             StartOptions {
@@ -516,12 +519,9 @@ pub(crate) async fn start(
                 user: body.user,
                 version,
             },
+            Some(wait.unwrap_or(Duration::ZERO)),
         )
         .await?;
-    let ex = match wait {
-        Some(w) => state.engine.wait_timeout(started.id, w).await?,
-        None => state.engine.get(started.id).await?,
-    };
     let status = if started.created {
         StatusCode::CREATED
     } else {

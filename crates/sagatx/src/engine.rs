@@ -554,11 +554,38 @@ impl Engine {
             id: Some(self.inner.new_id()),
             ..Default::default()
         };
+        let (_, ex) = self.start_and_wait(saga, input, opts, None).await?;
+        Ok(ex)
+    }
+
+    /// Starts an execution (as [`submit`](Self::submit)) and waits until it
+    /// is terminal or paused, for at most `timeout` (`None`: no limit);
+    /// gives the state then. A zero timeout does not wait: it gives the
+    /// state as created. The driver runs as in [`run`](Self::run), and a
+    /// new execution's result needs no read of the store.
+    pub async fn start_and_wait(
+        &self,
+        saga: &str,
+        input: Value,
+        opts: StartOptions,
+        timeout: Option<Duration>,
+    ) -> Result<(Started, Execution), EngineError> {
         let (id, mailbox, loaded) = match self.begin(saga, input, opts).await? {
             Begun::New(id, mailbox, loaded) => (id, mailbox, loaded),
-            // Not with a new id; but should it happen, waiting is right.
-            Begun::Found(id) => return self.wait(id).await,
+            Begun::Found(id) => {
+                let ex = match timeout {
+                    Some(t) => self.wait_timeout(id, t).await?,
+                    None => self.wait(id).await?,
+                };
+                return Ok((Started { id, created: false }, ex));
+            }
         };
+        let started = Started { id, created: true };
+        if timeout == Some(Duration::ZERO) {
+            let ex = loaded.ex.clone();
+            tokio::spawn(drive(self.inner.clone(), id, mailbox, Some(loaded)));
+            return Ok((started, ex));
+        }
         let driven = InlineThenSpawn {
             driver: Some(Box::pin(drive(
                 self.inner.clone(),
@@ -577,17 +604,26 @@ impl Engine {
         };
         let rx = match driven {
             Driven::Ended(Some(ex)) if ex.status.is_terminal() || ex.status == Status::Paused => {
-                return Ok(ex)
+                return Ok((started, ex))
             }
             // It waits in the store (a long backoff): wait for it there.
-            Driven::Ended(_) => return self.wait(id).await,
+            Driven::Ended(_) => {
+                let ex = match timeout {
+                    Some(t) => self.wait_timeout(id, t).await?,
+                    None => self.wait(id).await?,
+                };
+                return Ok((started, ex));
+            }
             Driven::Spawned(rx) => rx,
         };
-        let mut stop = self.inner.stop.subscribe();
-        tokio::select! {
-            r = rx => r.map_err(|_| EngineError::ShuttingDown),
-            _ = stop.wait_for(|s| *s) => Err(EngineError::ShuttingDown),
-        }
+        let ex = match timeout {
+            None => self.waited(id, rx).await?,
+            Some(t) => match tokio::time::timeout(t, self.waited(id, rx)).await {
+                Ok(r) => r?,
+                Err(_) => self.get(id).await?,
+            },
+        };
+        Ok((started, ex))
     }
 
     /// Waits until the execution is terminal or paused; gives its state.
@@ -606,11 +642,19 @@ impl Engine {
         if ex.status.is_terminal() || ex.status == Status::Paused {
             return Ok(ex);
         }
+        self.waited(id, rx).await
+    }
+
+    /// Waits for `rx`, a waiter registered for `id`, to be answered. On a
+    /// shared store the execution may be driven by another process, whose
+    /// changes reach this one only through the store: it is read too.
+    async fn waited(
+        &self,
+        id: ExecutionId,
+        mut rx: oneshot::Receiver<Execution>,
+    ) -> Result<Execution, EngineError> {
         let mut stop = self.inner.stop.subscribe();
         if self.inner.store.leases().is_some() {
-            // Another process may drive it: its changes reach this one only
-            // through the store.
-            let mut rx = rx;
             let mut every = Duration::from_millis(20);
             loop {
                 tokio::select! {

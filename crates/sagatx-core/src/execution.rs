@@ -436,8 +436,19 @@ impl StepState {
 /// Reads as a slice of [`StepState`] (`steps[i]`, `iter()`, `len()`);
 /// `steps[i]` as a place to assign copies that one step first if it is
 /// shared. Serialised as a plain list of steps.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Steps(Vec<Arc<StepState>>);
+
+impl Clone for Steps {
+    fn clone(&self) -> Self {
+        Steps(self.0.clone())
+    }
+
+    /// Reuses this list's allocation.
+    fn clone_from(&mut self, source: &Self) {
+        self.0.clone_from(&source.0);
+    }
+}
 
 impl Steps {
     pub fn len(&self) -> usize {
@@ -540,7 +551,7 @@ pub struct Failure {
 }
 
 /// One execution of one version of a saga: the unit the journal stores.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct Execution {
     pub format_version: u32,
     pub id: ExecutionId,
@@ -564,6 +575,62 @@ pub struct Execution {
     /// How many transitions have been journaled; the store accepts a write
     /// only when it follows the one it holds.
     pub seq: u64,
+}
+
+impl Clone for Execution {
+    fn clone(&self) -> Self {
+        Execution {
+            format_version: self.format_version,
+            id: self.id,
+            saga: self.saga.clone(),
+            saga_version: self.saga_version,
+            status: self.status,
+            awaiting: self.awaiting,
+            input: self.input.clone(),
+            steps: self.steps.clone(),
+            failure: self.failure.clone(),
+            committing: self.committing,
+            user: self.user.clone(),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            seq: self.seq,
+        }
+    }
+
+    /// Reuses what this copy holds (the journal's copy of an execution is
+    /// overwritten this way at every transition, without allocating).
+    fn clone_from(&mut self, source: &Self) {
+        let Execution {
+            format_version,
+            id,
+            saga,
+            saga_version,
+            status,
+            awaiting,
+            input,
+            steps,
+            failure,
+            committing,
+            user,
+            created_at_ms,
+            updated_at_ms,
+            seq,
+        } = source;
+        self.format_version = *format_version;
+        self.id = *id;
+        self.saga.clone_from(saga);
+        self.saga_version = *saga_version;
+        self.status = *status;
+        self.awaiting = *awaiting;
+        self.input.clone_from(input);
+        self.steps.clone_from(steps);
+        self.failure.clone_from(failure);
+        self.committing = *committing;
+        self.user.clone_from(user);
+        self.created_at_ms = *created_at_ms;
+        self.updated_at_ms = *updated_at_ms;
+        self.seq = *seq;
+    }
 }
 
 /// Why a journal entry could not be read back.

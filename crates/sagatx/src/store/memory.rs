@@ -137,10 +137,8 @@ impl Store for MemoryStore {
             id: ex.id.to_string(),
             source: sagatx_core::DecodeError::Invariant(e),
         })?;
-        // Copied before the lock and the replaced state freed after it:
-        // the lock is held for the map updates only.
-        let copy = ex.clone();
-        let mut g = self.lock();
+        let mut guard = self.lock();
+        let g = &mut *guard;
         if ex.seq == 1 {
             if g.by_id.contains_key(&ex.id) {
                 return Err(StoreError::Exists(ex.id));
@@ -151,29 +149,26 @@ impl Store for MemoryStore {
             if let Some(d) = ex.next_due_ms() {
                 g.due.insert((d, n));
             }
-            g.executions.insert(n, copy);
+            g.executions.insert(n, ex.clone());
             return Ok(());
         }
-        let n = g.by_id.get(&ex.id).copied();
-        let held = n.and_then(|n| g.executions.get(&n));
-        let (replaced, dropped) = match (n, held) {
-            (Some(n), Some(cur)) if cur.seq + 1 == ex.seq => {
+        let Some(n) = g.by_id.get(&ex.id).copied() else {
+            return Err(StoreError::Conflict {
+                id: ex.id,
+                expected: ex.seq - 1,
+                found: None,
+            });
+        };
+        let (old_due, finishing) = match g.executions.get_mut(&n) {
+            Some(cur) if cur.seq + 1 == ex.seq => {
+                let old_due = cur.next_due_ms();
                 let finishing = ex.status.is_terminal() && !cur.status.is_terminal();
-                if let Some(d) = cur.next_due_ms() {
-                    g.due.remove(&(d, n));
-                }
-                if let Some(d) = ex.next_due_ms() {
-                    g.due.insert((d, n));
-                }
-                let replaced = g.executions.insert(n, copy);
-                let dropped = if finishing {
-                    self.retain(&mut g, n, ex)
-                } else {
-                    None
-                };
-                (replaced, dropped)
+                // Overwritten in place: the copy's allocations are reused
+                // (the steps themselves are shared with the writer's state).
+                cur.clone_from(ex);
+                (old_due, finishing)
             }
-            (_, other) => {
+            other => {
                 return Err(StoreError::Conflict {
                     id: ex.id,
                     expected: ex.seq - 1,
@@ -181,8 +176,20 @@ impl Store for MemoryStore {
                 })
             }
         };
-        drop(g);
-        drop((replaced, dropped));
+        if let Some(d) = old_due {
+            g.due.remove(&(d, n));
+        }
+        if let Some(d) = ex.next_due_ms() {
+            g.due.insert((d, n));
+        }
+        let dropped = if finishing {
+            self.retain(g, n, ex)
+        } else {
+            None
+        };
+        // Freed after the lock.
+        drop(guard);
+        drop(dropped);
         Ok(())
     }
 

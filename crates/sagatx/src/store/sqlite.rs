@@ -333,8 +333,37 @@ impl SqliteStore {
     }
 }
 
+/// Executions the writer remembers at most (see [`Rows`]).
+const ROWS_REMEMBERED: usize = 65_536;
+
+/// The row number and status of the executions the writer wrote lately, so
+/// that a transition updates its row by row number (no search of the id
+/// index) and sets the status only when it changed, in one statement. Only
+/// a hint: every update also checks the sequence, and the status it leaves
+/// alone, so a wrong entry costs a second statement, never a wrong row.
+/// Terminal executions are forgotten; past [`ROWS_REMEMBERED`] entries (many
+/// executions waiting) it starts afresh, so it stays small.
+#[derive(Default)]
+struct Rows(std::collections::HashMap<ExecutionId, (i64, &'static str)>);
+
+impl Rows {
+    fn note(&mut self, id: ExecutionId, n: i64, status: &'static str) {
+        if TERMINAL.contains(&status) {
+            self.0.remove(&id);
+            return;
+        }
+        if self.0.len() >= ROWS_REMEMBERED {
+            self.0.clear();
+        }
+        self.0.insert(id, (n, status));
+    }
+}
+
+const TERMINAL: [&str; 3] = ["completed", "compensated", "failed"];
+
 fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    let mut rows = Rows::default();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -345,7 +374,11 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
         }
         let started = std::time::Instant::now();
         let span = tracing::debug_span!("store_commit", store = "sqlite", batch = batch.len());
-        let outcome = span.in_scope(|| apply_batch(&mut conn, &mut batch));
+        let outcome = span.in_scope(|| apply_batch(&mut conn, &mut batch, &mut rows));
+        if outcome.is_err() {
+            // What it noted was rolled back.
+            rows.0.clear();
+        }
         let n = batch.len();
         let elapsed = started.elapsed();
         metrics::histogram!("sagatx_store_commit_seconds").record(elapsed.as_secs_f64());
@@ -414,7 +447,11 @@ fn reply_err(w: Write, e: StoreError) {
     }
 }
 
-fn apply_batch(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Done>, rusqlite::Error> {
+fn apply_batch(
+    conn: &mut Connection,
+    batch: &mut [Write],
+    rows: &mut Rows,
+) -> Result<Vec<Done>, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut out = Vec::with_capacity(batch.len());
     for w in batch.iter() {
@@ -447,38 +484,79 @@ fn apply_batch(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Done>, 
                         state
                     ])?;
                     out.push(Done::Appended(if n == 1 {
+                        rows.note(*id, tx.last_insert_rowid(), status);
                         Ok(())
                     } else {
                         Err(StoreError::Exists(*id))
                     }));
                 } else {
-                    let args = params![
-                        idb,
-                        status,
-                        *seq as i64,
-                        due,
-                        *updated_at as i64,
-                        state,
-                        (*seq - 1) as i64
-                    ];
                     // Most transitions keep the status. Assigning a column
                     // rewrites its index entries even when the value is the
                     // same (two more pages per commit: the status and the
                     // saga-status indexes), so the status is only set when
-                    // the row's differs.
-                    let mut n = tx
-                        .prepare_cached(
-                            "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-                             WHERE id = ?1 AND seq = ?7 AND status = ?2",
-                        )?
-                        .execute(args)?;
+                    // the row's differs. A remembered row is updated by its
+                    // number; otherwise it is found by id.
+                    let known = rows.0.get(id).copied();
+                    let mut n = 0;
+                    if let Some((row, was)) = known {
+                        let by_row = params![
+                            row,
+                            status,
+                            *seq as i64,
+                            due,
+                            *updated_at as i64,
+                            state,
+                            (*seq - 1) as i64
+                        ];
+                        n = if was == *status {
+                            tx.prepare_cached(
+                                "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+                                 WHERE n = ?1 AND seq = ?7 AND status = ?2",
+                            )?
+                            .execute(by_row)?
+                        } else {
+                            tx.prepare_cached(
+                                "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+                                 WHERE n = ?1 AND seq = ?7",
+                            )?
+                            .execute(by_row)?
+                        };
+                    }
                     if n == 0 {
+                        let args = params![
+                            idb,
+                            status,
+                            *seq as i64,
+                            due,
+                            *updated_at as i64,
+                            state,
+                            (*seq - 1) as i64
+                        ];
                         n = tx
                             .prepare_cached(
-                                "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-                                 WHERE id = ?1 AND seq = ?7",
+                                "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+                                 WHERE id = ?1 AND seq = ?7 AND status = ?2",
                             )?
                             .execute(args)?;
+                        if n == 0 {
+                            n = tx
+                                .prepare_cached(
+                                    "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+                                     WHERE id = ?1 AND seq = ?7",
+                                )?
+                                .execute(args)?;
+                        }
+                        if n == 1 && !TERMINAL.contains(status) {
+                            let row: i64 = tx
+                                .prepare_cached("SELECT n FROM executions WHERE id = ?1")?
+                                .query_row([idb], |r| r.get(0))?;
+                            rows.note(*id, row, status);
+                        }
+                    } else {
+                        // Updated by its number: `known` held it.
+                        if let Some((row, _)) = known {
+                            rows.note(*id, row, status);
+                        }
                     }
                     if n == 1 {
                         out.push(Done::Appended(Ok(())));
@@ -942,5 +1020,139 @@ impl Store for SqliteStore {
             page_of(&mut rows, limit, Cursor::From, Damaged::Skip)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sagatx_core::{Env, Event, Status};
+
+    fn definition() -> SagaDefinition {
+        SagaDefinition::from_json(
+            br#"{"name":"t","steps":[{"name":"a","action":{"url":"http://127.0.0.1:9/a"}},
+                                      {"name":"b","action":{"url":"http://127.0.0.1:9/b"}}]}"#,
+        )
+        .expect("definition")
+    }
+
+    fn write(ex: &Execution) -> (Write, oneshot::Receiver<Result<(), StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        let w = Write::Append {
+            id: ex.id,
+            saga: ex.saga.to_string(),
+            status: ex.status.as_str(),
+            seq: ex.seq,
+            due_at: ex.next_due_ms(),
+            created_at: ex.created_at_ms,
+            updated_at: ex.updated_at_ms,
+            state: ex.to_raw().expect("raw"),
+            reply,
+        };
+        (w, rx)
+    }
+
+    fn stored(conn: &Connection, id: ExecutionId) -> (String, i64) {
+        conn.query_row(
+            "SELECT status, seq FROM executions WHERE id = ?1",
+            [id.0.as_bytes().as_slice()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("row")
+    }
+
+    /// The writer's remembered status is a hint: with a wrong one (here it
+    /// claims the status did not change), the row still gets the status
+    /// written, and with a wrong row number the row is found by id.
+    #[test]
+    fn a_wrong_remembered_row_never_writes_a_wrong_status() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("j.db");
+        let mut conn = open_conn(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+        .expect("open");
+        prepare(&mut conn, &path, Durability::Full).expect("prepare");
+        let def = definition();
+        let env = Env {
+            now_ms: 1,
+            random01: 0.5,
+        };
+        let mut ex = Execution::new(
+            ExecutionId(uuid::Uuid::now_v7()),
+            &def,
+            1,
+            serde_json::Value::Null,
+            None,
+            1,
+        );
+        ex.handle(&def, Event::Start, env).expect("start");
+        ex.seq = 1;
+        let mut rows = Rows::default();
+        let (w, _rx) = write(&ex);
+        apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
+        assert_eq!(stored(&conn, ex.id), ("running".to_string(), 1));
+        let (row, _) = rows.0[&ex.id];
+
+        // The step fails for good: the execution ends `compensated`... but
+        // the writer is told (wrongly) that it is still `running`.
+        ex.handle(
+            &def,
+            Event::Outcome {
+                step: 0,
+                phase: sagatx_core::Phase::Action,
+                attempt: 1,
+                outcome: Err(sagatx_core::StepError::permanent("no")),
+            },
+            env,
+        )
+        .expect("outcome");
+        ex.seq = 2;
+        assert_ne!(ex.status, Status::Running);
+        rows.0.insert(ex.id, (row, "running"));
+        let (w, _rx) = write(&ex);
+        apply_batch(&mut conn, &mut [w], &mut rows).expect("update");
+        assert_eq!(stored(&conn, ex.id), (ex.status.as_str().to_string(), 2));
+        assert!(
+            !rows.0.contains_key(&ex.id),
+            "a terminal execution is forgotten"
+        );
+
+        // A wrong row number: the update falls back to the id.
+        let mut other = Execution::new(
+            ExecutionId(uuid::Uuid::now_v7()),
+            &def,
+            1,
+            serde_json::Value::Null,
+            None,
+            1,
+        );
+        other.handle(&def, Event::Start, env).expect("start");
+        other.seq = 1;
+        let (w, _rx) = write(&other);
+        apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
+        rows.0.insert(other.id, (row, "running"));
+        other.updated_at_ms = 2;
+        other.seq = 2;
+        let (w, _rx) = write(&other);
+        let done = apply_batch(&mut conn, &mut [w], &mut rows).expect("update");
+        assert!(matches!(done[..], [Done::Appended(Ok(()))]));
+        assert_eq!(stored(&conn, other.id), ("running".to_string(), 2));
+        assert_eq!(stored(&conn, ex.id).1, 2, "the other row is untouched");
+        assert_ne!(rows.0[&other.id].0, row, "the right row is remembered");
+    }
+
+    #[test]
+    fn the_remembered_rows_stay_bounded() {
+        let mut rows = Rows::default();
+        for i in 0..(ROWS_REMEMBERED as u128 + 10) {
+            rows.note(ExecutionId(uuid::Uuid::from_u128(i)), i as i64, "running");
+        }
+        assert!(rows.0.len() <= ROWS_REMEMBERED);
+        let id = ExecutionId(uuid::Uuid::from_u128(7));
+        rows.note(id, 7, "running");
+        rows.note(id, 7, "completed");
+        assert!(!rows.0.contains_key(&id));
     }
 }

@@ -1036,6 +1036,21 @@ mod tests {
         .expect("definition")
     }
 
+    /// A new execution, started, as its first journal write holds it.
+    fn started(def: &SagaDefinition, env: Env) -> Execution {
+        let mut ex = Execution::new(
+            ExecutionId(uuid::Uuid::now_v7()),
+            def,
+            1,
+            serde_json::Value::Null,
+            None,
+            1,
+        );
+        ex.handle(def, Event::Start, env).expect("start");
+        ex.seq = 1;
+        ex
+    }
+
     fn write(ex: &Execution) -> (Write, oneshot::Receiver<Result<(), StoreError>>) {
         let (reply, rx) = oneshot::channel();
         let w = Write::Append {
@@ -1079,16 +1094,7 @@ mod tests {
             now_ms: 1,
             random01: 0.5,
         };
-        let mut ex = Execution::new(
-            ExecutionId(uuid::Uuid::now_v7()),
-            &def,
-            1,
-            serde_json::Value::Null,
-            None,
-            1,
-        );
-        ex.handle(&def, Event::Start, env).expect("start");
-        ex.seq = 1;
+        let mut ex = started(&def, env);
         let mut rows = Rows::default();
         let (w, _rx) = write(&ex);
         apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
@@ -1120,16 +1126,7 @@ mod tests {
         );
 
         // A wrong row number: the update falls back to the id.
-        let mut other = Execution::new(
-            ExecutionId(uuid::Uuid::now_v7()),
-            &def,
-            1,
-            serde_json::Value::Null,
-            None,
-            1,
-        );
-        other.handle(&def, Event::Start, env).expect("start");
-        other.seq = 1;
+        let mut other = started(&def, env);
         let (w, _rx) = write(&other);
         apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
         rows.0.insert(other.id, (row, "running"));

@@ -10,19 +10,7 @@ use sagatx::{
 };
 use serde_json::{json, Value};
 
-use crate::support::{Do, Recorder};
-
-fn three(rec: &Recorder, name: &str) -> Saga {
-    Saga::builder(name)
-        .step("reserve", rec.step())
-        .compensate(rec.step())
-        .step("charge", rec.step())
-        .compensate(rec.step())
-        .step("ship", rec.step())
-        .compensate(rec.step())
-        .build()
-        .expect("valid saga")
-}
+use crate::support::{three, Do, Recorder};
 
 async fn sqlite_engine(dir: &tempfile::TempDir, sagas: Vec<Saga>) -> Engine {
     let mut b =

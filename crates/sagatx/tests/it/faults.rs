@@ -14,7 +14,7 @@ use sagatx::{
 };
 use serde_json::json;
 
-use crate::support::Recorder;
+use crate::support::{three, Recorder};
 
 /// What the next journal writes do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,22 +128,10 @@ impl Store for FaultyStore {
     }
 }
 
-fn three(rec: &Recorder) -> Saga {
-    Saga::builder("order")
-        .step("reserve", rec.step())
-        .compensate(rec.step())
-        .step("charge", rec.step())
-        .compensate(rec.step())
-        .step("ship", rec.step())
-        .compensate(rec.step())
-        .build()
-        .expect("valid saga")
-}
-
 async fn engine(store: Arc<FaultyStore>, rec: &Recorder) -> Engine {
     Engine::builder()
         .store_arc(store)
-        .saga(three(rec))
+        .saga(three(rec, "order"))
         .build()
         .await
         .expect("engine")

@@ -93,3 +93,17 @@ impl Recorder {
         }
     }
 }
+
+/// reserve, charge, ship: each step and compensation records and plays the
+/// script.
+pub fn three(rec: &Recorder, name: &str) -> sagatx::Saga {
+    sagatx::Saga::builder(name)
+        .step("reserve", rec.step())
+        .compensate(rec.step())
+        .step("charge", rec.step())
+        .compensate(rec.step())
+        .step("ship", rec.step())
+        .compensate(rec.step())
+        .build()
+        .expect("valid saga")
+}

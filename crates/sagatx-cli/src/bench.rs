@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,6 +153,7 @@ async fn drive(
         let saga = saga.to_string();
         tasks.spawn(async move {
             let mut lat = Vec::with_capacity(per);
+            let mut counter = Counter(0);
             for _ in 0..per {
                 let t = Instant::now();
                 let ex = engine.run(&saga, Value::Null).await?;
@@ -160,6 +161,7 @@ async fn drive(
                     bail!("a {saga} saga ended {} instead of {expect}", ex.status);
                 }
                 lat.push(t.elapsed().as_secs_f64() * 1e6);
+                counter.one();
             }
             Ok(lat)
         });
@@ -171,6 +173,19 @@ async fn drive(
     Ok(all)
 }
 
+/// Sagas run before a row is measured, not measured: a tenth, and at
+/// least one per caller.
+fn warm_up(n: usize, c: usize) -> usize {
+    (n / 10).max(c)
+}
+
+/// The sagas a stage runs: `n` measured after the warm-up, each split
+/// evenly over `c` callers (rounded up, as [`drive`] does).
+fn stage_sagas(n: usize, c: usize) -> usize {
+    let each = |n: usize| n.div_ceil(c) * c;
+    each(warm_up(n, c)) + each(n)
+}
+
 async fn measure(
     engine: &Engine,
     saga: &str,
@@ -178,8 +193,7 @@ async fn measure(
     c: usize,
     expect: Status,
 ) -> Result<Sample> {
-    // Warm-up: a tenth, not measured.
-    drive(engine, saga, (n / 10).max(c), c, expect).await?;
+    drive(engine, saga, warm_up(n, c), c, expect).await?;
     let cpu0 = cpu_seconds("self");
     let w0 = write_bytes("self");
     let t = Instant::now();
@@ -213,7 +227,10 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         ("conc", "3 steps, concurrent", Status::Completed),
     ] {
         for c in [1, 64] {
-            progress(&format!("memory: {variant}, {n} sagas, concurrency {c}"));
+            let _stage = stage(
+                &format!("memory: {variant}, {n} sagas, concurrency {c}"),
+                stage_sagas(n, c),
+            );
             let s = measure(&engine, saga, n, c, expect).await?;
             out.push(row(
                 "memory",
@@ -308,9 +325,10 @@ async fn durable(
                 (false, 1) => 5_000,
                 (false, _) => 100_000,
             };
-            progress(&format!(
-                "{workload}: {variant}, {n} sagas, concurrency {c}"
-            ));
+            let _stage = stage(
+                &format!("{workload}: {variant}, {n} sagas, concurrency {c}"),
+                stage_sagas(n, c),
+            );
             let s = measure(&engine, saga, n, c, expect).await?;
             out.push(row(workload, variant, c, s, "self", note));
         }
@@ -320,6 +338,93 @@ async fn durable(
 
 fn progress(msg: &str) {
     eprintln!("sagatx bench: {msg}");
+}
+
+/// Sagas finished in the current stage, for its progress bar.
+static DONE: AtomicU64 = AtomicU64::new(0);
+
+/// A measuring task counts its sagas itself and adds them up this often:
+/// one shared counter touched per saga would cost the in-memory rows a
+/// cache line bouncing between the cores.
+const COUNT_EVERY: u64 = 32;
+
+/// Counts one task's finished sagas into [`DONE`].
+struct Counter(u64);
+
+impl Counter {
+    fn one(&mut self) {
+        self.0 += 1;
+        if self.0 == COUNT_EVERY {
+            DONE.fetch_add(self.0, Ordering::Relaxed);
+            self.0 = 0;
+        }
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        DONE.fetch_add(self.0, Ordering::Relaxed);
+    }
+}
+
+/// One stage of the benchmark (a row's warm-up and measurement): on a
+/// terminal a progress bar fed from [`DONE`] ten times a second, elsewhere
+/// (a pipe, CI) one line.
+struct Stage {
+    bar: Option<indicatif::ProgressBar>,
+    stop: Arc<AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+fn stage(msg: &str, total: usize) -> Stage {
+    use std::io::IsTerminal;
+    DONE.store(0, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    if !std::io::stderr().is_terminal() {
+        progress(msg);
+        return Stage {
+            bar: None,
+            stop,
+            ticker: None,
+        };
+    }
+    let style = indicatif::ProgressStyle::with_template(
+        "sagatx bench: {msg} {wide_bar} {pos}/{len} sagas, {elapsed}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let bar = indicatif::ProgressBar::new(total as u64)
+        .with_style(style)
+        .with_message(msg.to_string());
+    let ticker = {
+        let (bar, stop) = (bar.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("bench-progress".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    bar.set_position(DONE.load(Ordering::Relaxed));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .ok()
+    };
+    Stage {
+        bar: Some(bar),
+        stop,
+        ticker,
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(DONE.load(Ordering::Relaxed));
+            bar.finish();
+        }
+    }
 }
 
 struct KillOnDrop(Child);
@@ -461,9 +566,10 @@ async fn http_on(
                 (false, 1) => 2_000,
                 (false, _) => 20_000,
             };
-            progress(&format!(
-                "{workload}: {variant}, {n} sagas, concurrency {c}"
-            ));
+            let _stage = stage(
+                &format!("{workload}: {variant}, {n} sagas, concurrency {c}"),
+                stage_sagas(n, c),
+            );
             let run = |n: usize| {
                 let client = client.clone();
                 let bases = bases.clone();
@@ -475,6 +581,7 @@ async fn http_on(
                         let url = format!("{}/v1/executions?wait=30", bases[i % bases.len()]);
                         tasks.spawn(async move {
                             let mut lat = Vec::with_capacity(per);
+                            let mut counter = Counter(0);
                             for _ in 0..per {
                                 let t = Instant::now();
                                 let r = client
@@ -487,6 +594,7 @@ async fn http_on(
                                     bail!("an HTTP saga ended {} instead of {expect}", v["status"]);
                                 }
                                 lat.push(t.elapsed().as_secs_f64() * 1e6);
+                                counter.one();
                             }
                             Ok(lat)
                         });
@@ -498,7 +606,7 @@ async fn http_on(
                     Ok::<_, anyhow::Error>(all)
                 }
             };
-            run((n / 10).max(c)).await?;
+            run(warm_up(n, c)).await?;
             let cpu0 = cpu_seconds(&spid);
             let w0 = write_bytes(&spid);
             let t = Instant::now();
@@ -1045,4 +1153,32 @@ pub fn table(rows: &[Row]) -> String {
         ]);
     }
     t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The progress bar's count reaches exactly the sagas a stage runs
+    /// (warm-up and measurement, split over the callers), so that the bar
+    /// ends full, not short or past its end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_progress_counts_every_saga_of_a_stage() -> Result<()> {
+        let engine = Engine::builder()
+            .store(MemoryStore::new())
+            .saga(three("ok", false, Mode::Sequential)?)
+            .build()
+            .await?;
+        let (n, c) = (100, 7);
+        let total = stage_sagas(n, c);
+        let s = {
+            let _stage = stage("test", total);
+            measure(&engine, "ok", n, c, Status::Completed).await?
+        };
+        assert_eq!(DONE.load(Ordering::Relaxed), total as u64);
+        // 15 callers of 7 sagas each after a warm-up of 2 each.
+        assert_eq!(total, 14 + 105);
+        assert_eq!(s.latencies_us.len(), 105);
+        Ok(())
+    }
 }

@@ -785,55 +785,14 @@ impl Execution {
 
     /// The public JSON of API.md §3. Every field is present, `null` when empty.
     pub fn view(&self) -> Value {
-        let steps: Vec<Value> = self
-            .steps
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.name,
-                    "status": s.status.as_str(),
-                    "attempts": s.attempts,
-                    "compensation_attempts": s.compensation_attempts,
-                    "confirm_attempts": s.confirm_attempts,
-                    "result": s.result.clone().unwrap_or(Value::Null),
-                    "error": s.error,
-                    "compensation_error": s.compensation_error,
-                    "confirm_error": s.confirm_error,
-                    "next_attempt_at": s.due_at_ms.map(format_ms),
-                    "history": s.history.iter().map(|a| serde_json::json!({
-                        "phase": a.phase.as_str(),
-                        "attempt": a.attempt,
-                        "started_at": format_ms(a.started_at_ms),
-                        "ended_at": a.ended_at_ms.map(format_ms),
-                        "outcome": a.outcome.map(CallOutcome::as_str),
-                        "error": a.error,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let error = self.saga_error().map(|e| {
-            serde_json::json!({
-                "step": e.step,
-                "message": e.message,
-                "compensations": e.compensations.iter().map(|c| serde_json::json!({
-                    "step": c.step, "status": c.status.as_str(), "error": c.error,
-                })).collect::<Vec<_>>(),
-            })
-        });
-        serde_json::json!({
-            "id": self.id.to_string(),
-            "saga": self.saga,
-            "saga_version": self.saga_version,
-            "status": self.status.as_str(),
-            "awaiting": self.awaiting.map(|a| match a { Awaiting::Reply => "reply", Awaiting::Commit => "commit" }),
-            "input": self.input,
-            "results": Value::Object(self.results()),
-            "steps": steps,
-            "error": error,
-            "user": self.user,
-            "created_at": format_ms(self.created_at_ms),
-            "updated_at": format_ms(self.updated_at_ms),
-        })
+        serde_json::to_value(self.view_ref()).unwrap_or(Value::Null)
+    }
+
+    /// The same JSON as [`Execution::view`], written straight to a
+    /// serializer (the coordinator answers with it without building a JSON
+    /// tree first).
+    pub fn view_ref(&self) -> ExecutionView<'_> {
+        ExecutionView(self)
     }
 
     /// Checks the structural invariants that must hold across a durability
@@ -899,6 +858,136 @@ impl Execution {
             return Err("a completed execution has a step that did not succeed".into());
         }
         Ok(())
+    }
+}
+
+/// An execution as the API shows it (API.md §3): see
+/// [`Execution::view_ref`]. Keys are written in sorted order, as a JSON
+/// object of serde_json writes them.
+pub struct ExecutionView<'a>(&'a Execution);
+
+impl Serialize for ExecutionView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = self.0;
+        let mut m = s.serialize_map(Some(12))?;
+        m.serialize_entry(
+            "awaiting",
+            &e.awaiting.map(|a| match a {
+                Awaiting::Reply => "reply",
+                Awaiting::Commit => "commit",
+            }),
+        )?;
+        m.serialize_entry("created_at", &format_ms(e.created_at_ms))?;
+        m.serialize_entry("error", &e.saga_error().map(ErrorView))?;
+        m.serialize_entry("id", &e.id.0)?;
+        m.serialize_entry("input", &*e.input)?;
+        m.serialize_entry("results", &ResultsView(e))?;
+        m.serialize_entry("saga", &e.saga)?;
+        m.serialize_entry("saga_version", &e.saga_version)?;
+        m.serialize_entry("status", e.status.as_str())?;
+        m.serialize_entry("steps", &StepsView(e))?;
+        m.serialize_entry("updated_at", &format_ms(e.updated_at_ms))?;
+        m.serialize_entry("user", &e.user)?;
+        m.end()
+    }
+}
+
+/// Every succeeded step's result by step name, sorted by name.
+struct ResultsView<'a>(&'a Execution);
+
+impl Serialize for ResultsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r: Vec<(&str, &Value)> = self
+            .0
+            .steps
+            .iter()
+            .filter_map(|st| Some((st.name.as_str(), st.result.as_ref()?)))
+            .collect();
+        r.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        s.collect_map(r)
+    }
+}
+
+struct StepsView<'a>(&'a Execution);
+
+impl Serialize for StepsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.steps.iter().map(StepView))
+    }
+}
+
+struct StepView<'a>(&'a StepState);
+
+impl Serialize for StepView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let st = self.0;
+        let mut m = s.serialize_map(Some(11))?;
+        m.serialize_entry("attempts", &st.attempts)?;
+        m.serialize_entry("compensation_attempts", &st.compensation_attempts)?;
+        m.serialize_entry("compensation_error", &st.compensation_error)?;
+        m.serialize_entry("confirm_attempts", &st.confirm_attempts)?;
+        m.serialize_entry("confirm_error", &st.confirm_error)?;
+        m.serialize_entry("error", &st.error)?;
+        m.serialize_entry("history", &HistoryView(&st.history))?;
+        m.serialize_entry("name", &st.name)?;
+        m.serialize_entry("next_attempt_at", &st.due_at_ms.map(format_ms))?;
+        m.serialize_entry("result", st.result.as_ref().unwrap_or(&Value::Null))?;
+        m.serialize_entry("status", st.status.as_str())?;
+        m.end()
+    }
+}
+
+struct HistoryView<'a>(&'a [Attempt]);
+
+impl Serialize for HistoryView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(AttemptView))
+    }
+}
+
+struct AttemptView<'a>(&'a Attempt);
+
+impl Serialize for AttemptView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let a = self.0;
+        let mut m = s.serialize_map(Some(6))?;
+        m.serialize_entry("attempt", &a.attempt)?;
+        m.serialize_entry("ended_at", &a.ended_at_ms.map(format_ms))?;
+        m.serialize_entry("error", &a.error)?;
+        m.serialize_entry("outcome", &a.outcome.map(CallOutcome::as_str))?;
+        m.serialize_entry("phase", a.phase.as_str())?;
+        m.serialize_entry("started_at", &format_ms(a.started_at_ms))?;
+        m.end()
+    }
+}
+
+/// The saga error of the view: `step`, `message`, and each compensation's
+/// `step`, `status` and `error`.
+struct ErrorView(SagaError);
+
+impl Serialize for ErrorView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        struct Compensations<'a>(&'a [CompensationOutcome]);
+        impl Serialize for Compensations<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter().map(|c| {
+                    let mut m = std::collections::BTreeMap::new();
+                    m.insert("error", c.error.as_deref());
+                    m.insert("status", Some(c.status.as_str()));
+                    m.insert("step", Some(c.step.as_str()));
+                    m
+                }))
+            }
+        }
+        let mut m = s.serialize_map(Some(3))?;
+        m.serialize_entry("compensations", &Compensations(&self.0.compensations))?;
+        m.serialize_entry("message", &self.0.message)?;
+        m.serialize_entry("step", &self.0.step)?;
+        m.end()
     }
 }
 

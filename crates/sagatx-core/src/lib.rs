@@ -48,8 +48,8 @@ pub use definition::{
 };
 pub use error::{CompensationOutcome, ErrorClass, SagaError, StepError};
 pub use execution::{
-    Attempt, Awaiting, CallOutcome, DecodeError, Execution, ExecutionId, Failure, Reply, Status,
-    StepState, StepStatus, FORMAT_VERSION, HISTORY_CAP,
+    Attempt, Awaiting, CallOutcome, DecodeError, Execution, ExecutionId, ExecutionView, Failure,
+    Reply, Status, StepState, StepStatus, FORMAT_VERSION, HISTORY_CAP,
 };
 pub use machine::{Call, Conflict, Env, Event, Transition};
 pub use name::Name;

@@ -685,6 +685,107 @@ fn view_has_every_field_of_the_contract() {
     assert_eq!(v["created_at"], "1970-01-01T00:00:00.000Z");
 }
 
+/// The view as it was first written, with `json!` (the reference the
+/// serializing view must equal, key order included).
+fn reference_view(ex: &Execution) -> Value {
+    let steps: Vec<Value> = ex
+        .steps
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "status": s.status.as_str(),
+                "attempts": s.attempts,
+                "compensation_attempts": s.compensation_attempts,
+                "confirm_attempts": s.confirm_attempts,
+                "result": s.result.clone().unwrap_or(Value::Null),
+                "error": s.error,
+                "compensation_error": s.compensation_error,
+                "confirm_error": s.confirm_error,
+                "next_attempt_at": s.due_at_ms.map(crate::execution::format_ms),
+                "history": s.history.iter().map(|a| serde_json::json!({
+                    "phase": a.phase.as_str(),
+                    "attempt": a.attempt,
+                    "started_at": crate::execution::format_ms(a.started_at_ms),
+                    "ended_at": a.ended_at_ms.map(crate::execution::format_ms),
+                    "outcome": a.outcome.map(crate::CallOutcome::as_str),
+                    "error": a.error,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let error = ex.saga_error().map(|e| {
+        serde_json::json!({
+            "step": e.step,
+            "message": e.message,
+            "compensations": e.compensations.iter().map(|c| serde_json::json!({
+                "step": c.step, "status": c.status.as_str(), "error": c.error,
+            })).collect::<Vec<_>>(),
+        })
+    });
+    serde_json::json!({
+        "id": ex.id.to_string(),
+        "saga": ex.saga,
+        "saga_version": ex.saga_version,
+        "status": ex.status.as_str(),
+        "awaiting": ex.awaiting.map(|a| match a { crate::Awaiting::Reply => "reply", crate::Awaiting::Commit => "commit" }),
+        "input": ex.input,
+        "results": Value::Object(ex.results()),
+        "steps": steps,
+        "error": error,
+        "user": ex.user,
+        "created_at": crate::execution::format_ms(ex.created_at_ms),
+        "updated_at": crate::execution::format_ms(ex.updated_at_ms),
+    })
+}
+
+#[test]
+fn the_serializing_view_writes_what_the_json_tree_did() {
+    let mut states = vec![golden_state()];
+    // Every state of a saga that fails on its last step and compensates
+    // (errors, compensations, results), and of a paused one.
+    let mut h = three("sequential");
+    states.push(h.ex.clone());
+    h.ev(Event::Start);
+    states.push(h.ex.clone());
+    h.ok(0, A, json!({"reservation": "r-1", "z": [1, null]}));
+    states.push(h.ex.clone());
+    h.err(1, A, StepError::transient("HTTP 503"));
+    states.push(h.ex.clone());
+    h.ok(1, A, json!("b's"));
+    states.push(h.ex.clone());
+    h.err(2, A, StepError::permanent("HTTP 402: card declined"));
+    states.push(h.ex.clone());
+    h.ok(1, C, Value::Null);
+    states.push(h.ex.clone());
+    h.err(0, C, StepError::permanent("gone"));
+    states.push(h.ex.clone());
+    let mut p = callback_saga();
+    p.ex.user = Some("ada \"lovelace\"".into());
+    p.ev(Event::Start);
+    p.ok(0, A, Value::Null);
+    states.push(p.ex.clone());
+    p.ev(Event::Resume);
+    p.ok(1, A, Value::Null);
+    states.push(p.ex.clone());
+    assert!(states.iter().any(|s| s.awaiting.is_some()), "a paused one");
+    assert!(
+        states
+            .iter()
+            .any(|s| s.saga_error().is_some_and(|e| !e.compensations.is_empty())),
+        "one with compensations"
+    );
+    for ex in &states {
+        let reference = reference_view(ex);
+        assert_eq!(ex.view(), reference);
+        assert_eq!(
+            serde_json::to_string(&ex.view_ref()).expect("writes"),
+            reference.to_string(),
+            "the same text, keys in the same order"
+        );
+    }
+}
+
 /// A state touching most fields, as journaled by format version 1.
 fn golden_state() -> Execution {
     let mut h = callback_saga();

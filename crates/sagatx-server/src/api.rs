@@ -330,6 +330,16 @@ pub(crate) async fn diagram(
     ))
 }
 
+/// An execution answered as its view (API.md §3), written straight to the
+/// response without a JSON tree in between.
+pub(crate) struct View(sagatx::Execution);
+
+impl serde::Serialize for View {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.view_ref().serialize(s)
+    }
+}
+
 /// Paused for longer than this needs attention.
 const LONG_PAUSE_MS: u64 = 60_000;
 
@@ -469,7 +479,7 @@ pub(crate) async fn start(
     Q(q): Q<WaitQuery>,
     headers: HeaderMap,
     Body(body): Body<StartBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<View>)> {
     let wait = wait_of(&q)?;
     let (saga, version) = match &body.saga {
         Value::String(name) => (name.clone(), None),
@@ -527,7 +537,7 @@ pub(crate) async fn start(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(ex.view())))
+    Ok((status, Json(View(ex))))
 }
 
 #[derive(Deserialize)]
@@ -582,9 +592,9 @@ pub(crate) async fn list_executions(
 pub(crate) async fn get_execution(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<View>> {
     let ex = state.engine.get(parse_id(&id)?).await?;
-    Ok(Json(ex.view()))
+    Ok(Json(View(ex)))
 }
 
 #[derive(Deserialize)]
@@ -609,7 +619,7 @@ pub(crate) async fn reply(
     Q(q): Q<CapQuery>,
     headers: HeaderMap,
     Body(body): Body<ReplyBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<View>)> {
     let id = parse_id(&id)?;
     let cap_ok = q.cap.as_deref().map(|c| state.caps.verify(id, &step, c));
     match cap_ok {
@@ -630,41 +640,41 @@ pub(crate) async fn reply(
         Reply::Err(body.error.unwrap_or_else(|| "rejected".to_string()))
     };
     let ex = state.engine.reply(id, &step, reply).await?;
-    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+    Ok((StatusCode::ACCEPTED, Json(View(ex))))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/commit", tag = "executions", description = "run the confirms (autocommit false)", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn commit(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<View>)> {
     let ex = state.engine.commit(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+    Ok((StatusCode::ACCEPTED, Json(View(ex))))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/reject", tag = "executions", description = "compensate (autocommit false)", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn reject(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<View>)> {
     let ex = state.engine.reject(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+    Ok((StatusCode::ACCEPTED, Json(View(ex))))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/cancel", tag = "executions", description = "stop and compensate", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<View>)> {
     let ex = state.engine.cancel(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+    Ok((StatusCode::ACCEPTED, Json(View(ex))))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/retry", tag = "executions", description = "resume failed compensations or confirms", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<View>)> {
     let ex = state.engine.retry(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(ex.view())))
+    Ok((StatusCode::ACCEPTED, Json(View(ex))))
 }

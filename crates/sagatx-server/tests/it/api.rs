@@ -83,10 +83,27 @@ async fn a_saga_completes_and_services_receive_the_envelope() {
         format!("{id}:charge:action")
     );
     assert_eq!(charge.headers["content-type"], "application/json");
-    let tp = &charge.headers["traceparent"];
-    assert!(
-        tp.starts_with(&format!("00-{}-", id.replace('-', ""))),
-        "{tp}"
+    // W3C trace context: version, the execution as trace, a span id of 16
+    // hex digits (not all zero) per call, sampled.
+    let span = |tp: &str| -> String {
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"), "{tp}");
+        assert_eq!(parts[1], id.replace('-', ""), "{tp}");
+        assert_eq!(parts[2].len(), 16, "{tp}");
+        assert!(
+            parts[2]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{tp}"
+        );
+        assert_ne!(parts[2], "0000000000000000", "{tp}");
+        parts[2].to_string()
+    };
+    assert_ne!(
+        span(&got[0].headers["traceparent"]),
+        span(&charge.headers["traceparent"]),
+        "each call is its own span"
     );
 }
 

@@ -993,6 +993,45 @@ impl Serialize for ErrorView {
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 with milliseconds.
 pub fn format_ms(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(t).to_string()
+    // Written by hand: the API's views write several times per answer, and
+    // the formatting machinery took as long as the rest of the view.
+    let secs = ms / 1000;
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    if year > 9999 {
+        // RFC 3339 has four digits for the year (humantime's formatter
+        // failed, and `to_string` panicked, past them).
+        return "9999-12-31T23:59:59.999Z".to_string();
+    }
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, day_secs / 3600);
+    put(14, 2, day_secs % 3600 / 60);
+    put(17, 2, day_secs % 60);
+    put(20, 3, ms % 1000);
+    // Only ASCII digits and separators were written.
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// Year, month and day of a day counted from 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for days on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }

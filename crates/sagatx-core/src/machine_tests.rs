@@ -905,3 +905,36 @@ fn each_call_is_kept_in_the_step_history_with_its_times_and_outcome() {
 fn sagatx_core_step(name: &str) -> crate::StepState {
     crate::StepState::new(name)
 }
+
+#[test]
+fn timestamps_are_written_as_humantime_writes_them() {
+    let reference = |ms: u64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string()
+    };
+    let day = 86_400_000u64;
+    let mut cases = vec![
+        0,
+        999,
+        1_763_800_000_123,
+        951_782_400_000,     // 2000-02-29
+        4_107_542_399_999,   // 2100-02-28T23:59:59.999
+        4_107_542_400_000,   // 2100-03-01
+        253_402_300_799_999, // 9999-12-31T23:59:59.999
+    ];
+    // Every day of a few leap and non-leap years, at a time of day that
+    // changes with the day.
+    for d in (0..4 * 366).chain(10_950..12_500).chain(47_400..47_800) {
+        cases.push(d * day + (d * 7_654_321) % day);
+    }
+    for ms in cases {
+        assert_eq!(crate::execution::format_ms(ms), reference(ms), "{ms}");
+    }
+    // Past the year 9999 (where humantime's formatter fails) the last
+    // instant RFC 3339 can write, not a panic.
+    for ms in [253_402_300_800_000, u64::MAX] {
+        assert_eq!(crate::execution::format_ms(ms), "9999-12-31T23:59:59.999Z");
+    }
+}

@@ -4,6 +4,7 @@
 # run after run, whatever else the machine does; wall-clock figures on this
 # machine move by 1.5x within the hour). System calls are not counted.
 # Usage: bench/server-instructions.sh BINARY [SAGAS]   (needs valgrind, python3)
+# With KEEP=FILE the counted dump is kept there, for callgrind_annotate.
 # Sagas are run one at a time over one keep-alive connection; 50 warm up
 # first and are not counted.
 set -euo pipefail
@@ -40,5 +41,6 @@ run(n)
 subprocess.run(["callgrind_control", "-d"], capture_output=True, check=True)
 PY
 sleep 1
+if [ -n "${KEEP:-}" ]; then cp "$(ls "$dir"/cg.out.* | head -1)" "$KEEP"; fi
 total="$(grep -h '^summary:' "$dir"/cg.out.* | awk '{s+=$2} END {print s}')"
 echo "$(basename "$bin"): $((total / n)) instructions per saga ($n sagas, total $total)"

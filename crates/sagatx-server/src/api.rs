@@ -330,13 +330,31 @@ pub(crate) async fn diagram(
     ))
 }
 
-/// An execution answered as its view (API.md §3), written straight to the
-/// response without a JSON tree in between.
+/// An execution answered as its view (API.md §3), written straight into a
+/// buffer of about the right size (no JSON tree in between, and not through
+/// `Json`'s small growing buffer, whose many small writes cost more than
+/// the JSON itself).
 pub(crate) struct View(sagatx::Execution);
 
-impl serde::Serialize for View {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.view_ref().serialize(s)
+impl IntoResponse for View {
+    fn into_response(self) -> Response {
+        let mut body = Vec::with_capacity(512 + 512 * self.0.steps.len());
+        match serde_json::to_writer(&mut body, &self.0.view_ref()) {
+            Ok(()) => (
+                [(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response(),
+            Err(e) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot write the execution: {e}"),
+            )
+            .into_response(),
+        }
     }
 }
 
@@ -479,7 +497,7 @@ pub(crate) async fn start(
     Q(q): Q<WaitQuery>,
     headers: HeaderMap,
     Body(body): Body<StartBody>,
-) -> ApiResult<(StatusCode, Json<View>)> {
+) -> ApiResult<(StatusCode, View)> {
     let wait = wait_of(&q)?;
     let (saga, version) = match &body.saga {
         Value::String(name) => (name.clone(), None),
@@ -537,7 +555,7 @@ pub(crate) async fn start(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(View(ex))))
+    Ok((status, View(ex)))
 }
 
 #[derive(Deserialize)]
@@ -592,9 +610,9 @@ pub(crate) async fn list_executions(
 pub(crate) async fn get_execution(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<View>> {
+) -> ApiResult<View> {
     let ex = state.engine.get(parse_id(&id)?).await?;
-    Ok(Json(View(ex)))
+    Ok(View(ex))
 }
 
 #[derive(Deserialize)]
@@ -619,7 +637,7 @@ pub(crate) async fn reply(
     Q(q): Q<CapQuery>,
     headers: HeaderMap,
     Body(body): Body<ReplyBody>,
-) -> ApiResult<(StatusCode, Json<View>)> {
+) -> ApiResult<(StatusCode, View)> {
     let id = parse_id(&id)?;
     let cap_ok = q.cap.as_deref().map(|c| state.caps.verify(id, &step, c));
     match cap_ok {
@@ -640,41 +658,41 @@ pub(crate) async fn reply(
         Reply::Err(body.error.unwrap_or_else(|| "rejected".to_string()))
     };
     let ex = state.engine.reply(id, &step, reply).await?;
-    Ok((StatusCode::ACCEPTED, Json(View(ex))))
+    Ok((StatusCode::ACCEPTED, View(ex)))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/commit", tag = "executions", description = "run the confirms (autocommit false)", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn commit(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<View>)> {
+) -> ApiResult<(StatusCode, View)> {
     let ex = state.engine.commit(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(View(ex))))
+    Ok((StatusCode::ACCEPTED, View(ex)))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/reject", tag = "executions", description = "compensate (autocommit false)", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn reject(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<View>)> {
+) -> ApiResult<(StatusCode, View)> {
     let ex = state.engine.reject(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(View(ex))))
+    Ok((StatusCode::ACCEPTED, View(ex)))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/cancel", tag = "executions", description = "stop and compensate", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<View>)> {
+) -> ApiResult<(StatusCode, View)> {
     let ex = state.engine.cancel(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(View(ex))))
+    Ok((StatusCode::ACCEPTED, View(ex)))
 }
 
 #[utoipa::path(post, path = "/v1/executions/{id}/retry", tag = "executions", description = "resume failed compensations or confirms", params(("id" = String, Path, description = "execution id")), responses((status = 202, description = "accepted", body = crate::openapi::ExecutionView), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<View>)> {
+) -> ApiResult<(StatusCode, View)> {
     let ex = state.engine.retry(parse_id(&id)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(View(ex))))
+    Ok((StatusCode::ACCEPTED, View(ex)))
 }

@@ -454,6 +454,10 @@ fn apply_batch(
 ) -> Result<Vec<Done>, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut out = Vec::with_capacity(batch.len());
+    // The statements of nearly every write, taken from the cache once per
+    // batch instead of once per write (the cache hashes the SQL text and
+    // reorders its list at every take and return).
+    let (mut insert, mut same_by_row, mut new_by_row) = (None, None, None);
     for w in batch.iter() {
         match w {
             Write::Append {
@@ -470,10 +474,7 @@ fn apply_batch(
                 let idb = id.0.as_bytes().as_slice();
                 let due = due_at.map(|d| d as i64);
                 if *seq == 1 {
-                    let mut st = tx.prepare_cached(
-                        "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
-                         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
-                    )?;
+                    let st = hot(&mut insert, &tx, INSERT_EXECUTION)?;
                     let n = st.execute(params![
                         idb,
                         saga,
@@ -509,17 +510,10 @@ fn apply_batch(
                             (*seq - 1) as i64
                         ];
                         n = if was == *status {
-                            tx.prepare_cached(
-                                "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-                                 WHERE n = ?1 AND seq = ?7 AND status = ?2",
-                            )?
-                            .execute(by_row)?
+                            hot(&mut same_by_row, &tx, UPDATE_SAME_STATUS_BY_ROW)?
+                                .execute(by_row)?
                         } else {
-                            tx.prepare_cached(
-                                "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-                                 WHERE n = ?1 AND seq = ?7",
-                            )?
-                            .execute(by_row)?
+                            hot(&mut new_by_row, &tx, UPDATE_NEW_STATUS_BY_ROW)?.execute(by_row)?
                         };
                     }
                     if n == 0 {
@@ -624,8 +618,33 @@ fn apply_batch(
             }
         }
     }
+    drop((insert, same_by_row, new_by_row));
     tx.commit()?;
     Ok(out)
+}
+
+const INSERT_EXECUTION: &str =
+    "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
+     VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING";
+const UPDATE_SAME_STATUS_BY_ROW: &str =
+    "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+     WHERE n = ?1 AND seq = ?7 AND status = ?2";
+const UPDATE_NEW_STATUS_BY_ROW: &str =
+    "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+     WHERE n = ?1 AND seq = ?7";
+
+/// The statement held in `slot` for this batch, prepared (or taken from
+/// the connection's cache) on first use.
+fn hot<'s, 'c>(
+    slot: &'s mut Option<rusqlite::CachedStatement<'c>>,
+    conn: &'c rusqlite::Connection,
+    sql: &str,
+) -> rusqlite::Result<&'s mut rusqlite::CachedStatement<'c>> {
+    if slot.is_none() {
+        *slot = Some(conn.prepare_cached(sql)?);
+    }
+    // Just filled when it was empty.
+    slot.as_mut().ok_or(rusqlite::Error::InvalidQuery)
 }
 
 fn decode_row(id: &[u8], state: &[u8]) -> Result<Execution, StoreError> {

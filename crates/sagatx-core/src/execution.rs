@@ -706,7 +706,15 @@ impl Execution {
         // or two in its history): growing from empty reallocated it seven
         // times per journal write.
         let mut raw = Vec::with_capacity(256 + 256 * self.steps.len());
-        serde_json::to_writer(&mut raw, self)?;
+        crate::journal::encode(self, &mut raw)?;
+        // The hand-written encoder must write what the derived `Serialize`
+        // (the format's definition) writes: every entry a debug build
+        // journals, every test's, is compared.
+        debug_assert_eq!(
+            String::from_utf8_lossy(&raw),
+            String::from_utf8_lossy(&serde_json::to_vec(self)?),
+            "the journal encoder and serde disagree"
+        );
         Ok(raw)
     }
 

@@ -39,6 +39,7 @@
 pub mod definition;
 pub mod error;
 pub mod execution;
+mod journal;
 pub mod machine;
 mod name;
 pub mod retry;

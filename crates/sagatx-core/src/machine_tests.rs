@@ -938,3 +938,75 @@ fn timestamps_are_written_as_humantime_writes_them() {
         assert_eq!(crate::execution::format_ms(ms), "9999-12-31T23:59:59.999Z");
     }
 }
+
+/// The hand-written journal encoder writes exactly what the derived
+/// `Serialize` writes, for a state with every optional field set and
+/// strings that need escaping (debug builds also compare every entry
+/// journaled by any test).
+#[test]
+fn the_journal_encoder_writes_what_serde_writes() {
+    let mut ex = golden_state();
+    let compare = |ex: &Execution| {
+        let mut ours = Vec::new();
+        crate::journal::encode(ex, &mut ours).expect("encodes");
+        let theirs = serde_json::to_vec(ex).expect("serde");
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            String::from_utf8_lossy(&theirs)
+        );
+        assert_eq!(
+            Execution::from_raw(&ours).ok().as_ref(),
+            Execution::from_raw(&theirs).ok().as_ref()
+        );
+    };
+    compare(&ex);
+    ex.awaiting = Some(Awaiting::Commit);
+    ex.committing = true;
+    ex.user = Some("ada \"the\" \\ lovelace\n\u{1}é😀".into());
+    ex.failure = Some(Failure {
+        step: Some("b\"\t".into()),
+        message: "it broke: \"no\"\r\n".into(),
+    });
+    ex.input = std::sync::Arc::new(json!({"s": "\"x\"", "n": [1, -2, 3.5, null, true], "o": {}}));
+    let s = &mut ex.steps[0];
+    s.name = Name::from("na\"me\\");
+    s.attempts = 3;
+    s.compensation_attempts = 2;
+    s.confirm_attempts = 1;
+    s.exempt = crate::execution::Exempt {
+        action: 1,
+        compensation: 0,
+        confirm: 7,
+    };
+    s.result = Some(json!("r\u{7f}\u{1f}"));
+    s.error = Some("e\u{0}".into());
+    s.compensation_error = Some("ce".into());
+    s.confirm_error = Some("fe/".into());
+    s.outcome_unknown = true;
+    s.in_flight = Some(Phase::Confirm);
+    s.due_at_ms = Some(u64::MAX);
+    s.owed = Some(Phase::Compensation);
+    s.reply = Some(Reply::Err("bad \"reply\"".into()));
+    s.history.push(Attempt {
+        phase: Phase::Confirm,
+        attempt: u32::MAX,
+        started_at_ms: 0,
+        ended_at_ms: None,
+        outcome: Some(CallOutcome::UnknownOutcome),
+        error: Some("x\"y".into()),
+    });
+    compare(&ex);
+    ex.steps[1].exempt = crate::execution::Exempt {
+        action: 0,
+        compensation: 4,
+        confirm: 0,
+    };
+    ex.steps[1].reply = Some(Reply::Ok(json!({"deep": ["\\"]})));
+    ex.steps[1].result = Some(Value::Null);
+    ex.awaiting = Some(Awaiting::Reply);
+    ex.failure = Some(Failure {
+        step: None,
+        message: String::new(),
+    });
+    compare(&ex);
+}

@@ -29,7 +29,7 @@ use super::{ListQuery, Page, Registered, Store, StoreError};
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 /// Writes applied in one transaction at most.
 pub const MAX_BATCH: usize = 1024;
 /// Writes queued for the writer thread at most (back-pressure beyond).
@@ -58,6 +58,11 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
         version: 4,
         name: "saga_status_index",
         sql: include_str!("migrations/sqlite/0004_saga_status_index.sql"),
+    },
+    super::migrations::Migration {
+        version: 5,
+        name: "counts",
+        sql: include_str!("migrations/sqlite/0005_counts.sql"),
     },
 ];
 
@@ -458,6 +463,7 @@ fn apply_batch(
     // batch instead of once per write (the cache hashes the SQL text and
     // reorders its list at every take and return).
     let (mut insert, mut same_by_row, mut new_by_row) = (None, None, None);
+    let mut counts = Counts::default();
     for w in batch.iter() {
         match w {
             Write::Append {
@@ -486,75 +492,64 @@ fn apply_batch(
                     ])?;
                     out.push(Done::Appended(if n == 1 {
                         rows.note(*id, tx.last_insert_rowid(), status);
+                        counts.add(saga, status, 1);
                         Ok(())
                     } else {
                         Err(StoreError::Exists(*id))
                     }));
-                } else {
-                    // Most transitions keep the status. Assigning a column
-                    // rewrites its index entries even when the value is the
-                    // same (two more pages per commit: the status and the
-                    // saga-status indexes), so the status is only set when
-                    // the row's differs. A remembered row is updated by its
-                    // number; otherwise it is found by id.
-                    let known = rows.0.get(id).copied();
-                    let mut n = 0;
-                    if let Some((row, was)) = known {
-                        let by_row = params![
-                            row,
-                            status,
-                            *seq as i64,
-                            due,
-                            *updated_at as i64,
-                            state,
-                            (*seq - 1) as i64
-                        ];
-                        n = if was == *status {
-                            hot(&mut same_by_row, &tx, UPDATE_SAME_STATUS_BY_ROW)?
-                                .execute(by_row)?
-                        } else {
-                            hot(&mut new_by_row, &tx, UPDATE_NEW_STATUS_BY_ROW)?.execute(by_row)?
-                        };
-                    }
-                    if n == 0 {
-                        let args = params![
-                            idb,
-                            status,
-                            *seq as i64,
-                            due,
-                            *updated_at as i64,
-                            state,
-                            (*seq - 1) as i64
-                        ];
-                        n = tx
-                            .prepare_cached(
-                                "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-                                 WHERE id = ?1 AND seq = ?7 AND status = ?2",
-                            )?
-                            .execute(args)?;
-                        if n == 0 {
-                            n = tx
-                                .prepare_cached(
-                                    "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-                                     WHERE id = ?1 AND seq = ?7",
-                                )?
-                                .execute(args)?;
-                        }
-                        if n == 1 && !TERMINAL.contains(status) {
-                            let row: i64 = tx
-                                .prepare_cached("SELECT n FROM executions WHERE id = ?1")?
-                                .query_row([idb], |r| r.get(0))?;
-                            rows.note(*id, row, status);
-                        }
+                    continue;
+                }
+                // The row is updated by its number, on the condition that
+                // it holds the sequence before this write and the status
+                // the writer believes it has: a remembered row (a hint)
+                // first, else (or when the hint was wrong) the row as read.
+                // The status is assigned only when it changes (assigning a
+                // column rewrites its index entries even when the value is
+                // the same), and a change moves one count of the summary.
+                let mut update = |row: i64, was: &str| -> rusqlite::Result<usize> {
+                    let args = params![
+                        row,
+                        status,
+                        *seq as i64,
+                        due,
+                        *updated_at as i64,
+                        state,
+                        (*seq - 1) as i64,
+                        was
+                    ];
+                    if was == *status {
+                        hot(&mut same_by_row, &tx, UPDATE_SAME_STATUS_BY_ROW)?.execute(args)
                     } else {
-                        // Updated by its number: `known` held it.
-                        if let Some((row, _)) = known {
-                            rows.note(*id, row, status);
+                        hot(&mut new_by_row, &tx, UPDATE_NEW_STATUS_BY_ROW)?.execute(args)
+                    }
+                };
+                let mut done = None;
+                if let Some((row, was)) = rows.0.get(id).copied() {
+                    if update(row, was)? == 1 {
+                        done = Some((row, was.to_string()));
+                    }
+                }
+                if done.is_none() {
+                    let found: Option<(i64, String)> = tx
+                        .prepare_cached("SELECT n, status FROM executions WHERE id = ?1")?
+                        .query_row([idb], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    if let Some((row, was)) = found {
+                        if update(row, &was)? == 1 {
+                            done = Some((row, was));
                         }
                     }
-                    if n == 1 {
+                }
+                match done {
+                    Some((row, was)) => {
+                        if was != *status {
+                            counts.add(saga, &was, -1);
+                            counts.add(saga, status, 1);
+                        }
+                        rows.note(*id, row, status);
                         out.push(Done::Appended(Ok(())));
-                    } else {
+                    }
+                    None => {
                         let found: Option<i64> = tx
                             .prepare_cached("SELECT seq FROM executions WHERE id = ?1")?
                             .query_row([idb], |r| r.get(0))
@@ -619,19 +614,49 @@ fn apply_batch(
         }
     }
     drop((insert, same_by_row, new_by_row));
+    counts.write(&tx)?;
     tx.commit()?;
     Ok(out)
 }
+
+/// The changes a batch makes to the summary's counts by saga and status,
+/// written once at its end (a few rows, however many writes it holds).
+#[derive(Default)]
+struct Counts(Vec<(String, String, i64)>);
+
+impl Counts {
+    fn add(&mut self, saga: &str, status: &str, by: i64) {
+        match self
+            .0
+            .iter_mut()
+            .find(|(sg, st, _)| sg == saga && st == status)
+        {
+            Some(c) => c.2 += by,
+            None => self.0.push((saga.to_string(), status.to_string(), by)),
+        }
+    }
+
+    fn write(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+        for (saga, status, by) in self.0.iter().filter(|c| c.2 != 0) {
+            conn.prepare_cached(ADD_TO_COUNT)?
+                .execute(params![saga, status, by])?;
+        }
+        Ok(())
+    }
+}
+
+const ADD_TO_COUNT: &str = "INSERT INTO counts (saga, status, n) VALUES (?1, ?2, ?3)
+     ON CONFLICT (saga, status) DO UPDATE SET n = n + excluded.n";
 
 const INSERT_EXECUTION: &str =
     "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
      VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING";
 const UPDATE_SAME_STATUS_BY_ROW: &str =
     "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-     WHERE n = ?1 AND seq = ?7 AND status = ?2";
+     WHERE n = ?1 AND seq = ?7 AND status = ?8";
 const UPDATE_NEW_STATUS_BY_ROW: &str =
     "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
-     WHERE n = ?1 AND seq = ?7";
+     WHERE n = ?1 AND seq = ?7 AND status = ?8";
 
 /// The statement held in `slot` for this batch, prepared (or taken from
 /// the connection's cache) on first use.
@@ -866,12 +891,16 @@ impl Store for SqliteStore {
         self.read(|c| {
             let mut s = c
                 .prepare_cached(
-                    "SELECT saga, status, count(*) FROM executions GROUP BY saga, status ORDER BY saga, status",
+                    "SELECT saga, status, n FROM counts WHERE n > 0 ORDER BY saga, status",
                 )
                 .map_err(io)?;
             let rows = s
                 .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
                 })
                 .map_err(io)?;
             let mut counts = Vec::new();
@@ -924,8 +953,12 @@ impl Store for SqliteStore {
         let ex = ex.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let c = open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-            let n = c
+            let mut c = open_conn(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+            // The execution and its count in one transaction.
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(io)?;
+            let n = tx
                 .execute(
                     "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
@@ -941,11 +974,12 @@ impl Store for SqliteStore {
                     ],
                 )
                 .map_err(io)?;
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::Exists(ex.id))
+            if n != 1 {
+                return Err(StoreError::Exists(ex.id));
             }
+            tx.execute(ADD_TO_COUNT, params![ex.saga.as_str(), ex.status.as_str(), 1])
+                .map_err(io)?;
+            tx.commit().map_err(io)
         })
         .await
         .map_err(|e| StoreError::Io(e.to_string()))?
@@ -1055,6 +1089,21 @@ mod tests {
         .expect("definition")
     }
 
+    /// The first step's action fails for good.
+    fn fail_first_step(ex: &mut Execution, def: &SagaDefinition, env: Env) {
+        ex.handle(
+            def,
+            Event::Outcome {
+                step: 0,
+                phase: sagatx_core::Phase::Action,
+                attempt: 1,
+                outcome: Err(sagatx_core::StepError::permanent("no")),
+            },
+            env,
+        )
+        .expect("outcome");
+    }
+
     /// A new execution, started, as its first journal write holds it.
     fn started(def: &SagaDefinition, env: Env) -> Execution {
         let mut ex = Execution::new(
@@ -1122,17 +1171,7 @@ mod tests {
 
         // The step fails for good: the execution ends `compensated`... but
         // the writer is told (wrongly) that it is still `running`.
-        ex.handle(
-            &def,
-            Event::Outcome {
-                step: 0,
-                phase: sagatx_core::Phase::Action,
-                attempt: 1,
-                outcome: Err(sagatx_core::StepError::permanent("no")),
-            },
-            env,
-        )
-        .expect("outcome");
+        fail_first_step(&mut ex, &def, env);
         ex.seq = 2;
         assert_ne!(ex.status, Status::Running);
         rows.0.insert(ex.id, (row, "running"));
@@ -1157,6 +1196,46 @@ mod tests {
         assert_eq!(stored(&conn, other.id), ("running".to_string(), 2));
         assert_eq!(stored(&conn, ex.id).1, 2, "the other row is untouched");
         assert_ne!(rows.0[&other.id].0, row, "the right row is remembered");
+
+        // The right row with a wrong status: the update falls back to the
+        // row as read, and the counts move from the status the row had.
+        let mut third = started(&def, env);
+        let (w, _rx) = write(&third);
+        apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
+        let (third_row, _) = rows.0[&third.id];
+        rows.0.insert(third.id, (third_row, "paused"));
+        fail_first_step(&mut third, &def, env);
+        third.seq = 2;
+        let (w, _rx) = write(&third);
+        let done = apply_batch(&mut conn, &mut [w], &mut rows).expect("update");
+        assert!(matches!(done[..], [Done::Appended(Ok(()))]));
+        assert_eq!(
+            stored(&conn, third.id),
+            (third.status.as_str().to_string(), 2)
+        );
+
+        // And the summary's counts are the executions' own.
+        let table = |sql: &str| -> Vec<(String, String, i64)> {
+            let mut s = conn.prepare(sql).expect("prepare");
+            let rows = s
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .expect("query");
+            rows.collect::<Result<_, _>>().expect("rows")
+        };
+        let counted = table(
+            "SELECT saga, status, count(*) FROM executions GROUP BY saga, status ORDER BY saga, status",
+        );
+        assert_eq!(
+            counted,
+            [
+                ("t".to_string(), ex.status.as_str().to_string(), 2),
+                ("t".to_string(), "running".to_string(), 1)
+            ]
+        );
+        assert_eq!(
+            table("SELECT saga, status, n FROM counts WHERE n != 0 ORDER BY saga, status"),
+            counted
+        );
     }
 
     #[test]

@@ -20,14 +20,73 @@ async fn sqlite_store_conforms() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_store_keeps_everything_across_reopen() {
+/// A SQLite store in a new directory, after the conformance suite ran on it.
+async fn conformed_sqlite() -> (tempfile::TempDir, std::path::PathBuf, Arc<SqliteStore>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("j.db");
     let store = Arc::new(SqliteStore::open(&path).expect("open"));
     conformance::run(store.clone())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    (dir, path, store)
+}
+
+/// The counts the summary reads, kept by the writer batch by batch, equal
+/// a count of the executions themselves after everything the suite writes
+/// (inserts, changes of status, imports), after rows are deleted by hand,
+/// and after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_summary_counts_stay_equal_to_the_executions() {
+    let (_dir, path, store) = conformed_sqlite().await;
+    let counted = |c: &rusqlite::Connection| -> Vec<(String, String, i64)> {
+        let mut s = c
+            .prepare(
+                "SELECT saga, status, count(*) FROM executions GROUP BY saga, status ORDER BY saga, status",
+            )
+            .expect("prepare");
+        let rows = s
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("query");
+        rows.collect::<Result<_, _>>().expect("rows")
+    };
+    let summarised = |s: sagatx::store::Summary| -> Vec<(String, String, i64)> {
+        s.counts
+            .into_iter()
+            .map(|(saga, status, n)| (saga, status.as_str().to_string(), n as i64))
+            .collect()
+    };
+    let c = rusqlite::Connection::open(&path).expect("open");
+    let before = counted(&c);
+    assert!(
+        before.len() > 5,
+        "the suite wrote several sagas: {before:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|(_, st, _)| st != "running" && st != "created"),
+        "some changed status: {before:?}"
+    );
+    assert_eq!(summarised(store.summary().await.expect("summary")), before);
+    // An operator deleting executions by hand keeps the counts right too.
+    let deleted = c
+        .execute(
+            "DELETE FROM executions WHERE n IN (SELECT n FROM executions ORDER BY n LIMIT 7)",
+            [],
+        )
+        .expect("delete");
+    assert_eq!(deleted, 7);
+    let after = counted(&c);
+    assert_ne!(after, before);
+    assert_eq!(summarised(store.summary().await.expect("summary")), after);
+    drop(store);
+    let again = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(summarised(again.summary().await.expect("summary")), after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_keeps_everything_across_reopen() {
+    let (_dir, path, store) = conformed_sqlite().await;
     let before = store
         .list(&sagatx::ListQuery {
             limit: 10_000,
@@ -105,7 +164,12 @@ async fn a_schema_1_journal_is_migrated_on_open() {
         .expect("insert");
     }
     let store = SqliteStore::open(&path).expect("migrates");
-    assert_eq!(store.load(ex.id).await.expect("load"), Some(ex));
+    assert_eq!(store.load(ex.id).await.expect("load"), Some(ex.clone()));
+    // The counts of schema 5 start from the executions already there.
+    assert_eq!(
+        store.summary().await.expect("summary").counts,
+        [(ex.saga.to_string(), ex.status, 1)]
+    );
     assert_ne!(store.secret().await.expect("secret"), [0u8; 32]);
     let c = rusqlite::Connection::open(&path).expect("open");
     let v: i64 = c

@@ -621,25 +621,31 @@ fn apply_batch(
 
 /// The changes a batch makes to the summary's counts by saga and status,
 /// written once at its end (a few rows, however many writes it holds).
+/// Keyed by saga, then status, so that a batch of many sagas stays cheap;
+/// a key is copied only the first time the batch meets it.
 #[derive(Default)]
-struct Counts(Vec<(String, String, i64)>);
+struct Counts(std::collections::HashMap<String, std::collections::HashMap<String, i64>>);
 
 impl Counts {
     fn add(&mut self, saga: &str, status: &str, by: i64) {
-        match self
-            .0
-            .iter_mut()
-            .find(|(sg, st, _)| sg == saga && st == status)
-        {
-            Some(c) => c.2 += by,
-            None => self.0.push((saga.to_string(), status.to_string(), by)),
+        let statuses = match self.0.get_mut(saga) {
+            Some(m) => m,
+            None => self.0.entry(saga.to_string()).or_default(),
+        };
+        match statuses.get_mut(status) {
+            Some(n) => *n += by,
+            None => {
+                statuses.insert(status.to_string(), by);
+            }
         }
     }
 
     fn write(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-        for (saga, status, by) in self.0.iter().filter(|c| c.2 != 0) {
-            conn.prepare_cached(ADD_TO_COUNT)?
-                .execute(params![saga, status, by])?;
+        for (saga, statuses) in &self.0 {
+            for (status, by) in statuses.iter().filter(|(_, by)| **by != 0) {
+                conn.prepare_cached(ADD_TO_COUNT)?
+                    .execute(params![saga, status, by])?;
+            }
         }
         Ok(())
     }
@@ -1087,6 +1093,22 @@ mod tests {
                                       {"name":"b","action":{"url":"http://127.0.0.1:9/b"}}]}"#,
         )
         .expect("definition")
+    }
+
+    #[test]
+    fn a_batch_sums_its_count_changes_per_saga_and_status() {
+        let mut c = Counts::default();
+        for i in 0..500 {
+            let saga = format!("s{}", i % 50);
+            c.add(&saga, "running", 1);
+            c.add(&saga, "running", -1);
+            c.add(&saga, "completed", 1);
+        }
+        assert_eq!(c.0.len(), 50);
+        assert!(c
+            .0
+            .values()
+            .all(|m| m.len() == 2 && m["running"] == 0 && m["completed"] == 10));
     }
 
     /// The first step's action fails for good.

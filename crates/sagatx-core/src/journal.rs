@@ -3,9 +3,10 @@
 //! format's definition, and the decoder), written several times faster,
 //! since it is written at every transition. Keys are written as the
 //! constant bytes they are instead of being escaped one by one, and strings
-//! without a character to escape are copied as they are. In debug builds
-//! every entry is compared with serde's (see `Execution::to_raw`), so any
-//! field added to the types and not here fails the tests at once.
+//! without a character to escape are copied as they are. Each type is
+//! destructured field by field (no `..`), so a field added to a type does
+//! not compile until it is written here; and debug builds compare every
+//! entry with serde's (see `Execution::to_raw`).
 
 use serde_json::Value;
 
@@ -14,6 +15,24 @@ use crate::execution::{Attempt, Execution, Exempt, Reply, StepState};
 
 /// Appends the JSON of `ex` to `out`.
 pub(crate) fn encode(ex: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    // Every field named, none left to `..`: a field added to the type does
+    // not compile here until the encoder writes it.
+    let Execution {
+        format_version: _,
+        id: _,
+        saga: _,
+        saga_version: _,
+        status: _,
+        awaiting: _,
+        input: _,
+        steps: _,
+        failure: _,
+        committing: _,
+        user: _,
+        created_at_ms: _,
+        updated_at_ms: _,
+        seq: _,
+    } = ex;
     out.extend_from_slice(b"{\"format_version\":");
     int(out, u64::from(ex.format_version));
     out.extend_from_slice(b",\"id\":\"");
@@ -48,6 +67,10 @@ pub(crate) fn encode(ex: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json
     }
     out.push(b']');
     if let Some(f) = &ex.failure {
+        let crate::Failure {
+            step: _,
+            message: _,
+        } = f;
         out.extend_from_slice(b",\"failure\":{\"step\":");
         match &f.step {
             Some(s) => string(out, s)?,
@@ -75,6 +98,29 @@ pub(crate) fn encode(ex: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json
 }
 
 fn step(out: &mut Vec<u8>, s: &StepState) -> Result<(), serde_json::Error> {
+    let StepState {
+        name: _,
+        status: _,
+        attempts: _,
+        compensation_attempts: _,
+        confirm_attempts: _,
+        exempt:
+            Exempt {
+                action: _,
+                compensation: _,
+                confirm: _,
+            },
+        result: _,
+        error: _,
+        compensation_error: _,
+        confirm_error: _,
+        outcome_unknown: _,
+        in_flight: _,
+        due_at_ms: _,
+        owed: _,
+        reply: _,
+        history: _,
+    } = s;
     out.extend_from_slice(b"{\"name\":");
     string(out, s.name.as_str())?;
     out.extend_from_slice(b",\"status\":\"");
@@ -158,6 +204,14 @@ fn step(out: &mut Vec<u8>, s: &StepState) -> Result<(), serde_json::Error> {
 }
 
 fn attempt(out: &mut Vec<u8>, a: &Attempt) -> Result<(), serde_json::Error> {
+    let Attempt {
+        phase: _,
+        attempt: _,
+        started_at_ms: _,
+        ended_at_ms: _,
+        outcome: _,
+        error: _,
+    } = a;
     out.extend_from_slice(match a.phase {
         Phase::Action => b"{\"p\":\"a\",\"n\":".as_slice(),
         Phase::Compensation => b"{\"p\":\"c\",\"n\":".as_slice(),

@@ -33,6 +33,11 @@ impl HttpCaller {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .user_agent(concat!("sagatx/", env!("CARGO_PKG_VERSION")))
+            // A redirect is an answer like any other non-2xx (a permanent
+            // rejection, API.md §4): following it would turn a POST into a
+            // GET without its body (301-303), or carry the call and its
+            // reply capability to a URL the definition does not name.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(HttpCaller {
             client,
@@ -253,6 +258,11 @@ impl RemoteCaller for HttpCaller {
             }
         };
         let status = resp.status().as_u16();
+        let location = (300..400).contains(&status).then(|| {
+            resp.headers()
+                .get(reqwest::header::LOCATION)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        });
         let bytes = read_body(resp).await?;
         if (200..300).contains(&status) {
             if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -262,6 +272,13 @@ impl RemoteCaller for HttpCaller {
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())));
         }
         let text = error_text(&bytes);
+        if let Some(location) = location {
+            let to = location.map(|l| format!(" to {l}")).unwrap_or_default();
+            return Err(StepError::permanent(format!(
+                "HTTP {status}: redirect{to}, not followed (sagatx calls the step's URL as written: \
+                 point the definition at the final URL)"
+            )));
+        }
         let message = if text.is_empty() {
             format!("HTTP {status}")
         } else {

@@ -156,6 +156,38 @@ async fn a_rejection_compensates_in_reverse_and_retries_keep_their_key() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_a_rejection_and_is_not_followed() {
+    // Following it would turn the POST into a GET without the body (302,
+    // 303) or send the call, its idempotency key and any reply capability
+    // to a host the definition does not name.
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let moved = format!("{}/elsewhere", svc.base);
+    svc.script(
+        "charge",
+        vec![Answer {
+            location: Some(moved.clone()),
+            ..answer(307, Value::Null)
+        }],
+    );
+    let def = saga(&svc, "moved", &[("reserve", true), ("charge", true)]);
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    assert_eq!(svc.ops(), ["reserve", "charge", "undo-reserve"]);
+    assert_eq!(ex["steps"][1]["attempts"], 1, "a redirect is not retried");
+    let message = ex["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("HTTP 307"), "{message}");
+    assert!(
+        message.contains(&moved),
+        "names where it pointed: {message}"
+    );
+    assert_eq!(
+        ex["steps"][1]["compensation_attempts"], 0,
+        "a rejected step is not compensated"
+    );
+}
+
+#[tokio::test]
 async fn a_step_whose_retries_run_out_on_5xx_is_compensated_too() {
     let svc = Services::start().await;
     let c = Coordinator::start(None).await;
@@ -391,6 +423,7 @@ async fn cancel_stops_and_compensates() {
             status: 200,
             body: json!({"late": true}),
             delay_ms: 400,
+            location: None,
         }],
     );
     let def = saga(

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
 use serde_json::{json, Value};
@@ -24,6 +25,8 @@ pub struct Answer {
     pub status: u16,
     pub body: Value,
     pub delay_ms: u64,
+    /// A `Location` header (for redirects).
+    pub location: Option<String>,
 }
 
 pub fn answer(status: u16, body: Value) -> Answer {
@@ -31,6 +34,7 @@ pub fn answer(status: u16, body: Value) -> Answer {
         status,
         body,
         delay_ms: 0,
+        location: None,
     }
 }
 
@@ -53,7 +57,7 @@ async fn handle(
     Path(op): Path<String>,
     headers: HeaderMap,
     body: String,
-) -> (StatusCode, String) {
+) -> axum::response::Response {
     let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     let headers = headers
         .iter()
@@ -79,7 +83,11 @@ async fn handle(
     } else {
         a.body.to_string()
     };
-    (StatusCode::from_u16(a.status).expect("status"), text)
+    let status = StatusCode::from_u16(a.status).expect("status");
+    match a.location {
+        Some(to) => (status, [(axum::http::header::LOCATION, to)], text).into_response(),
+        None => (status, text).into_response(),
+    }
 }
 
 impl Services {

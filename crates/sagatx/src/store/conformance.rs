@@ -96,6 +96,7 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     list_and_page(&*store, &tag).await?;
     due_and_unfinished(&*store, &tag).await?;
     concurrent_writers(store.clone(), &tag).await?;
+    long_execution(&*store, &tag).await?;
     secret(&*store).await?;
     oplog(&*store, &tag).await?;
     import_and_scan(&*store, &tag).await?;
@@ -539,6 +540,67 @@ async fn due_and_unfinished(store: &dyn Store, tag: &str) -> R {
     ensure!(
         !seen.contains(&b.id) && !seen.contains(&c.id),
         "b and c are not"
+    );
+    Ok(())
+}
+
+/// An execution of many transitions (retries among them), read back after
+/// each write, by id and in a list, until it ends.
+async fn long_execution(store: &dyn Store, tag: &str) -> R {
+    let name = format!("conf-long-{tag}");
+    let d = def(&name, 40, false);
+    let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
+    store.append(&ex).await.map_err(e("create"))?;
+    let mut writes = 1;
+    for i in 0..40 {
+        // A transient failure first on some steps: a retry is due, the
+        // backoff fires, the retry succeeds.
+        if i % 7 == 3 {
+            act(&mut ex, &d, i, Err(StepError::transient("503")))?;
+            store.append(&ex).await.map_err(e("failure"))?;
+            let due = ex.next_due_ms().ok_or("a retry is due")?;
+            let env = Env {
+                now_ms: due,
+                random01: 0.5,
+            };
+            let t = ex.handle(&d, Event::Tick, env).map_err(e("tick"))?;
+            ensure!(t.changed, "the retry starts");
+            ex.seq += 1;
+            store.append(&ex).await.map_err(e("retry"))?;
+            writes += 2;
+        }
+        act(
+            &mut ex,
+            &d,
+            i,
+            Ok(json!({"step": i, "text": "\"quoted\"\n"})),
+        )?;
+        store.append(&ex).await.map_err(e("update"))?;
+        writes += 1;
+        let got = store.load(ex.id).await.map_err(e("load"))?;
+        ensure!(
+            got.as_ref() == Some(&ex),
+            "load after write {writes} (seq {}) gives the state written",
+            ex.seq
+        );
+    }
+    ensure!(
+        ex.status == Status::Completed,
+        "completed, got {}",
+        ex.status
+    );
+    ensure!(ex.seq > 40, "many transitions: {}", ex.seq);
+    let page = store
+        .list(&ListQuery {
+            saga: Some(name),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .map_err(e("list"))?;
+    ensure!(
+        page.items.len() == 1 && page.items[0] == ex,
+        "the list gives the last state"
     );
     Ok(())
 }

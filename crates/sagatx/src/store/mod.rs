@@ -17,6 +17,7 @@ pub mod conformance;
 mod memory;
 pub mod migrate;
 mod migrations;
+mod pack;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 mod sqlite;

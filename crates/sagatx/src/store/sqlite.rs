@@ -29,7 +29,7 @@ use super::{ListQuery, Page, Registered, Store, StoreError};
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 /// Writes applied in one transaction at most.
 pub const MAX_BATCH: usize = 1024;
 /// Writes queued for the writer thread at most (back-pressure beyond).
@@ -63,6 +63,11 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
         version: 5,
         name: "counts",
         sql: include_str!("migrations/sqlite/0005_counts.sql"),
+    },
+    super::migrations::Migration {
+        version: 6,
+        name: "packed_states",
+        sql: include_str!("migrations/sqlite/0006_packed_states.sql"),
     },
 ];
 
@@ -679,12 +684,28 @@ fn hot<'s, 'c>(
 }
 
 fn decode_row(id: &[u8], state: &[u8]) -> Result<Execution, StoreError> {
-    Execution::from_raw(state).map_err(|source| StoreError::Corrupt {
-        id: Uuid::from_slice(id)
-            .map(|u| u.to_string())
-            .unwrap_or_else(|_| format!("{id:02x?}")),
+    let uuid = Uuid::from_slice(id);
+    uuid.as_ref()
+        .map_err(|e| format!("the row's id is not a UUID: {e}"))
+        .and_then(|u| super::pack::unpack(state, *u))
+        .map_err(sagatx_core::DecodeError::Invariant)
+        .and_then(|json| Execution::from_raw(&json))
+        .map_err(|source| StoreError::Corrupt {
+            id: uuid
+                .as_ref()
+                .map(|u| u.to_string())
+                .unwrap_or_else(|_| format!("{id:02x?}")),
+            source,
+        })
+}
+
+/// The `state` column of an execution: its entry, checked and compressed.
+fn stored_state(ex: &Execution) -> Result<Vec<u8>, StoreError> {
+    let json = ex.to_raw().map_err(|source| StoreError::Corrupt {
+        id: ex.id.to_string(),
         source,
-    })
+    })?;
+    Ok(super::pack::pack(json, ex.id.0))
 }
 
 /// How the next page's cursor relates to the first row left out.
@@ -805,10 +826,7 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, ex: &Execution) -> Result<(), StoreError> {
-        let state = ex.to_raw().map_err(|source| StoreError::Corrupt {
-            id: ex.id.to_string(),
-            source,
-        })?;
+        let state = stored_state(ex)?;
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(Write::Append {
@@ -952,10 +970,7 @@ impl Store for SqliteStore {
     }
 
     async fn import(&self, ex: &Execution) -> Result<(), StoreError> {
-        let state = ex.to_raw().map_err(|source| StoreError::Corrupt {
-            id: ex.id.to_string(),
-            source,
-        })?;
+        let state = stored_state(ex)?;
         let ex = ex.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {

@@ -131,23 +131,41 @@ async fn a_corrupt_entry_is_reported_and_hides_nothing_else() {
         .expect("engine");
     let good = engine.run("ok", json!(1)).await.expect("run");
     let bad = engine.run("ok", json!(2)).await.expect("run");
+    let bad_packed = engine.run("ok", json!(3)).await.expect("run");
     {
+        // Damaged JSON, and a compressed entry whose bytes were damaged.
         let c = rusqlite::Connection::open(&path).expect("open");
         c.execute(
             "UPDATE executions SET state = x'7b6e6f' WHERE id = ?1",
             [bad.id.0.as_bytes().as_slice()],
         )
         .expect("corrupt");
+        let packed: Vec<u8> = c
+            .query_row(
+                "SELECT state FROM executions WHERE id = ?1",
+                [bad_packed.id.0.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .expect("read");
+        assert_eq!(packed.first(), Some(&1), "entries are stored compressed");
+        let cut = &packed[..packed.len() / 2];
+        c.execute(
+            "UPDATE executions SET state = ?2 WHERE id = ?1",
+            rusqlite::params![bad_packed.id.0.as_bytes().as_slice(), cut],
+        )
+        .expect("corrupt");
     }
-    let err = engine.get(bad.id).await.expect_err("corrupt entry");
-    assert!(
-        matches!(err, EngineError::Store(StoreError::Corrupt { .. })),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains(&bad.id.to_string()),
-        "names the execution: {err}"
-    );
+    for id in [bad.id, bad_packed.id] {
+        let err = engine.get(id).await.expect_err("corrupt entry");
+        assert!(
+            matches!(err, EngineError::Store(StoreError::Corrupt { .. })),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&id.to_string()),
+            "names the execution: {err}"
+        );
+    }
     assert_eq!(
         engine.get(good.id).await.expect("good one").status,
         Status::Completed

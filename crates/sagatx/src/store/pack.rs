@@ -1,0 +1,196 @@
+//! The SQLite journal's entries, compressed.
+//!
+//! An execution's state is JSON (`Execution::to_raw`, the format of
+//! docs/journal-format.md), and every transition rewrites it: about 625
+//! bytes for a three-step saga, most of them keys and enum names that
+//! every entry repeats. Compressed with LZ4 against a dictionary of those
+//! fragments built into the binary (`state-dict-1.txt`), it takes about a
+//! quarter of that, so four times as many rows fit in a page and a batch of
+//! transitions rewrites far fewer pages.
+//!
+//! An entry is either the JSON itself (it starts with `{`: entries written
+//! before schema 6, or ones that compression would not shrink) or `0x01`,
+//! a length (u32, little-endian), then an LZ4 block compressed against
+//! dictionary 1 that holds the JSON with the value of its `"id"` cut out
+//! (`"id":""`): the row's `id` column holds it already, in 16 bytes, and
+//! its 36 characters are the part of an entry that compresses least. The
+//! length is that of the block's content. The dictionary is part of the
+//! format: it never changes (a test pins it); a better one would get its
+//! own tag.
+
+use std::borrow::Cow;
+
+use lz4_flex::block::{
+    compress_into_with_dict, decompress_into_with_dict, get_maximum_output_size,
+};
+use uuid::Uuid;
+
+/// Dictionary 1: the fragments every entry repeats.
+const DICT_1: &[u8] = include_bytes!("state-dict-1.txt");
+/// The first byte of an entry compressed against [`DICT_1`].
+const LZ4_DICT_1: u8 = 0x01;
+/// A compressed entry that claims to be larger than this is refused, so
+/// that a damaged length cannot make a read allocate gigabytes (entries
+/// are far smaller: payloads are limited to 1 MiB).
+const MAX_ENTRY_BYTES: usize = 256 << 20;
+
+/// Where the id's value starts: right after `"id":"` near the start (the
+/// encoder writes `{"format_version":N,"id":"…"` first).
+fn id_at(json: &[u8]) -> Option<usize> {
+    const KEY: &[u8] = b",\"id\":\"";
+    let head = &json[..json.len().min(40)];
+    head.windows(KEY.len())
+        .position(|w| w == KEY)
+        .map(|i| i + KEY.len())
+}
+
+/// The stored form of the JSON entry of execution `id`: compressed when
+/// that is smaller.
+pub(crate) fn pack(json: Vec<u8>, id: Uuid) -> Vec<u8> {
+    // The id's value is cut only when it is exactly the row's id, so that
+    // putting the row's id back gives the entry as it was.
+    let mut buf = Uuid::encode_buffer();
+    let text = id.hyphenated().encode_lower(&mut buf).as_bytes();
+    let Some(at) = id_at(&json)
+        .filter(|&at| json.get(at..at + text.len() + 1) == Some(&[text, b"\""].concat()[..]))
+    else {
+        return json;
+    };
+    let cut = [&json[..at], &json[at + text.len()..]].concat();
+    let Ok(len) = u32::try_from(cut.len()) else {
+        return json;
+    };
+    let mut out = vec![0u8; 5 + get_maximum_output_size(cut.len())];
+    out[0] = LZ4_DICT_1;
+    out[1..5].copy_from_slice(&len.to_le_bytes());
+    match compress_into_with_dict(&cut, &mut out[5..], DICT_1) {
+        Ok(n) if 5 + n < json.len() => {
+            out.truncate(5 + n);
+            out
+        }
+        _ => json,
+    }
+}
+
+/// The JSON of the stored entry of execution `id`; `Err` says why a
+/// compressed one cannot be read. Anything not compressed is handed on as
+/// it is (the JSON decoder reports what is wrong with it).
+pub(crate) fn unpack(stored: &[u8], id: Uuid) -> Result<Cow<'_, [u8]>, String> {
+    if stored.first() != Some(&LZ4_DICT_1) {
+        return Ok(Cow::Borrowed(stored));
+    }
+    let len = stored
+        .get(1..5)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(|b| u32::from_le_bytes(b) as usize)
+        .ok_or("the compressed entry is cut short")?;
+    if len > MAX_ENTRY_BYTES {
+        return Err(format!(
+            "the compressed entry claims {len} bytes, more than an entry can hold"
+        ));
+    }
+    let mut out = vec![0u8; len];
+    let got = decompress_into_with_dict(&stored[5..], &mut out, DICT_1)
+        .map_err(|e| format!("the compressed entry cannot be decompressed: {e}"))?;
+    if got != len {
+        return Err(format!(
+            "the compressed entry holds {got} bytes, not the {len} it claims"
+        ));
+    }
+    let at = id_at(&out)
+        .filter(|&at| out.get(at) == Some(&b'"'))
+        .ok_or("the compressed entry has no place for its id")?;
+    let mut buf = Uuid::encode_buffer();
+    let text = id.hyphenated().encode_lower(&mut buf).as_bytes();
+    out.splice(at..at, text.iter().copied());
+    Ok(Cow::Owned(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: Uuid = Uuid::from_u128(0x019ac3c1_8f33_7a51_9c1e_3b8f2a7d9e10);
+    const ENTRY: &[u8] = br#"{"format_version":1,"id":"019ac3c1-8f33-7a51-9c1e-3b8f2a7d9e10","saga":"order","saga_version":3,"status":"completed","input":{"order_id":7},"steps":[{"name":"reserve","status":"succeeded","attempts":1,"result":{"reservation":"r-1"},"history":[{"p":"a","n":1,"s":1795819178413,"e":1795819178424,"o":"ok"}]},{"name":"charge","status":"succeeded","attempts":2,"result":null,"history":[{"p":"a","n":1,"s":1795819178424,"e":1795819178430,"o":"transient","x":"HTTP 503"},{"p":"a","n":2,"s":1795819178530,"e":1795819178533,"o":"ok"}]}],"committing":true,"created_at_ms":1795819178413,"updated_at_ms":1795819178533,"seq":6}"#;
+
+    #[test]
+    fn an_entry_comes_back_as_it_was_and_much_smaller() {
+        let packed = pack(ENTRY.to_vec(), ID);
+        assert_eq!(packed[0], LZ4_DICT_1);
+        assert!(
+            packed.len() * 2 < ENTRY.len(),
+            "{} bytes from {}",
+            packed.len(),
+            ENTRY.len()
+        );
+        assert_eq!(unpack(&packed, ID).expect("unpacks").as_ref(), ENTRY);
+    }
+
+    #[test]
+    fn json_entries_are_read_as_they_are() {
+        assert!(matches!(unpack(ENTRY, ID), Ok(Cow::Borrowed(b)) if b == ENTRY));
+        // Without the row's id in its place, or too small to gain
+        // anything: kept as JSON.
+        assert_eq!(pack(b"{}".to_vec(), ID), b"{}");
+        assert_eq!(pack(ENTRY.to_vec(), Uuid::nil()), ENTRY);
+        let short = br#"{"format_version":1,"id":"019ac3c1-8f33-7a51-9c1e-3b8f2a7d9e1","x":1}"#;
+        assert_eq!(pack(short.to_vec(), ID), short);
+    }
+
+    #[test]
+    fn a_damaged_entry_is_an_error_never_a_panic_or_a_huge_allocation() {
+        let packed = pack(ENTRY.to_vec(), ID);
+        for cut in 0..packed.len() {
+            let got = unpack(&packed[..cut], ID);
+            if cut > 0 {
+                assert!(got.is_err(), "cut at {cut} must not unpack");
+            }
+        }
+        let mut huge = packed.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(unpack(&huge, ID).expect_err("refused").contains("claims"));
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..2_000 {
+            let mut bad = packed.clone();
+            for _ in 0..3 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let i = 5 + (rng as usize) % (bad.len() - 5);
+                bad[i] ^= (rng >> 32) as u8 | 1;
+            }
+            // Damaged bytes may still decompress to something (the JSON
+            // decoder and the invariant check judge that); they must not
+            // panic.
+            let _ = unpack(&bad, ID);
+        }
+    }
+
+    /// An entry compressed by the reference LZ4 (lz4 1.9, high compression)
+    /// against dictionary 1 reads back: the format is LZ4's, not this
+    /// crate's.
+    #[test]
+    fn an_entry_compressed_by_the_reference_lz4_reads_back() {
+        let hex = concat!(
+            "01430200000f810107067f015d6f7264657284011f3384010b127b3700105f4c001f37a402017f726573657276652601",
+            "1b0336000364095f22722d312239010fa03935383139313738343149060912002f3234bc01035f63686172679c00101f",
+            "3231021c0979000a8b002f333085061b1b3253003b35333053003f3533332d021f092d010d3802095b0070736571223a",
+            "367d",
+        );
+        let blob: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        assert_eq!(unpack(&blob, ID).expect("unpacks").as_ref(), ENTRY);
+    }
+
+    /// Entries written with dictionary 1 are read with it forever: it must
+    /// not change by a byte.
+    #[test]
+    fn dictionary_1_never_changes() {
+        let fnv = DICT_1.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        assert_eq!((DICT_1.len(), fnv), (2546, 0x68ef_c44f_57fd_46ce));
+    }
+}

@@ -46,30 +46,42 @@ fn id_at(json: &[u8]) -> Option<usize> {
 
 /// The stored form of the JSON entry of execution `id`: compressed when
 /// that is smaller.
-pub(crate) fn pack(json: Vec<u8>, id: Uuid) -> Vec<u8> {
+pub(crate) fn pack(mut json: Vec<u8>, id: Uuid) -> Vec<u8> {
     // The id's value is cut only when it is exactly the row's id, so that
     // putting the row's id back gives the entry as it was.
     let mut buf = Uuid::encode_buffer();
     let text = id.hyphenated().encode_lower(&mut buf).as_bytes();
-    let Some(at) = id_at(&json)
-        .filter(|&at| json.get(at..at + text.len() + 1) == Some(&[text, b"\""].concat()[..]))
-    else {
+    let Some(at) = id_at(&json).filter(|&at| {
+        json.get(at..at + text.len()) == Some(text) && json.get(at + text.len()) == Some(&b'"')
+    }) else {
         return json;
     };
-    let cut = [&json[..at], &json[at + text.len()..]].concat();
-    let Ok(len) = u32::try_from(cut.len()) else {
+    json.drain(at..at + text.len());
+    let Ok(len) = u32::try_from(json.len()) else {
+        json.splice(at..at, text.iter().copied());
         return json;
     };
-    let mut out = vec![0u8; 5 + get_maximum_output_size(cut.len())];
-    out[0] = LZ4_DICT_1;
-    out[1..5].copy_from_slice(&len.to_le_bytes());
-    match compress_into_with_dict(&cut, &mut out[5..], DICT_1) {
-        Ok(n) if 5 + n < json.len() => {
-            out.truncate(5 + n);
-            out
-        }
-        _ => json,
+    // The output is written into a buffer kept by the thread (zeroing a
+    // fresh one at every write cost as much as the copy out).
+    thread_local! {
+        static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let packed = OUT.with_borrow_mut(|out| {
+        let need = 5 + get_maximum_output_size(json.len());
+        if out.len() < need {
+            out.resize(need, 0);
+        }
+        out[0] = LZ4_DICT_1;
+        out[1..5].copy_from_slice(&len.to_le_bytes());
+        match compress_into_with_dict(&json, &mut out[5..need], DICT_1) {
+            Ok(n) if 5 + n < json.len() + text.len() => Some(out[..5 + n].to_vec()),
+            _ => None,
+        }
+    });
+    packed.unwrap_or_else(|| {
+        json.splice(at..at, text.iter().copied());
+        json
+    })
 }
 
 /// The JSON of the stored entry of execution `id`; `Err` says why a
@@ -135,6 +147,31 @@ mod tests {
         assert_eq!(pack(ENTRY.to_vec(), Uuid::nil()), ENTRY);
         let short = br#"{"format_version":1,"id":"019ac3c1-8f33-7a51-9c1e-3b8f2a7d9e1","x":1}"#;
         assert_eq!(pack(short.to_vec(), ID), short);
+    }
+
+    #[test]
+    fn an_entry_that_does_not_compress_is_kept_whole() {
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let noise: String = (0..20_000)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                char::from(
+                    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/"
+                        [(rng >> 58) as usize],
+                )
+            })
+            .collect();
+        let entry = format!(
+            r#"{{"format_version":1,"id":"{}","saga":"s","input":"{noise}"}}"#,
+            ID.hyphenated()
+        );
+        let packed = pack(entry.clone().into_bytes(), ID);
+        assert_eq!(packed, entry.as_bytes(), "kept as JSON, id and all");
+        // And the thread's buffer, grown by it, still serves small ones.
+        let small = pack(ENTRY.to_vec(), ID);
+        assert_eq!(unpack(&small, ID).expect("unpacks").as_ref(), ENTRY);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! {execution_id}:{status}:{seq}`, the same on every retry. Delivery is
 //! best effort from memory: a notification queued when the process dies is
 //! lost (the execution itself is not). At most [`QUEUE`] wait; beyond, new
-//! ones are dropped and logged.
+//! ones are dropped and logged. A redirect is not followed: it is logged
+//! and the notification given up for that URL.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,10 @@ pub fn start(cfg: NotifyConfig) -> Option<StatusHook> {
     let (tx, rx) = mpsc::channel::<Execution>(QUEUE);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        // As webhook senders do: a redirect is not followed (a 301-303
+        // would turn the POST into a GET without the notification, and a
+        // 307 would carry it to a URL nobody configured).
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .ok()?;
     tokio::spawn(sender(client, Arc::new(cfg.urls), rx));
@@ -90,6 +95,16 @@ async fn sender(
                         .await;
                     match sent {
                         Ok(r) if r.status().is_success() => return,
+                        Ok(r) if r.status().is_redirection() => {
+                            let to = r
+                                .headers()
+                                .get(reqwest::header::LOCATION)
+                                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                                .unwrap_or_default();
+                            tracing::error!(%url, status = %r.status(), location = %to, %key,
+                                "notification answered with a redirect, which is not followed: point --notify-url at the final URL");
+                            return;
+                        }
                         Ok(r) => {
                             tracing::warn!(%url, status = %r.status(), attempt, "notification refused")
                         }

@@ -1,6 +1,8 @@
 //! Every row of API.md §2 and every rule of §4, against a real listening
 //! coordinator and real step services on 127.0.0.1.
 
+use std::sync::{Arc, Mutex};
+
 use serde_json::{json, Value};
 
 use crate::harness::{answer, saga, Answer, Coordinator, Services};
@@ -964,6 +966,70 @@ async fn status_changes_are_notified_with_retries_and_filters() {
         let id = body["execution"]["id"].as_str().expect("execution id");
         assert!(key.starts_with(id), "{key}");
     }
+}
+
+#[tokio::test]
+async fn a_notification_answered_with_a_redirect_is_not_followed() {
+    use axum::routing::post;
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = |route: &'static str, calls: Arc<Mutex<Vec<String>>>| {
+        move || {
+            calls.lock().expect("lock").push(route.to_string());
+            async move { route }
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let moved = format!("{base}/elsewhere");
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            post({
+                let calls = calls.clone();
+                let moved = moved.clone();
+                move || {
+                    calls.lock().expect("lock").push("hook".into());
+                    async move {
+                        (
+                            axum::http::StatusCode::PERMANENT_REDIRECT,
+                            [(axum::http::header::LOCATION, moved)],
+                        )
+                    }
+                }
+            }),
+        )
+        .route("/elsewhere", post(record("elsewhere", calls.clone())))
+        .route("/other", post(record("other", calls.clone())));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let svc = Services::start().await;
+    let c = Coordinator::start_with(sagatx_server::ServerConfig {
+        notify: Some(sagatx_server::notify::NotifyConfig {
+            urls: vec![format!("{base}/hook"), format!("{base}/other")],
+            statuses: vec![sagatx::Status::Completed],
+        }),
+        ..Default::default()
+    })
+    .await;
+    let ex = c.run(saga(&svc, "moved", &[("a", true)]), json!(1)).await;
+    assert_eq!(ex["status"], "completed", "{ex}");
+    // The other URL's delivery shows the notifications went out; then a
+    // while for any retry or redirect to show up.
+    for _ in 0..300 {
+        if calls.lock().expect("lock").iter().any(|c| c == "other") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let mut got = calls.lock().expect("lock").clone();
+    got.sort();
+    assert_eq!(
+        got,
+        ["hook", "other"],
+        "the redirect was neither followed nor retried"
+    );
 }
 
 #[tokio::test]

@@ -34,6 +34,9 @@ const LZ4_DICT_1: u8 = 0x01;
 /// are far smaller: payloads are limited to 1 MiB).
 const MAX_ENTRY_BYTES: usize = 256 << 20;
 
+/// The compression buffer a thread keeps between writes at most.
+const KEPT_BYTES: usize = 64 << 10;
+
 /// Where the id's value starts: right after `"id":"` near the start (the
 /// encoder writes `{"format_version":N,"id":"…"` first).
 fn id_at(json: &[u8]) -> Option<usize> {
@@ -73,10 +76,16 @@ pub(crate) fn pack(mut json: Vec<u8>, id: Uuid) -> Vec<u8> {
         }
         out[0] = LZ4_DICT_1;
         out[1..5].copy_from_slice(&len.to_le_bytes());
-        match compress_into_with_dict(&json, &mut out[5..need], DICT_1) {
+        let packed = match compress_into_with_dict(&json, &mut out[5..need], DICT_1) {
             Ok(n) if 5 + n < json.len() + text.len() => Some(out[..5 + n].to_vec()),
             _ => None,
+        };
+        // A large entry's buffer is not kept: a thread keeps at most
+        // `KEPT_BYTES`, however large the entries it once compressed.
+        if out.len() > KEPT_BYTES {
+            *out = Vec::new();
         }
+        packed
     });
     packed.unwrap_or_else(|| {
         json.splice(at..at, text.iter().copied());
@@ -152,7 +161,7 @@ mod tests {
     #[test]
     fn an_entry_that_does_not_compress_is_kept_whole() {
         let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-        let noise: String = (0..20_000)
+        let noise: String = (0..100_000)
             .map(|_| {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
@@ -169,7 +178,8 @@ mod tests {
         );
         let packed = pack(entry.clone().into_bytes(), ID);
         assert_eq!(packed, entry.as_bytes(), "kept as JSON, id and all");
-        // And the thread's buffer, grown by it, still serves small ones.
+        // The thread's buffer, grown past what it keeps and dropped, still
+        // serves small ones.
         let small = pack(ENTRY.to_vec(), ID);
         assert_eq!(unpack(&small, ID).expect("unpacks").as_ref(), ENTRY);
     }

@@ -258,11 +258,9 @@ impl RemoteCaller for HttpCaller {
             }
         };
         let status = resp.status().as_u16();
-        let location = (300..400).contains(&status).then(|| {
-            resp.headers()
-                .get(reqwest::header::LOCATION)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        });
+        let location = (300..400)
+            .contains(&status)
+            .then(|| crate::redirect_location(&resp));
         let bytes = read_body(resp).await?;
         if (200..300).contains(&status) {
             if bytes.iter().all(u8::is_ascii_whitespace) {

@@ -91,6 +91,16 @@ pub enum ServerError {
 }
 
 /// Makes rustls use the `ring` provider (once per process).
+/// The `Location` of a redirect answer, as text (step calls and
+/// notifications do not follow redirects; they name where it pointed).
+pub(crate) fn redirect_location(resp: &reqwest::Response) -> Option<String> {
+    resp.status()
+        .is_redirection()
+        .then(|| resp.headers().get(reqwest::header::LOCATION))
+        .flatten()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -96,11 +96,7 @@ async fn sender(
                     match sent {
                         Ok(r) if r.status().is_success() => return,
                         Ok(r) if r.status().is_redirection() => {
-                            let to = r
-                                .headers()
-                                .get(reqwest::header::LOCATION)
-                                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                                .unwrap_or_default();
+                            let to = crate::redirect_location(&r).unwrap_or_default();
                             tracing::error!(%url, status = %r.status(), location = %to, %key,
                                 "notification answered with a redirect, which is not followed: point --notify-url at the final URL");
                             return;

@@ -30,8 +30,9 @@ const DICT_1: &[u8] = include_bytes!("state-dict-1.txt");
 /// The first byte of an entry compressed against [`DICT_1`].
 const LZ4_DICT_1: u8 = 0x01;
 /// A compressed entry that claims to be larger than this is refused, so
-/// that a damaged length cannot make a read allocate gigabytes (entries
-/// are far smaller: payloads are limited to 1 MiB).
+/// that a damaged length cannot make a read allocate gigabytes; an entry
+/// larger than this (which takes hundreds of step results near the 1 MiB
+/// payload limit) is stored as JSON, so that it always reads back.
 const MAX_ENTRY_BYTES: usize = 256 << 20;
 
 /// The compression buffer a thread keeps between writes at most.
@@ -49,7 +50,15 @@ fn id_at(json: &[u8]) -> Option<usize> {
 
 /// The stored form of the JSON entry of execution `id`: compressed when
 /// that is smaller.
-pub(crate) fn pack(mut json: Vec<u8>, id: Uuid) -> Vec<u8> {
+pub(crate) fn pack(json: Vec<u8>, id: Uuid) -> Vec<u8> {
+    pack_within(json, id, MAX_ENTRY_BYTES)
+}
+
+/// [`pack`], compressing only entries of at most `max` bytes.
+fn pack_within(mut json: Vec<u8>, id: Uuid, max: usize) -> Vec<u8> {
+    if json.len() > max {
+        return json;
+    }
     // The id's value is cut only when it is exactly the row's id, so that
     // putting the row's id back gives the entry as it was.
     let mut buf = Uuid::encode_buffer();
@@ -178,6 +187,12 @@ mod tests {
         );
         let packed = pack(entry.clone().into_bytes(), ID);
         assert_eq!(packed, entry.as_bytes(), "kept as JSON, id and all");
+        // Larger than a compressed entry may claim to be: kept as JSON, so
+        // that it reads back (and one just within the bound compresses).
+        let big = pack_within(ENTRY.to_vec(), ID, ENTRY.len() - 1);
+        assert_eq!(big, ENTRY);
+        let within = pack_within(ENTRY.to_vec(), ID, ENTRY.len());
+        assert_eq!(within[0], LZ4_DICT_1);
         // The thread's buffer, grown past what it keeps and dropped, still
         // serves small ones.
         let small = pack(ENTRY.to_vec(), ID);

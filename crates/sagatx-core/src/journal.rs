@@ -13,8 +13,15 @@ use serde_json::Value;
 use crate::definition::Phase;
 use crate::execution::{Attempt, Execution, Exempt, Reply, StepState};
 
-/// Appends the JSON of `ex` to `out`.
-pub(crate) fn encode(ex: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+/// Appends the JSON of `ex` to `out`, every time in it (`created_at_ms`,
+/// `updated_at_ms`, `due_at_ms`, an attempt's `s` and `e`) written as
+/// `time - base_ms` (wrapping, so that any time comes back exactly as
+/// `written + base_ms`): `base_ms` 0 writes the format itself.
+pub(crate) fn encode(
+    ex: &Execution,
+    base_ms: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
     // Every field named, none left to `..`: a field added to the type does
     // not compile here until the encoder writes it.
     let Execution {
@@ -63,7 +70,7 @@ pub(crate) fn encode(ex: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json
         if i > 0 {
             out.push(b',');
         }
-        step(out, s)?;
+        step(out, s, base_ms)?;
     }
     out.push(b']');
     if let Some(f) = &ex.failure {
@@ -88,16 +95,16 @@ pub(crate) fn encode(ex: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json
         string(out, u)?;
     }
     out.extend_from_slice(b",\"created_at_ms\":");
-    int(out, ex.created_at_ms);
+    int(out, ex.created_at_ms.wrapping_sub(base_ms));
     out.extend_from_slice(b",\"updated_at_ms\":");
-    int(out, ex.updated_at_ms);
+    int(out, ex.updated_at_ms.wrapping_sub(base_ms));
     out.extend_from_slice(b",\"seq\":");
     int(out, ex.seq);
     out.push(b'}');
     Ok(())
 }
 
-fn step(out: &mut Vec<u8>, s: &StepState) -> Result<(), serde_json::Error> {
+fn step(out: &mut Vec<u8>, s: &StepState, base_ms: u64) -> Result<(), serde_json::Error> {
     let StepState {
         name: _,
         status: _,
@@ -169,7 +176,7 @@ fn step(out: &mut Vec<u8>, s: &StepState) -> Result<(), serde_json::Error> {
     }
     if let Some(d) = s.due_at_ms {
         out.extend_from_slice(b",\"due_at_ms\":");
-        int(out, d);
+        int(out, d.wrapping_sub(base_ms));
     }
     if let Some(p) = s.owed {
         out.extend_from_slice(b",\"owed\":\"");
@@ -195,7 +202,7 @@ fn step(out: &mut Vec<u8>, s: &StepState) -> Result<(), serde_json::Error> {
             if i > 0 {
                 out.push(b',');
             }
-            attempt(out, a)?;
+            attempt(out, a, base_ms)?;
         }
         out.push(b']');
     }
@@ -203,7 +210,7 @@ fn step(out: &mut Vec<u8>, s: &StepState) -> Result<(), serde_json::Error> {
     Ok(())
 }
 
-fn attempt(out: &mut Vec<u8>, a: &Attempt) -> Result<(), serde_json::Error> {
+fn attempt(out: &mut Vec<u8>, a: &Attempt, base_ms: u64) -> Result<(), serde_json::Error> {
     let Attempt {
         phase: _,
         attempt: _,
@@ -219,10 +226,10 @@ fn attempt(out: &mut Vec<u8>, a: &Attempt) -> Result<(), serde_json::Error> {
     });
     int(out, u64::from(a.attempt));
     out.extend_from_slice(b",\"s\":");
-    int(out, a.started_at_ms);
+    int(out, a.started_at_ms.wrapping_sub(base_ms));
     if let Some(e) = a.ended_at_ms {
         out.extend_from_slice(b",\"e\":");
-        int(out, e);
+        int(out, e.wrapping_sub(base_ms));
     }
     if let Some(o) = a.outcome {
         out.extend_from_slice(b",\"o\":\"");

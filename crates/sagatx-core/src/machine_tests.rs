@@ -948,7 +948,7 @@ fn the_journal_encoder_writes_what_serde_writes() {
     let mut ex = golden_state();
     let compare = |ex: &Execution| {
         let mut ours = Vec::new();
-        crate::journal::encode(ex, &mut ours).expect("encodes");
+        crate::journal::encode(ex, 0, &mut ours).expect("encodes");
         let theirs = serde_json::to_vec(ex).expect("serde");
         assert_eq!(
             String::from_utf8_lossy(&ours),
@@ -1009,4 +1009,46 @@ fn the_journal_encoder_writes_what_serde_writes() {
         message: String::new(),
     });
     compare(&ex);
+}
+
+/// An entry written relative to a time base reads back as the execution
+/// it was, times before the base included (they wrap, and come back
+/// exactly); its times are small numbers; base 0 is the format itself.
+#[test]
+fn an_entry_written_relative_to_its_creation_reads_back_exactly() {
+    let mut ex = golden_state();
+    let base = ex.created_at_ms;
+    assert_eq!(
+        ex.to_raw_relative(0).expect("encodes"),
+        ex.to_raw().expect("encodes")
+    );
+    let rel = ex.to_raw_relative(base).expect("encodes");
+    let text = String::from_utf8_lossy(&rel).into_owned();
+    assert!(
+        text.contains("\"created_at_ms\":0,") && !text.contains("17638"),
+        "times are written after the base: {text}"
+    );
+    assert_eq!(
+        Execution::from_raw_relative(&rel, base).expect("decodes"),
+        ex
+    );
+    // Read with the wrong base, it is another execution (the base is part
+    // of the entry's meaning).
+    assert_ne!(
+        Execution::from_raw_relative(&rel, base + 1).ok(),
+        Some(ex.clone())
+    );
+    // A clock that stepped back: a time before the base, and the extremes.
+    ex.steps[0].history[0].started_at_ms = base - 5;
+    ex.steps[0].history[0].ended_at_ms = Some(base - 1);
+    ex.steps[2].due_at_ms = Some(u64::MAX);
+    ex.updated_at_ms = 0;
+    for b in [base, 1, u64::MAX] {
+        let rel = ex.to_raw_relative(b).expect("encodes");
+        assert_eq!(
+            Execution::from_raw_relative(&rel, b).expect("decodes"),
+            ex,
+            "base {b}"
+        );
+    }
 }

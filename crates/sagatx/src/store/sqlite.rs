@@ -29,7 +29,7 @@ use super::{ListQuery, Page, Registered, Store, StoreError};
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 /// Writes applied in one transaction at most.
 pub const MAX_BATCH: usize = 1024;
 /// Writes queued for the writer thread at most (back-pressure beyond).
@@ -68,6 +68,11 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
         version: 6,
         name: "packed_states",
         sql: include_str!("migrations/sqlite/0006_packed_states.sql"),
+    },
+    super::migrations::Migration {
+        version: 7,
+        name: "relative_times",
+        sql: include_str!("migrations/sqlite/0007_relative_times.sql"),
     },
 ];
 
@@ -520,7 +525,10 @@ fn apply_batch(
                         *updated_at as i64,
                         state,
                         (*seq - 1) as i64,
-                        was
+                        was,
+                        // The time the state's times are written after
+                        // (store/pack.rs): set with the state it goes with.
+                        *created_at as i64
                     ];
                     if was == *status {
                         hot(&mut same_by_row, &tx, UPDATE_SAME_STATUS_BY_ROW)?.execute(args)
@@ -663,10 +671,11 @@ const INSERT_EXECUTION: &str =
     "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
      VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING";
 const UPDATE_SAME_STATUS_BY_ROW: &str =
-    "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+    "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6, created_at = ?9
      WHERE n = ?1 AND seq = ?7 AND status = ?8";
 const UPDATE_NEW_STATUS_BY_ROW: &str =
-    "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6
+    "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6,
+                           created_at = ?9
      WHERE n = ?1 AND seq = ?7 AND status = ?8";
 
 /// The statement held in `slot` for this batch, prepared (or taken from
@@ -683,13 +692,15 @@ fn hot<'s, 'c>(
     slot.as_mut().ok_or(rusqlite::Error::InvalidQuery)
 }
 
-fn decode_row(id: &[u8], state: &[u8]) -> Result<Execution, StoreError> {
+/// The execution of a row: its `id`, `created_at` (the time a compressed
+/// state's times are written after) and `state` columns.
+fn decode_row(id: &[u8], created_at: i64, state: &[u8]) -> Result<Execution, StoreError> {
     let uuid = Uuid::from_slice(id);
     uuid.as_ref()
-        .map_err(|e| format!("the row's id is not a UUID: {e}"))
-        .and_then(|u| super::pack::unpack(state, *u))
-        .map_err(sagatx_core::DecodeError::Invariant)
-        .and_then(|json| Execution::from_raw(&json))
+        .map_err(|e| {
+            sagatx_core::DecodeError::Invariant(format!("the row's id is not a UUID: {e}"))
+        })
+        .and_then(|u| super::pack::unpack_execution(state, *u, created_at as u64))
         .map_err(|source| StoreError::Corrupt {
             id: uuid
                 .as_ref()
@@ -701,11 +712,10 @@ fn decode_row(id: &[u8], state: &[u8]) -> Result<Execution, StoreError> {
 
 /// The `state` column of an execution: its entry, checked and compressed.
 fn stored_state(ex: &Execution) -> Result<Vec<u8>, StoreError> {
-    let json = ex.to_raw().map_err(|source| StoreError::Corrupt {
+    super::pack::pack(ex).map_err(|source| StoreError::Corrupt {
         id: ex.id.to_string(),
         source,
-    })?;
-    Ok(super::pack::pack(json, ex.id.0))
+    })
 }
 
 /// How the next page's cursor relates to the first row left out.
@@ -724,7 +734,7 @@ enum Damaged {
     Fail,
 }
 
-/// Reads rows `(n, id, state)`, at most `limit` of them, fetched with a
+/// Reads rows `(n, id, created_at, state)`, at most `limit` of them, fetched with a
 /// `LIMIT` of `limit + 1` so that the extra row gives the next cursor.
 fn page_of(
     rows: &mut rusqlite::Rows<'_>,
@@ -744,8 +754,9 @@ fn page_of(
             break;
         }
         let id: Vec<u8> = r.get(1).map_err(io)?;
-        let state: Vec<u8> = r.get(2).map_err(io)?;
-        match (decode_row(&id, &state), &damaged) {
+        let created_at: i64 = r.get(2).map_err(io)?;
+        let state: Vec<u8> = r.get(3).map_err(io)?;
+        match (decode_row(&id, created_at, &state), &damaged) {
             (Ok(ex), _) => items.push(ex),
             (Err(e), Damaged::Skip) => {
                 tracing::error!(error = %e, "skipping an unreadable journal entry")
@@ -847,14 +858,14 @@ impl Store for SqliteStore {
 
     async fn load(&self, id: ExecutionId) -> Result<Option<Execution>, StoreError> {
         self.read(move |c| {
-            let row: Option<Vec<u8>> = c
-                .prepare_cached("SELECT state FROM executions WHERE id = ?1")
+            let row: Option<(i64, Vec<u8>)> = c
+                .prepare_cached("SELECT created_at, state FROM executions WHERE id = ?1")
                 .and_then(|mut s| {
-                    s.query_row([id.0.as_bytes().as_slice()], |r| r.get(0))
+                    s.query_row([id.0.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
                         .optional()
                 })
                 .map_err(io)?;
-            row.map(|state| decode_row(id.0.as_bytes(), &state))
+            row.map(|(created_at, state)| decode_row(id.0.as_bytes(), created_at, &state))
                 .transpose()
         })
         .await
@@ -864,7 +875,8 @@ impl Store for SqliteStore {
         let q = q.clone();
         self.read(move |c| {
             let upper = q.cursor.map(|c| c as i64).unwrap_or(i64::MAX);
-            let mut sql = String::from("SELECT n, id, state FROM executions WHERE n < ?");
+            let mut sql =
+                String::from("SELECT n, id, created_at, state FROM executions WHERE n < ?");
             let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(upper)];
             if let Some(st) = q.status {
                 sql.push_str(" AND status = ?");
@@ -958,7 +970,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(
-                    "SELECT n, id, state FROM executions WHERE n >= ?1 ORDER BY n LIMIT ?2",
+                    "SELECT n, id, created_at, state FROM executions WHERE n >= ?1 ORDER BY n LIMIT ?2",
                 )
                 .map_err(io)?;
             let mut rows = s
@@ -1083,7 +1095,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(
-                    "SELECT n, id, state FROM executions
+                    "SELECT n, id, created_at, state FROM executions
                      WHERE status IN ('created', 'running', 'compensating') AND n >= ?1
                      ORDER BY n LIMIT ?2",
                 )
@@ -1273,6 +1285,73 @@ mod tests {
             table("SELECT saga, status, n FROM counts WHERE n != 0 ORDER BY saga, status"),
             counted
         );
+    }
+
+    /// An entry of schema 6 (compressed, its times as they are) reads
+    /// whatever the row's `created_at` says; the next write stores it with
+    /// its times after `created_at`, which that write sets.
+    #[test]
+    fn a_schema_6_entry_reads_back_and_its_next_write_is_relative() {
+        use super::super::pack;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("j.db");
+        let mut conn = open_conn(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+        .expect("open");
+        prepare(&mut conn, &path, Durability::Full).expect("prepare");
+        let def = definition();
+        let env = Env {
+            now_ms: 1_795_819_178_413,
+            random01: 0.5,
+        };
+        let mut ex = started(&def, env);
+        let v6 = pack::compress(
+            ex.to_raw().expect("raw"),
+            ex.id.0,
+            pack::LZ4_DICT_1,
+            pack::MAX_ENTRY_BYTES,
+        )
+        .expect("compresses");
+        conn.execute(
+            "INSERT INTO executions (id, saga, status, seq, created_at, updated_at, state)
+             VALUES (?1, 't', 'running', 1, 0, 0, ?2)",
+            params![ex.id.0.as_bytes().as_slice(), v6],
+        )
+        .expect("insert");
+        let id = ex.id;
+        let read = |conn: &Connection| -> (i64, Vec<u8>, Execution) {
+            let (at, state): (i64, Vec<u8>) = conn
+                .query_row(
+                    "SELECT created_at, state FROM executions WHERE id = ?1",
+                    [id.0.as_bytes().as_slice()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .expect("row");
+            let back = decode_row(id.0.as_bytes(), at, &state).expect("decodes");
+            (at, state, back)
+        };
+        assert_eq!(read(&conn).2, ex, "a schema-6 entry ignores created_at");
+
+        fail_first_step(&mut ex, &def, env);
+        ex.seq = 2;
+        let (reply, _rx) = oneshot::channel();
+        let w = Write::Append {
+            id: ex.id,
+            saga: ex.saga.to_string(),
+            status: ex.status.as_str(),
+            seq: ex.seq,
+            due_at: ex.next_due_ms(),
+            created_at: ex.created_at_ms,
+            updated_at: ex.updated_at_ms,
+            state: stored_state(&ex).expect("packs"),
+            reply,
+        };
+        let done = apply_batch(&mut conn, &mut [w], &mut Rows::default()).expect("update");
+        assert!(matches!(done[..], [Done::Appended(Ok(()))]));
+        let (at, state, back) = read(&conn);
+        assert_eq!((at as u64, state[0], back), (ex.created_at_ms, 2, ex));
     }
 
     #[test]

@@ -147,7 +147,7 @@ async fn a_corrupt_entry_is_reported_and_hides_nothing_else() {
                 |r| r.get(0),
             )
             .expect("read");
-        assert_eq!(packed.first(), Some(&1), "entries are stored compressed");
+        assert_eq!(packed.first(), Some(&2), "entries are stored compressed");
         let cut = &packed[..packed.len() / 2];
         c.execute(
             "UPDATE executions SET state = ?2 WHERE id = ?1",

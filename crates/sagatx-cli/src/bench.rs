@@ -166,11 +166,44 @@ async fn drive(
             Ok(lat)
         });
     }
+    latencies(tasks, n).await
+}
+
+/// The latencies the callers of a run measured, all together.
+async fn latencies(
+    mut tasks: tokio::task::JoinSet<Result<Vec<f64>>>,
+    n: usize,
+) -> Result<Vec<f64>> {
     let mut all = Vec::with_capacity(n);
     while let Some(r) = tasks.join_next().await {
         all.extend(r.map_err(|e| anyhow!("bench task: {e}"))??);
     }
     Ok(all)
+}
+
+/// Runs `n` sagas with [`Saga::execute`] (nothing journaled) with `c`
+/// concurrent callers; `ok`: whether they are to complete.
+async fn drive_local(saga: &Arc<Saga>, n: usize, c: usize, ok: bool) -> Result<Vec<f64>> {
+    let per = n.div_ceil(c);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..c {
+        let saga = saga.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            let mut counter = Counter(0);
+            for _ in 0..per {
+                let t = Instant::now();
+                let r = saga.execute(Value::Null).await;
+                if r.is_ok() != ok {
+                    bail!("a {} saga ended {r:?}", saga.name());
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+                counter.one();
+            }
+            Ok(lat)
+        });
+    }
+    latencies(tasks, n).await
 }
 
 /// Sagas run before a row is measured, not measured: a tenth, and at
@@ -203,6 +236,20 @@ async fn measure(
         seconds: t.elapsed().as_secs_f64(),
         cpu: cpu_seconds("self") - cpu0,
         bytes: w0.and_then(|w0| Some(write_bytes("self")?.saturating_sub(w0))),
+    })
+}
+
+/// [`measure`] for [`Saga::execute`].
+async fn measure_local(saga: &Arc<Saga>, n: usize, c: usize, ok: bool) -> Result<Sample> {
+    drive_local(saga, warm_up(n, c), c, ok).await?;
+    let cpu0 = cpu_seconds("self");
+    let t = Instant::now();
+    let latencies_us = drive_local(saga, n, c, ok).await?;
+    Ok(Sample {
+        latencies_us,
+        seconds: t.elapsed().as_secs_f64(),
+        cpu: cpu_seconds("self") - cpu0,
+        bytes: None,
     })
 }
 
@@ -239,6 +286,42 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
                 s,
                 "self",
                 "MemoryStore keeping the last 10,000 finished, in-process",
+            ));
+        }
+    }
+    // The same sagas run by `Saga::execute`: nothing journaled, like
+    // py-api-saga (which keeps no state either).
+    for (saga, variant, ok) in [
+        (
+            three("ok", false, Mode::Sequential)?,
+            "3 steps, sequential, not journaled (Saga::execute)",
+            true,
+        ),
+        (
+            three("fail", true, Mode::Sequential)?,
+            "3rd rejected, 2 compensations, not journaled (Saga::execute)",
+            false,
+        ),
+        (
+            three("conc", false, Mode::Concurrent)?,
+            "3 steps, concurrent, not journaled (Saga::execute)",
+            true,
+        ),
+    ] {
+        let saga = Arc::new(saga);
+        for c in [1, 64] {
+            let _stage = stage(
+                &format!("memory: {variant}, {n} sagas, concurrency {c}"),
+                stage_sagas(n, c),
+            );
+            let s = measure_local(&saga, n, c, ok).await?;
+            out.push(row(
+                "memory",
+                variant,
+                c,
+                s,
+                "self",
+                "Saga::execute: no store, in-process",
             ));
         }
     }

@@ -2,6 +2,7 @@
 //! 3-step saga of local no-op steps on a `MemoryStore` (keeping the last
 //! 1,000 finished executions), on a one-thread runtime, so that the figure
 //! is the engine's own cost per saga with nothing else in the way.
+//! `Saga::execute` of the same sagas beside it.
 //! `cargo bench -p sagatx --bench engine`; not run by the test suite.
 
 #![allow(clippy::unwrap_used)]
@@ -67,5 +68,23 @@ fn run(b: Bencher, which: &str) {
     b.bench_local(|| {
         let ex = rt.block_on(engine.run(which, Value::Null)).unwrap();
         assert_eq!(ex.status, expect);
+    });
+}
+
+/// The same sagas run by `Saga::execute`: nothing journaled, no engine.
+#[divan::bench(args = ["ok", "fail", "concurrent"], sample_count = 50, sample_size = 1000)]
+fn execute(b: Bencher, which: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = match which {
+        "ok" => saga("ok", Mode::Sequential, false),
+        "fail" => saga("fail", Mode::Sequential, true),
+        _ => saga("concurrent", Mode::Concurrent, false),
+    };
+    b.bench_local(|| {
+        let r = rt.block_on(s.execute(Value::Null));
+        assert_eq!(r.is_ok(), which != "fail");
     });
 }

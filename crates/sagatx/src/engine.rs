@@ -298,16 +298,10 @@ impl Inner {
         }
     }
 
-    /// A random number for jitter and for the random bits of ids (which
-    /// need to be unique, not secret).
-    fn random(&self) -> u64 {
-        random()
-    }
-
     fn env(&self) -> Env {
         Env {
             now_ms: self.clock.now_ms(),
-            random01: (self.random() >> 11) as f64 / (1u64 << 53) as f64,
+            random01: random01(),
         }
     }
 
@@ -315,12 +309,7 @@ impl Inner {
     /// whose 74 random bits come from [`random`](Self::random) rather than
     /// from the operating system, which `Uuid::now_v7` asks on every call.
     fn new_id(&self) -> ExecutionId {
-        let mut bytes = [0u8; 10];
-        bytes[..8].copy_from_slice(&self.random().to_le_bytes());
-        bytes[8..].copy_from_slice(&self.random().to_le_bytes()[..2]);
-        ExecutionId(
-            uuid::Builder::from_unix_timestamp_millis(self.clock.now_ms(), &bytes).into_uuid(),
-        )
+        ExecutionId(new_id(self.clock.now_ms()))
     }
 
     fn remember(&self, version: u32, def: Arc<Plan>, latest: bool) {
@@ -370,6 +359,28 @@ impl Inner {
             let _ = w.send(ex.clone());
         }
     }
+}
+
+/// A UUID v7 of millisecond `now_ms` whose 74 random bits come from
+/// [`random`].
+pub(crate) fn new_id(now_ms: u64) -> uuid::Uuid {
+    let mut bytes = [0u8; 10];
+    bytes[..8].copy_from_slice(&random().to_le_bytes());
+    bytes[8..].copy_from_slice(&random().to_le_bytes()[..2]);
+    uuid::Builder::from_unix_timestamp_millis(now_ms, &bytes).into_uuid()
+}
+
+/// The wall clock in milliseconds since the Unix epoch (0 before it).
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A uniform draw from `[0, 1)` for the jitter of a backoff.
+pub(crate) fn random01() -> f64 {
+    (random() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The next number of a splitmix64 stream of this thread, seeded at random:
@@ -1572,26 +1583,8 @@ impl Driver {
             .get_or_insert_with(JoinSet::new)
             .spawn(tracing::Instrument::instrument(
                 async move {
-                    use futures_util::FutureExt;
                     let started = Instant::now();
-                    let timed = async move {
-                        match timeout {
-                            Some(t) => match tokio::time::timeout(t, fut).await {
-                                Ok(r) => r,
-                                Err(_) => Err(StepError::unknown_outcome(format!(
-                                    "timed out after {} ms",
-                                    t.as_millis()
-                                ))),
-                            },
-                            None => fut.await,
-                        }
-                    };
-                    // A panic in user code becomes an outcome instead of killing
-                    // the driver.
-                    let outcome = match std::panic::AssertUnwindSafe(timed).catch_unwind().await {
-                        Ok(r) => r,
-                        Err(_) => Err(StepError::unknown_outcome("the step panicked")),
-                    };
+                    let outcome = crate::saga::finish_call(fut, timeout).await;
                     (call, outcome, started.elapsed())
                 },
                 span,

@@ -1,7 +1,9 @@
 //! Durable sagas for Rust.
 //!
 //! - [`Saga`]: a saga of async step functions, built with
-//!   `Saga::builder("order").step("reserve", reserve).compensate(release)…`.
+//!   `Saga::builder("order").step("reserve", reserve).compensate(release)…`;
+//!   [`Saga::execute`] runs one here and now with nothing journaled
+//!   (py-api-saga's `execute()`).
 //! - [`Engine`]: runs executions of registered sagas on a [`Store`]:
 //!   [`start`](Engine::start), [`wait`](Engine::wait), [`reply`](Engine::reply)
 //!   to a step that waits for a remote reply, [`commit`](Engine::commit) /
@@ -44,6 +46,7 @@
 
 pub mod barrier;
 mod engine;
+mod execute;
 mod idmap;
 pub mod oplog;
 mod plan;
@@ -55,6 +58,7 @@ pub use engine::{
     Engine, EngineBuilder, EngineError, RecoveryReport, RemoteCaller, StartOptions, Started,
     StatusHook, DEFAULT_MAX_ACTIVE,
 };
+pub use execute::Results;
 pub use saga::{Saga, SagaBuilder, StepContext, StepFn, StepFuture};
 pub use sagatx_core::{
     self as core, Awaiting, CompensationOutcome, ErrorClass, Execution, ExecutionId, Mode, Phase,

@@ -96,6 +96,32 @@ impl StepContext {
 /// The boxed future of a step call.
 pub type StepFuture = Pin<Box<dyn Future<Output = Result<Value, StepError>> + Send>>;
 
+/// Awaits a step call that was not done at its first poll: bounded by
+/// `timeout` (running out is an unknown outcome), and a panic in user code
+/// becomes an unknown outcome instead of unwinding through the caller.
+pub(crate) async fn finish_call(
+    fut: StepFuture,
+    timeout: Option<std::time::Duration>,
+) -> Result<Value, StepError> {
+    use futures_util::FutureExt;
+    let timed = async move {
+        match timeout {
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(StepError::unknown_outcome(format!(
+                    "timed out after {} ms",
+                    t.as_millis()
+                ))),
+            },
+            None => fut.await,
+        }
+    };
+    match std::panic::AssertUnwindSafe(timed).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => Err(StepError::unknown_outcome("the step panicked")),
+    }
+}
+
 /// A step function, type-erased.
 pub type StepFn = Arc<dyn Fn(StepContext) -> StepFuture + Send + Sync>;
 
@@ -141,6 +167,11 @@ impl Handlers {
 pub struct Saga {
     pub(crate) definition: SagaDefinition,
     pub(crate) handlers: HashMap<String, Handlers>,
+    /// The same functions in step order, for [`Saga::execute`].
+    pub(crate) ordered: Vec<Handlers>,
+    /// The saga's and the steps' names as a context holds them.
+    pub(crate) name_arc: Name,
+    pub(crate) step_names: Vec<Name>,
 }
 
 impl Saga {
@@ -318,7 +349,19 @@ impl SagaBuilder {
             steps: self.steps,
         };
         definition.validate()?;
+        let ordered = definition
+            .steps
+            .iter()
+            .map(|s| self.handlers.get(&s.name).cloned().unwrap_or_default())
+            .collect();
         Ok(Saga {
+            name_arc: Name::from(definition.name.as_str()),
+            step_names: definition
+                .steps
+                .iter()
+                .map(|s| Name::from(s.name.as_str()))
+                .collect(),
+            ordered,
             definition,
             handlers: self.handlers,
         })

@@ -4,6 +4,7 @@ mod bad_input;
 mod crash;
 mod engine;
 mod examples;
+mod execute;
 mod faults;
 mod oplog;
 mod participants;

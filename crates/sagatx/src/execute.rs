@@ -1,0 +1,326 @@
+//! A saga run here and now with nothing journaled: [`Saga::execute`].
+//!
+//! py-api-saga's `execute()`: the caller's task runs the steps, retries
+//! them, and compensates what was done when one fails for good, by the same
+//! rules as an [`Engine`](crate::Engine) (API.md §4: which steps are
+//! compensated, in which order, retries and backoff, confirms), but nothing
+//! is written anywhere: a crash in the middle loses the saga, and nothing
+//! can list it, wait for it or reply to it. It is for work that lives and
+//! dies with one process (undoing in-memory or local changes when a later
+//! step fails); work that must survive a crash runs on an `Engine`.
+//!
+//! A property test drives random sagas and outcome scripts through both
+//! this runner and the engine (on a `MemoryStore`) and checks that they
+//! make the same calls and end the same way.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
+use std::time::Duration;
+
+use sagatx_core::{
+    CompensationOutcome, ExecutionId, Mode, Phase, ReplyMode, RetryPolicy, SagaError, StepError,
+    StepStatus,
+};
+use serde_json::{Map, Value};
+
+use crate::saga::{Saga, StepContext};
+
+/// The results of a saga run by [`Saga::execute`]: each step's result by
+/// step name.
+pub type Results = Map<String, Value>;
+
+impl Saga {
+    /// Runs the saga in this task with nothing journaled (py-api-saga's
+    /// `execute()`): `Ok` with every step's result when every action (and
+    /// confirm) succeeded; otherwise the [`SagaError`] of the step that
+    /// failed first, with what became of each compensation.
+    ///
+    /// The rules are the engine's: failed attempts are retried with the
+    /// step's retry policy (the backoff is slept in this task); when an
+    /// action fails for good, the steps that succeeded, and a failed one
+    /// whose outcome is unknown (its last attempt was transient), are
+    /// compensated, in reverse order when sequential and together when
+    /// concurrent; confirms run in step order after every action
+    /// succeeded. A step sees the results of the steps that succeeded
+    /// before its call.
+    ///
+    /// Nothing is durable: a crash loses the run, and nothing can list it
+    /// or reply to it. A saga with a `callback` step, or with `autocommit`
+    /// off, needs an [`Engine`](crate::Engine) (something must deliver the
+    /// reply or the decision later): `execute` fails at once, calling
+    /// nothing.
+    ///
+    /// ```
+    /// use sagatx::{Saga, StepContext, StepError};
+    ///
+    /// async fn reserve(_: StepContext) -> Result<&'static str, StepError> { Ok("r-1") }
+    /// async fn release(_: StepContext) -> Result<(), StepError> { Ok(()) }
+    /// async fn charge(_: StepContext) -> Result<(), StepError> {
+    ///     Err(StepError::permanent("card declined"))
+    /// }
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let saga = Saga::builder("order")
+    ///     .step("reserve", reserve).compensate(release)
+    ///     .step("charge", charge)
+    ///     .build().unwrap();
+    /// let err = saga.execute(serde_json::json!({"order": 7})).await.unwrap_err();
+    /// assert_eq!(err.step.as_deref(), Some("charge"));
+    /// assert_eq!(err.compensated().count(), 1);
+    /// # });
+    /// ```
+    pub async fn execute(&self, input: Value) -> Result<Results, SagaError> {
+        self.runnable_here()?;
+        let run = Run {
+            saga: self,
+            id: ExecutionId(crate::engine::new_id(crate::engine::wall_ms())),
+            input: Arc::new(input),
+            results: Mutex::new(Arc::new(Map::new())),
+            rolling_back: AtomicBool::new(false),
+            first_failure: Mutex::new(None),
+        };
+        let n = self.definition.steps.len();
+        // What each action ended with: `None` not called, `Some(Ok)`
+        // succeeded, `Some(Err(unknown))` failed (its outcome unknown or not).
+        let mut actions: Vec<Option<Result<(), bool>>> = vec![None; n];
+        match self.definition.mode {
+            Mode::Sequential => {
+                for (i, slot) in actions.iter_mut().enumerate() {
+                    let ended = run.action(i).await;
+                    *slot = Some(ended);
+                    if ended.is_err() {
+                        break;
+                    }
+                }
+            }
+            Mode::Concurrent => {
+                let ended = futures_util::future::join_all((0..n).map(|i| run.action(i))).await;
+                for (slot, e) in actions.iter_mut().zip(ended) {
+                    *slot = Some(e);
+                }
+            }
+        }
+        let failure = run
+            .first_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some((step, message)) = failure else {
+            if let Some(err) = run.confirms().await {
+                return Err(err);
+            }
+            // The calls are over: the map is the run's alone (no copy).
+            let results =
+                std::mem::take(&mut *run.results.lock().unwrap_or_else(PoisonError::into_inner));
+            return Ok(Arc::unwrap_or_clone(results));
+        };
+        // The rollback: every step that succeeded, and every failed one
+        // whose outcome is unknown, if it has a compensation.
+        let owed: Vec<usize> = (0..n)
+            .filter(|&i| {
+                matches!(actions[i], Some(Ok(())) | Some(Err(true)))
+                    && self.definition.steps[i].compensation.is_some()
+            })
+            .collect();
+        let mut outcomes: Vec<(usize, CompensationOutcome)> = match self.definition.mode {
+            Mode::Sequential => {
+                let mut out = Vec::with_capacity(owed.len());
+                for &i in owed.iter().rev() {
+                    out.push((i, run.compensation(i).await));
+                }
+                out
+            }
+            Mode::Concurrent => {
+                let run = &run;
+                futures_util::future::join_all(
+                    owed.iter()
+                        .map(|&i| async move { (i, run.compensation(i).await) }),
+                )
+                .await
+            }
+        };
+        outcomes.sort_by_key(|(i, _)| *i);
+        Err(SagaError {
+            step: Some(step),
+            message,
+            compensations: outcomes.into_iter().map(|(_, c)| c).collect(),
+        })
+    }
+
+    /// `Err` when this saga cannot run without an engine.
+    fn runnable_here(&self) -> Result<(), SagaError> {
+        let refuse = |step: Option<&str>, why: &str| SagaError {
+            step: step.map(str::to_string),
+            message: format!(
+                "{why}: run it on an Engine (Saga::execute journals nothing and cannot wait)"
+            ),
+            compensations: Vec::new(),
+        };
+        if !self.definition.autocommit {
+            return Err(refuse(
+                None,
+                "this saga waits for a commit decision (autocommit off)",
+            ));
+        }
+        if let Some(s) = self
+            .definition
+            .steps
+            .iter()
+            .find(|s| s.reply == ReplyMode::Callback)
+        {
+            return Err(refuse(
+                Some(&s.name),
+                "this step waits for a reply (callback)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One run of [`Saga::execute`].
+struct Run<'a> {
+    saga: &'a Saga,
+    id: ExecutionId,
+    input: Arc<Value>,
+    /// The results so far; a call gets a copy of the `Arc` (a step that
+    /// succeeds copies the map only while an earlier call still holds it).
+    results: Mutex<Arc<Results>>,
+    /// An action failed for good: no new action attempt starts.
+    rolling_back: AtomicBool,
+    /// The first action that failed for good, and its error.
+    first_failure: Mutex<Option<(String, String)>>,
+}
+
+impl Run<'_> {
+    /// Runs step `i`'s action with its retries: `Ok` when it succeeded,
+    /// `Err(unknown)` when it failed for good.
+    async fn action(&self, i: usize) -> Result<(), bool> {
+        match self.phase(i, Phase::Action).await {
+            Ok(v) => {
+                let name = &self.saga.definition.steps[i].name;
+                let mut r = self.results.lock().unwrap_or_else(PoisonError::into_inner);
+                Arc::make_mut(&mut r).insert(name.clone(), v);
+                Ok(())
+            }
+            Err(e) => {
+                let unknown = e.class.is_retryable();
+                if !self.rolling_back.swap(true, Ordering::AcqRel) {
+                    let name = self.saga.definition.steps[i].name.clone();
+                    *self
+                        .first_failure
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some((name, e.message));
+                }
+                Err(unknown)
+            }
+        }
+    }
+
+    async fn compensation(&self, i: usize) -> CompensationOutcome {
+        let step = self.saga.definition.steps[i].name.clone();
+        match self.phase(i, Phase::Compensation).await {
+            Ok(_) => CompensationOutcome {
+                step,
+                status: StepStatus::Compensated,
+                error: None,
+            },
+            Err(e) => CompensationOutcome {
+                step,
+                status: StepStatus::CompensationFailed,
+                error: Some(e.message),
+            },
+        }
+    }
+
+    /// Runs the confirms in step order; the error of the first that failed
+    /// for good (the others still run).
+    async fn confirms(&self) -> Option<SagaError> {
+        let mut failed = None;
+        for (i, s) in self.saga.definition.steps.iter().enumerate() {
+            if s.confirm.is_none() {
+                continue;
+            }
+            if let Err(e) = self.phase(i, Phase::Confirm).await {
+                failed.get_or_insert_with(|| SagaError {
+                    step: Some(s.name.clone()),
+                    message: format!("confirm failed: {}", e.message),
+                    compensations: Vec::new(),
+                });
+            }
+        }
+        failed
+    }
+
+    /// Calls `phase` of step `i` until it succeeds, fails for good, or (an
+    /// action) the rollback began.
+    async fn phase(&self, i: usize, phase: Phase) -> Result<Value, StepError> {
+        let policy: RetryPolicy = self.saga.definition.policy(i, phase);
+        let mut attempt = 1;
+        loop {
+            let outcome = self.call(i, phase, attempt).await;
+            let e = match outcome {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let stopped = || phase == Phase::Action && self.rolling_back.load(Ordering::Acquire);
+            if !e.class.is_retryable() || attempt >= policy.max_attempts || stopped() {
+                return Err(e);
+            }
+            let backoff = policy.backoff_ms(attempt, crate::engine::random01());
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
+            // The rollback began while this one backed off: it may have
+            // taken effect, and no new attempt starts.
+            if stopped() {
+                return Err(e);
+            }
+            attempt += 1;
+        }
+    }
+
+    /// One call of `phase` of step `i`: a panic is an unknown outcome, and
+    /// a call not done at its first poll is bounded by the step's timeout.
+    async fn call(&self, i: usize, phase: Phase, attempt: u32) -> Result<Value, StepError> {
+        let Some(f) = self.saga.ordered[i].get(phase) else {
+            return Err(StepError::permanent("no function for this phase"));
+        };
+        let ctx = StepContext {
+            execution_id: self.id,
+            saga: self.saga.name_arc.clone(),
+            step: self.saga.step_names[i].clone(),
+            phase,
+            attempt,
+            input: self.input.clone(),
+            results: self
+                .results
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            user: None,
+            callback: false,
+        };
+        let mut fut = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
+            Ok(fut) => fut,
+            Err(_) => return Err(StepError::unknown_outcome("the step panicked")),
+        };
+        // Most local steps are done at their first poll: no timer for them.
+        let first = std::future::poll_fn(|cx| {
+            Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
+                fut.as_mut().poll(cx)
+            })))
+        })
+        .await;
+        match first {
+            Ok(Poll::Ready(outcome)) => return outcome,
+            Ok(Poll::Pending) => {}
+            Err(_) => return Err(StepError::unknown_outcome("the step panicked")),
+        }
+        let timeout = self
+            .saga
+            .definition
+            .attempt_timeout_ms(i, phase)
+            .map(Duration::from_millis);
+        crate::saga::finish_call(fut, timeout).await
+    }
+}

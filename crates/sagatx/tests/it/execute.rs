@@ -1,0 +1,304 @@
+//! `Saga::execute` (nothing journaled) against the engine: the same calls,
+//! the same end, for random sagas and random outcome scripts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
+use sagatx::{
+    Engine, MemoryStore, Mode, Phase, RetryPolicy, Saga, SagaError, Status, StepContext, StepError,
+};
+use serde_json::{json, Value};
+
+/// What one call of a phase answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Answer {
+    Ok,
+    Transient,
+    Permanent,
+}
+
+fn answer() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        3 => Just(Answer::Ok),
+        2 => Just(Answer::Transient),
+        1 => Just(Answer::Permanent),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct StepPlan {
+    compensation: bool,
+    confirm: bool,
+    max_attempts: u32,
+    /// The answers of the action's attempts, then Ok.
+    action: Vec<Answer>,
+    compensation_answers: Vec<Answer>,
+    confirm_answers: Vec<Answer>,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    concurrent: bool,
+    steps: Vec<StepPlan>,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    any::<bool>().prop_flat_map(|concurrent| {
+        // Concurrent actions answer at their first call: which attempt of
+        // one step races another's failure is timing, not a rule.
+        let action = if concurrent {
+            proptest::collection::vec(answer(), 1..=1).boxed()
+        } else {
+            proptest::collection::vec(answer(), 0..=3).boxed()
+        };
+        let step = (
+            any::<bool>(),
+            any::<bool>(),
+            1u32..=3,
+            action,
+            proptest::collection::vec(answer(), 0..=3),
+            proptest::collection::vec(answer(), 0..=2),
+        )
+            .prop_map(
+                move |(compensation, confirm, max_attempts, action, comp, conf)| StepPlan {
+                    compensation,
+                    confirm,
+                    max_attempts: if concurrent { 1 } else { max_attempts },
+                    action,
+                    compensation_answers: comp,
+                    confirm_answers: conf,
+                },
+            );
+        proptest::collection::vec(step, 1..=4).prop_map(move |steps| Case { concurrent, steps })
+    })
+}
+
+type Log = Arc<Mutex<Vec<(String, &'static str, u32)>>>;
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Action => "action",
+        Phase::Compensation => "compensation",
+        Phase::Confirm => "confirm",
+    }
+}
+
+/// A step function that logs its call and answers from the script.
+fn scripted(
+    log: Log,
+    answers: Vec<Answer>,
+) -> impl Fn(StepContext) -> std::future::Ready<Result<Value, StepError>> + Send + Sync + 'static {
+    move |ctx: StepContext| {
+        let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+        l.push((
+            ctx.step().to_string(),
+            phase_name(ctx.phase()),
+            ctx.attempt(),
+        ));
+        let n = ctx.attempt() as usize - 1;
+        std::future::ready(match answers.get(n).copied().unwrap_or(Answer::Ok) {
+            Answer::Ok => Ok(json!(format!(
+                "{}-{}-{}",
+                ctx.step(),
+                phase_name(ctx.phase()),
+                ctx.attempt()
+            ))),
+            Answer::Transient => Err(StepError::transient(format!("t{}", ctx.attempt()))),
+            Answer::Permanent => Err(StepError::permanent(format!("p{}", ctx.attempt()))),
+        })
+    }
+}
+
+fn build(case: &Case, log: &Log) -> Saga {
+    let mut b = Saga::builder("diff").mode(if case.concurrent {
+        Mode::Concurrent
+    } else {
+        Mode::Sequential
+    });
+    for (i, s) in case.steps.iter().enumerate() {
+        b = b
+            .step(format!("s{i}"), scripted(log.clone(), s.action.clone()))
+            .retry(RetryPolicy {
+                max_attempts: s.max_attempts,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 2,
+                multiplier: 2.0,
+            });
+        if s.compensation {
+            b = b.compensate(scripted(log.clone(), s.compensation_answers.clone()));
+        }
+        if s.confirm {
+            b = b.confirm(scripted(log.clone(), s.confirm_answers.clone()));
+        }
+    }
+    b.build().expect("a valid saga")
+}
+
+/// The run's end as `execute` gives it, from the engine's execution.
+fn engine_end(ex: &sagatx::Execution) -> Result<HashMap<String, Value>, SagaError> {
+    match ex.status {
+        Status::Completed => Ok(ex
+            .steps
+            .iter()
+            .filter_map(|s| Some((s.name.to_string(), s.result.clone()?)))
+            .collect()),
+        _ => Err(ex.saga_error().expect("a saga error")),
+    }
+}
+
+async fn both(case: Case) -> Result<(), TestCaseError> {
+    let engine_log = Log::default();
+    let engine = Engine::builder()
+        .store(MemoryStore::new())
+        .saga(build(&case, &engine_log))
+        .build()
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let ex = engine
+        .run("diff", Value::Null)
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(ex.status.is_terminal(), "the engine ended {}", ex.status);
+    let local_log = Log::default();
+    let local = build(&case, &local_log).execute(Value::Null).await;
+    let local = local.map(|m| m.into_iter().collect::<HashMap<_, _>>());
+    prop_assert_eq!(&local, &engine_end(&ex));
+    let mut a = engine_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut b = local_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if case.concurrent {
+        a.sort();
+        b.sort();
+    }
+    prop_assert_eq!(b, a, "the same calls (the engine's on the right)");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #[test]
+    fn execute_makes_the_calls_the_engine_makes_and_ends_the_same(c in case()) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        rt.block_on(both(c))?;
+    }
+}
+
+/// The three outcomes a caller sees, spelled out.
+#[tokio::test]
+async fn execute_returns_results_or_the_saga_error() {
+    async fn ok(ctx: StepContext) -> Result<Value, StepError> {
+        // A later step sees the earlier results.
+        Ok(json!({"seen": ctx.results().len(), "input": ctx.input()}))
+    }
+    async fn no(_: StepContext) -> Result<(), StepError> {
+        Err(StepError::permanent("card declined"))
+    }
+    async fn undo(_: StepContext) -> Result<(), StepError> {
+        Ok(())
+    }
+    let saga = Saga::builder("order")
+        .step("a", ok)
+        .compensate(undo)
+        .step("b", ok)
+        .build()
+        .expect("saga");
+    let r = saga.execute(json!(7)).await.expect("completes");
+    assert_eq!(r["a"], json!({"seen": 0, "input": 7}));
+    assert_eq!(r["b"], json!({"seen": 1, "input": 7}));
+
+    let failing = Saga::builder("order")
+        .step("a", ok)
+        .compensate(undo)
+        .step("b", ok)
+        .step("c", no)
+        .build()
+        .expect("saga");
+    let e = failing.execute(Value::Null).await.expect_err("fails");
+    assert_eq!(
+        (e.step.as_deref(), e.message.as_str()),
+        (Some("c"), "card declined")
+    );
+    assert_eq!(
+        e.compensated().map(|c| c.step.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
+
+    // A panic is an unknown outcome: retried, then compensated.
+    let calls = Arc::new(Mutex::new(0));
+    let c2 = calls.clone();
+    let panicky = Saga::builder("p")
+        .step("x", move |_: StepContext| {
+            *c2.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            async move {
+                if true {
+                    panic!("boom");
+                }
+                Ok::<(), StepError>(())
+            }
+        })
+        .retry(RetryPolicy {
+            max_attempts: 2,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 1,
+            multiplier: 1.0,
+        })
+        .compensate(undo)
+        .build()
+        .expect("saga");
+    let e = panicky.execute(Value::Null).await.expect_err("fails");
+    assert_eq!(e.message, "the step panicked");
+    assert_eq!(*calls.lock().unwrap_or_else(|e| e.into_inner()), 2);
+    assert_eq!(e.compensated().count(), 1, "unknown outcome: compensated");
+}
+
+/// A saga that must wait for something cannot run unjournaled: refused,
+/// nothing called.
+#[tokio::test]
+async fn execute_refuses_sagas_that_wait() {
+    let called = Arc::new(Mutex::new(false));
+    let c = called.clone();
+    let step = move |_: StepContext| {
+        *c.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        async { Ok::<(), StepError>(()) }
+    };
+    let callback = Saga::builder("cb")
+        .step("a", step.clone())
+        .step("wait", step.clone())
+        .callback()
+        .build()
+        .expect("saga");
+    let e = callback.execute(Value::Null).await.expect_err("refused");
+    assert_eq!(e.step.as_deref(), Some("wait"));
+    assert!(e.message.contains("Engine"), "{}", e.message);
+    let manual = Saga::builder("m")
+        .step("a", step)
+        .autocommit(false)
+        .build()
+        .expect("saga");
+    let e = manual.execute(Value::Null).await.expect_err("refused");
+    assert!(e.message.contains("autocommit"), "{}", e.message);
+    assert!(!*called.lock().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// A step that is not done at its first poll is bounded by its timeout
+/// (an unknown outcome).
+#[tokio::test(start_paused = true)]
+async fn a_slow_step_times_out() {
+    let saga = Saga::builder("slow")
+        .step("s", |_: StepContext| async {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            Ok::<(), StepError>(())
+        })
+        .timeout(std::time::Duration::from_millis(50))
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .build()
+        .expect("saga");
+    let e = saga.execute(Value::Null).await.expect_err("times out");
+    assert_eq!(e.message, "timed out after 50 ms");
+}

@@ -46,8 +46,10 @@ impl Saga {
     /// succeeded. A step sees the results of the steps that succeeded
     /// before its call.
     ///
-    /// Nothing is durable: a crash loses the run, and nothing can list it
-    /// or reply to it. A saga with a `callback` step, or with `autocommit`
+    /// Each run gets a fresh execution id (`ctx.execution_id()`, and so
+    /// `ctx.idempotency_key()`, differ from run to run). Nothing is
+    /// durable: a crash loses the run, and nothing can list it or reply to
+    /// it. A saga with a `callback` step, or with `autocommit`
     /// off, needs an [`Engine`](crate::Engine) (something must deliver the
     /// reply or the decision later): `execute` fails at once, calling
     /// nothing.

@@ -1168,6 +1168,8 @@ mod tests {
         ex
     }
 
+    /// The write the store makes of `ex` (its state packed as the store
+    /// packs it).
     fn write(ex: &Execution) -> (Write, oneshot::Receiver<Result<(), StoreError>>) {
         let (reply, rx) = oneshot::channel();
         let w = Write::Append {
@@ -1178,7 +1180,7 @@ mod tests {
             due_at: ex.next_due_ms(),
             created_at: ex.created_at_ms,
             updated_at: ex.updated_at_ms,
-            state: ex.to_raw().expect("raw"),
+            state: stored_state(ex).expect("packs"),
             reply,
         };
         (w, rx)
@@ -1336,18 +1338,7 @@ mod tests {
 
         fail_first_step(&mut ex, &def, env);
         ex.seq = 2;
-        let (reply, _rx) = oneshot::channel();
-        let w = Write::Append {
-            id: ex.id,
-            saga: ex.saga.to_string(),
-            status: ex.status.as_str(),
-            seq: ex.seq,
-            due_at: ex.next_due_ms(),
-            created_at: ex.created_at_ms,
-            updated_at: ex.updated_at_ms,
-            state: stored_state(&ex).expect("packs"),
-            reply,
-        };
+        let (w, _rx) = write(&ex);
         let done = apply_batch(&mut conn, &mut [w], &mut Rows::default()).expect("update");
         assert!(matches!(done[..], [Done::Appended(Ok(()))]));
         let (at, state, back) = read(&conn);

@@ -1491,12 +1491,14 @@ impl Driver {
         let results = self.results();
         let step = &self.def.steps[call.step];
         let ctx = StepContext {
-            execution_id: self.ex.id,
-            saga: self.ex.saga.clone(),
-            step: self.ex.steps[call.step].name.clone(),
+            origin: crate::saga::Origin::Journaled {
+                id: self.ex.id,
+                input: self.input.clone(),
+                saga: self.ex.saga.clone(),
+                step: self.ex.steps[call.step].name.clone(),
+            },
             phase: call.phase,
             attempt: call.attempt,
-            input: self.input.clone(),
             results,
             user: self.ex.user.as_deref().map(Arc::from),
             callback: call.phase == sagatx_core::Phase::Action

@@ -15,17 +15,16 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
 use sagatx_core::{
-    CompensationOutcome, ExecutionId, Mode, Phase, ReplyMode, RetryPolicy, SagaError, StepError,
-    StepStatus,
+    CompensationOutcome, Mode, Phase, ReplyMode, RetryPolicy, SagaError, StepError, StepStatus,
 };
 use serde_json::{Map, Value};
 
-use crate::saga::{Saga, StepContext};
+use crate::saga::{LocalRun, Origin, Saga, StepContext};
 
 /// The results of a saga run by [`Saga::execute`]: each step's result by
 /// step name.
@@ -77,68 +76,96 @@ impl Saga {
         self.runnable_here()?;
         let run = Run {
             saga: self,
-            id: ExecutionId(crate::engine::new_id(crate::engine::wall_ms())),
-            input: Arc::new(input),
-            results: Mutex::new(Arc::new(Map::new())),
-            rolling_back: AtomicBool::new(false),
-            first_failure: Mutex::new(None),
+            local: Arc::new(LocalRun {
+                input,
+                names: self.names.clone(),
+                id: OnceLock::new(),
+            }),
         };
         let n = self.definition.steps.len();
-        // What each action ended with: `None` not called, `Some(Ok)`
-        // succeeded, `Some(Err(unknown))` failed (its outcome unknown or not).
-        let mut actions: Vec<Option<Result<(), bool>>> = vec![None; n];
-        match self.definition.mode {
+        // What the actions ended with: the results so far, the first action
+        // that failed for good and its error, and the steps whose
+        // compensation is then owed (those that succeeded, and a failed one
+        // whose outcome is unknown: its last attempt was transient).
+        let (results, failure, owed): (Arc<Results>, _, Vec<usize>) = match self.definition.mode {
             Mode::Sequential => {
-                for (i, slot) in actions.iter_mut().enumerate() {
-                    let ended = run.action(i).await;
-                    *slot = Some(ended);
-                    if ended.is_err() {
-                        break;
+                // One call at a time: the results are this task's own (no
+                // lock), and the steps before the one that failed all
+                // succeeded (no record of each; a saga that completes
+                // allocates none).
+                let mut results = Arc::new(Map::new());
+                let mut failed = None;
+                for i in 0..n {
+                    match run.phase(i, Phase::Action, Seen::Own(&results)).await {
+                        Ok(v) => {
+                            let name = self.definition.steps[i].name.clone();
+                            // The call's context is gone: no copy.
+                            Arc::make_mut(&mut results).insert(name, v);
+                        }
+                        Err(e) => {
+                            failed = Some((i, e));
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    None => (results, None, Vec::new()),
+                    Some((i, e)) => {
+                        let unknown = e.class.is_retryable();
+                        let owed = (0..i).chain(unknown.then_some(i)).collect();
+                        let step = self.definition.steps[i].name.clone();
+                        (results, Some((step, e.message)), owed)
                     }
                 }
             }
             Mode::Concurrent => {
-                let ended = futures_util::future::join_all((0..n).map(|i| run.action(i))).await;
-                for (slot, e) in actions.iter_mut().zip(ended) {
-                    *slot = Some(e);
-                }
+                let shared = Shared {
+                    results: Mutex::new(Arc::new(Map::new())),
+                    rolling_back: AtomicBool::new(false),
+                    first_failure: Mutex::new(None),
+                };
+                let ended =
+                    futures_util::future::join_all((0..n).map(|i| run.action(i, &shared))).await;
+                let owed = ended
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| matches!(e, Ok(()) | Err(true)))
+                    .map(|(i, _)| i)
+                    .collect();
+                let failure = shared
+                    .first_failure
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let results = shared
+                    .results
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner);
+                (results, failure, owed)
             }
-        }
-        let failure = run
-            .first_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        };
         let Some((step, message)) = failure else {
-            if let Some(err) = run.confirms().await {
+            if let Some(err) = run.confirms(&results).await {
                 return Err(err);
             }
             // The calls are over: the map is the run's alone (no copy).
-            let results =
-                std::mem::take(&mut *run.results.lock().unwrap_or_else(PoisonError::into_inner));
             return Ok(Arc::unwrap_or_clone(results));
         };
-        // The rollback: every step that succeeded, and every failed one
-        // whose outcome is unknown, if it has a compensation.
-        let owed: Vec<usize> = (0..n)
-            .filter(|&i| {
-                matches!(actions[i], Some(Ok(())) | Some(Err(true)))
-                    && self.definition.steps[i].compensation.is_some()
-            })
-            .collect();
+        // The rollback: the owed steps that have a compensation.
+        let owed = owed
+            .into_iter()
+            .filter(|&i| self.definition.steps[i].compensation.is_some());
         let mut outcomes: Vec<(usize, CompensationOutcome)> = match self.definition.mode {
             Mode::Sequential => {
-                let mut out = Vec::with_capacity(owed.len());
-                for &i in owed.iter().rev() {
-                    out.push((i, run.compensation(i).await));
+                let mut out = Vec::new();
+                for i in owed.rev() {
+                    out.push((i, run.compensation(i, &results).await));
                 }
                 out
             }
             Mode::Concurrent => {
-                let run = &run;
+                let (run, results) = (&run, &results);
                 futures_util::future::join_all(
-                    owed.iter()
-                        .map(|&i| async move { (i, run.compensation(i).await) }),
+                    owed.map(|i| async move { (i, run.compensation(i, results).await) }),
                 )
                 .await
             }
@@ -184,10 +211,14 @@ impl Saga {
 /// One run of [`Saga::execute`].
 struct Run<'a> {
     saga: &'a Saga,
-    id: ExecutionId,
-    input: Arc<Value>,
+    /// The input, the names, and the id once a step asked for it.
+    local: Arc<LocalRun>,
+}
+
+/// What the actions of a concurrent run share.
+struct Shared {
     /// The results so far; a call gets a copy of the `Arc` (a step that
-    /// succeeds copies the map only while an earlier call still holds it).
+    /// succeeds copies the map only while another call still holds it).
     results: Mutex<Arc<Results>>,
     /// An action failed for good: no new action attempt starts.
     rolling_back: AtomicBool,
@@ -195,22 +226,57 @@ struct Run<'a> {
     first_failure: Mutex<Option<(String, String)>>,
 }
 
+/// The results a call sees, and whether a rollback began.
+#[derive(Clone, Copy)]
+enum Seen<'r> {
+    /// One call at a time (a sequential run's actions; every
+    /// compensation and confirm): these results, and no rollback to
+    /// watch for.
+    Own(&'r Arc<Results>),
+    /// A concurrent run's actions: the results as they are at each
+    /// attempt, and the rollback flag.
+    Shared(&'r Shared),
+}
+
+impl Seen<'_> {
+    fn results(self) -> Arc<Results> {
+        match self {
+            Seen::Own(r) => r.clone(),
+            Seen::Shared(s) => s
+                .results
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+
+    fn rolling_back(self) -> bool {
+        match self {
+            Seen::Own(_) => false,
+            Seen::Shared(s) => s.rolling_back.load(Ordering::Acquire),
+        }
+    }
+}
+
 impl Run<'_> {
-    /// Runs step `i`'s action with its retries: `Ok` when it succeeded,
-    /// `Err(unknown)` when it failed for good.
-    async fn action(&self, i: usize) -> Result<(), bool> {
-        match self.phase(i, Phase::Action).await {
+    /// Runs step `i`'s action of a concurrent run with its retries: `Ok`
+    /// when it succeeded, `Err(unknown)` when it failed for good.
+    async fn action(&self, i: usize, shared: &Shared) -> Result<(), bool> {
+        match self.phase(i, Phase::Action, Seen::Shared(shared)).await {
             Ok(v) => {
-                let name = &self.saga.definition.steps[i].name;
-                let mut r = self.results.lock().unwrap_or_else(PoisonError::into_inner);
-                Arc::make_mut(&mut r).insert(name.clone(), v);
+                let name = self.saga.definition.steps[i].name.clone();
+                let mut r = shared
+                    .results
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                Arc::make_mut(&mut r).insert(name, v);
                 Ok(())
             }
             Err(e) => {
                 let unknown = e.class.is_retryable();
-                if !self.rolling_back.swap(true, Ordering::AcqRel) {
+                if !shared.rolling_back.swap(true, Ordering::AcqRel) {
                     let name = self.saga.definition.steps[i].name.clone();
-                    *self
+                    *shared
                         .first_failure
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner) = Some((name, e.message));
@@ -220,9 +286,9 @@ impl Run<'_> {
         }
     }
 
-    async fn compensation(&self, i: usize) -> CompensationOutcome {
+    async fn compensation(&self, i: usize, results: &Arc<Results>) -> CompensationOutcome {
         let step = self.saga.definition.steps[i].name.clone();
-        match self.phase(i, Phase::Compensation).await {
+        match self.phase(i, Phase::Compensation, Seen::Own(results)).await {
             Ok(_) => CompensationOutcome {
                 step,
                 status: StepStatus::Compensated,
@@ -238,13 +304,13 @@ impl Run<'_> {
 
     /// Runs the confirms in step order; the error of the first that failed
     /// for good (the others still run).
-    async fn confirms(&self) -> Option<SagaError> {
+    async fn confirms(&self, results: &Arc<Results>) -> Option<SagaError> {
         let mut failed = None;
         for (i, s) in self.saga.definition.steps.iter().enumerate() {
             if s.confirm.is_none() {
                 continue;
             }
-            if let Err(e) = self.phase(i, Phase::Confirm).await {
+            if let Err(e) = self.phase(i, Phase::Confirm, Seen::Own(results)).await {
                 failed.get_or_insert_with(|| SagaError {
                     step: Some(s.name.clone()),
                     message: format!("confirm failed: {}", e.message),
@@ -256,17 +322,17 @@ impl Run<'_> {
     }
 
     /// Calls `phase` of step `i` until it succeeds, fails for good, or (an
-    /// action) the rollback began.
-    async fn phase(&self, i: usize, phase: Phase) -> Result<Value, StepError> {
-        let policy: RetryPolicy = self.saga.definition.policy(i, phase);
+    /// action of a concurrent run) the rollback began.
+    async fn phase(&self, i: usize, phase: Phase, seen: Seen<'_>) -> Result<Value, StepError> {
         let mut attempt = 1;
         loop {
-            let outcome = self.call(i, phase, attempt).await;
+            let outcome = self.call(i, phase, attempt, seen.results()).await;
             let e = match outcome {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let stopped = || phase == Phase::Action && self.rolling_back.load(Ordering::Acquire);
+            let policy: RetryPolicy = self.saga.definition.policy(i, phase);
+            let stopped = || phase == Phase::Action && seen.rolling_back();
             if !e.class.is_retryable() || attempt >= policy.max_attempts || stopped() {
                 return Err(e);
             }
@@ -283,22 +349,24 @@ impl Run<'_> {
 
     /// One call of `phase` of step `i`: a panic is an unknown outcome, and
     /// a call not done at its first poll is bounded by the step's timeout.
-    async fn call(&self, i: usize, phase: Phase, attempt: u32) -> Result<Value, StepError> {
+    async fn call(
+        &self,
+        i: usize,
+        phase: Phase,
+        attempt: u32,
+        results: Arc<Results>,
+    ) -> Result<Value, StepError> {
         let Some(f) = self.saga.ordered[i].get(phase) else {
             return Err(StepError::permanent("no function for this phase"));
         };
         let ctx = StepContext {
-            execution_id: self.id,
-            saga: self.saga.name_arc.clone(),
-            step: self.saga.step_names[i].clone(),
+            origin: Origin::Local {
+                run: self.local.clone(),
+                step: i,
+            },
             phase,
             attempt,
-            input: self.input.clone(),
-            results: self
-                .results
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            results,
             user: None,
             callback: false,
         };

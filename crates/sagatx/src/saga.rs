@@ -38,26 +38,71 @@ use serde_json::{Map, Value};
 /// What a step function receives.
 #[derive(Debug, Clone)]
 pub struct StepContext {
-    pub(crate) execution_id: ExecutionId,
-    pub(crate) saga: Name,
-    pub(crate) step: Name,
+    pub(crate) origin: Origin,
     pub(crate) phase: Phase,
     pub(crate) attempt: u32,
-    pub(crate) input: Arc<Value>,
     pub(crate) results: Arc<Map<String, Value>>,
     pub(crate) user: Option<Arc<str>>,
     pub(crate) callback: bool,
 }
 
+/// Whose call a [`StepContext`] is for.
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    /// An engine's execution.
+    Journaled {
+        id: ExecutionId,
+        input: Arc<Value>,
+        saga: Name,
+        step: Name,
+    },
+    /// A run of [`Saga::execute`](crate::Saga::execute), and the step's
+    /// index. The names are reached through the run: a context costs no
+    /// reference count that every run of the saga shares (on two cores,
+    /// such counts pass between the cores at every call, and were why a
+    /// second core added little).
+    Local { run: Arc<LocalRun>, step: usize },
+}
+
+/// One run of [`Saga::execute`]: its input, its saga's names, and its id.
+/// The id is made when a step first asks for it: reading the wall clock
+/// for it cost more than a no-op step (60-70 ns on a VM), and most steps
+/// never ask.
+#[derive(Debug)]
+pub(crate) struct LocalRun {
+    pub(crate) input: Value,
+    pub(crate) names: Arc<Names>,
+    pub(crate) id: std::sync::OnceLock<ExecutionId>,
+}
+
+/// A saga's name and its steps' names, in step order.
+#[derive(Debug)]
+pub(crate) struct Names {
+    pub(crate) saga: Name,
+    pub(crate) steps: Box<[Name]>,
+}
+
 impl StepContext {
     pub fn execution_id(&self) -> ExecutionId {
-        self.execution_id
+        match &self.origin {
+            Origin::Journaled { id, .. } => *id,
+            Origin::Local { run, .. } => *run
+                .id
+                .get_or_init(|| ExecutionId(crate::engine::new_id(crate::engine::wall_ms()))),
+        }
     }
     pub fn saga(&self) -> &str {
-        &self.saga
+        match &self.origin {
+            Origin::Journaled { saga, .. } => saga,
+            Origin::Local { run, .. } => &run.names.saga,
+        }
     }
     pub fn step(&self) -> &str {
-        &self.step
+        match &self.origin {
+            Origin::Journaled { step, .. } => step,
+            // `step` is an index of the run's own saga (execute.rs).
+            Origin::Local { run, step } => run.names.steps.get(*step).map_or("", |n| n),
+        }
     }
     /// `action`, `compensation` or `confirm`.
     pub fn phase(&self) -> Phase {
@@ -69,7 +114,10 @@ impl StepContext {
     }
     /// The execution's input.
     pub fn input(&self) -> &Value {
-        &self.input
+        match &self.origin {
+            Origin::Journaled { input, .. } => input,
+            Origin::Local { run, .. } => &run.input,
+        }
     }
     /// The results of every step that succeeded so far (py-api-saga's
     /// `saga_results`). A compensation sees its own step's result here.
@@ -89,7 +137,7 @@ impl StepContext {
     /// A key that is the same on every attempt of this step's phase:
     /// `{execution_id}:{step}:{phase}`. Pass it to the services you call.
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}:{}", self.execution_id, self.step, self.phase)
+        format!("{}:{}:{}", self.execution_id(), self.step(), self.phase)
     }
 }
 
@@ -169,9 +217,9 @@ pub struct Saga {
     pub(crate) handlers: HashMap<String, Handlers>,
     /// The same functions in step order, for [`Saga::execute`].
     pub(crate) ordered: Vec<Handlers>,
-    /// The saga's and the steps' names as a context holds them.
-    pub(crate) name_arc: Name,
-    pub(crate) step_names: Vec<Name>,
+    /// The saga's and the steps' names, for the contexts of
+    /// [`Saga::execute`].
+    pub(crate) names: Arc<Names>,
 }
 
 impl Saga {
@@ -355,12 +403,14 @@ impl SagaBuilder {
             .map(|s| self.handlers.get(&s.name).cloned().unwrap_or_default())
             .collect();
         Ok(Saga {
-            name_arc: Name::from(definition.name.as_str()),
-            step_names: definition
-                .steps
-                .iter()
-                .map(|s| Name::from(s.name.as_str()))
-                .collect(),
+            names: Arc::new(Names {
+                saga: Name::from(definition.name.as_str()),
+                steps: definition
+                    .steps
+                    .iter()
+                    .map(|s| Name::from(s.name.as_str()))
+                    .collect(),
+            }),
             ordered,
             definition,
             handlers: self.handlers,

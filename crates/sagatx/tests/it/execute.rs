@@ -254,6 +254,77 @@ async fn execute_returns_results_or_the_saga_error() {
     assert_eq!(e.compensated().count(), 1, "unknown outcome: compensated");
 }
 
+/// What a step of an unjournaled run is told: its saga's and its own
+/// name, the input, and one execution id for every call of the run (made
+/// when first asked for), another for the next run; the idempotency key
+/// is built from it.
+#[tokio::test]
+async fn execute_context_names_the_run_and_keeps_its_id() {
+    type Seen = Arc<Mutex<Vec<(String, String, String, String, String)>>>;
+    let seen: Seen = Arc::default();
+    let record = |seen: Seen, ask_id: bool| {
+        move |ctx: StepContext| {
+            let id = if ask_id {
+                ctx.execution_id().to_string()
+            } else {
+                String::new()
+            };
+            let key = if ask_id {
+                ctx.idempotency_key()
+            } else {
+                String::new()
+            };
+            seen.lock().unwrap_or_else(|e| e.into_inner()).push((
+                format!("{}/{}/{}", ctx.saga(), ctx.step(), ctx.phase()),
+                ctx.input().to_string(),
+                id,
+                key,
+                ctx.attempt().to_string(),
+            ));
+            async { Ok::<(), StepError>(()) }
+        }
+    };
+    let saga = Saga::builder("ctx.names")
+        // The first step does not ask for the id: it is made later.
+        .step("first-step", record(seen.clone(), false))
+        .step("second_step", record(seen.clone(), true))
+        .compensate(record(seen.clone(), true))
+        .step("third", record(seen.clone(), true))
+        .build()
+        .expect("saga");
+    saga.execute(json!({"n": 1})).await.expect("completes");
+    saga.execute(json!({"n": 2})).await.expect("completes");
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ctx.names/first-step/action",
+            "ctx.names/second_step/action",
+            "ctx.names/third/action",
+        ]
+        .repeat(2)
+    );
+    let inputs: Vec<&str> = seen.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(
+        inputs,
+        [r#"{"n":1}"#; 3]
+            .into_iter()
+            .chain([r#"{"n":2}"#; 3])
+            .collect::<Vec<_>>()
+    );
+    let (run1, run2) = (&seen[1].2, &seen[4].2);
+    assert!(
+        !run1.is_empty() && run1.parse::<uuid::Uuid>().is_ok(),
+        "{run1}"
+    );
+    assert_eq!(&seen[2].2, run1, "one id for every call of a run");
+    assert_eq!(&seen[5].2, run2);
+    assert_ne!(run1, run2, "each run has its own id");
+    assert_eq!(seen[1].3, format!("{run1}:second_step:action"));
+    assert!(seen.iter().all(|s| s.4 == "1"));
+}
+
 /// A saga that must wait for something cannot run unjournaled: refused,
 /// nothing called.
 #[tokio::test]

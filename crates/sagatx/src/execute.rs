@@ -20,7 +20,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use sagatx_core::{
-    CompensationOutcome, Mode, Phase, ReplyMode, RetryPolicy, SagaError, StepError, StepStatus,
+    CompensationOutcome, Mode, Phase, ReplyMode, RetryPolicy, SagaDefinition, SagaError, StepError,
+    StepStatus,
 };
 use serde_json::{Map, Value};
 
@@ -73,7 +74,9 @@ impl Saga {
     /// # });
     /// ```
     pub async fn execute(&self, input: Value) -> Result<Results, SagaError> {
-        self.runnable_here()?;
+        if let Some(refused) = &self.refusal {
+            return Err(refused.clone());
+        }
         let run = Run {
             saga: self,
             local: Arc::new(LocalRun {
@@ -144,8 +147,10 @@ impl Saga {
             }
         };
         let Some((step, message)) = failure else {
-            if let Some(err) = run.confirms(&results).await {
-                return Err(err);
+            if self.confirms {
+                if let Some(err) = run.confirms(&results).await {
+                    return Err(err);
+                }
             }
             // The calls are over: the map is the run's alone (no copy).
             return Ok(Arc::unwrap_or_clone(results));
@@ -154,58 +159,50 @@ impl Saga {
         let owed = owed
             .into_iter()
             .filter(|&i| self.definition.steps[i].compensation.is_some());
-        let mut outcomes: Vec<(usize, CompensationOutcome)> = match self.definition.mode {
+        // In step order either way (join_all keeps its futures' order).
+        let compensations: Vec<CompensationOutcome> = match self.definition.mode {
             Mode::Sequential => {
                 let mut out = Vec::new();
                 for i in owed.rev() {
-                    out.push((i, run.compensation(i, &results).await));
+                    out.push(run.compensation(i, &results).await);
                 }
+                out.reverse();
                 out
             }
             Mode::Concurrent => {
                 let (run, results) = (&run, &results);
-                futures_util::future::join_all(
-                    owed.map(|i| async move { (i, run.compensation(i, results).await) }),
-                )
-                .await
+                futures_util::future::join_all(owed.map(|i| run.compensation(i, results))).await
             }
         };
-        outcomes.sort_by_key(|(i, _)| *i);
         Err(SagaError {
             step: Some(step),
             message,
-            compensations: outcomes.into_iter().map(|(_, c)| c).collect(),
+            compensations,
         })
     }
+}
 
-    /// `Err` when this saga cannot run without an engine.
-    fn runnable_here(&self) -> Result<(), SagaError> {
-        let refuse = |step: Option<&str>, why: &str| SagaError {
-            step: step.map(str::to_string),
-            message: format!(
-                "{why}: run it on an Engine (Saga::execute journals nothing and cannot wait)"
-            ),
-            compensations: Vec::new(),
-        };
-        if !self.definition.autocommit {
-            return Err(refuse(
-                None,
-                "this saga waits for a commit decision (autocommit off)",
-            ));
-        }
-        if let Some(s) = self
-            .definition
-            .steps
-            .iter()
-            .find(|s| s.reply == ReplyMode::Callback)
-        {
-            return Err(refuse(
-                Some(&s.name),
-                "this step waits for a reply (callback)",
-            ));
-        }
-        Ok(())
+/// Why a saga cannot run without an engine, if it cannot (worked out once,
+/// when the saga is built).
+pub(crate) fn refusal(definition: &SagaDefinition) -> Option<SagaError> {
+    let refuse = |step: Option<&str>, why: &str| SagaError {
+        step: step.map(str::to_string),
+        message: format!(
+            "{why}: run it on an Engine (Saga::execute journals nothing and cannot wait)"
+        ),
+        compensations: Vec::new(),
+    };
+    if !definition.autocommit {
+        return Some(refuse(
+            None,
+            "this saga waits for a commit decision (autocommit off)",
+        ));
     }
+    definition
+        .steps
+        .iter()
+        .find(|s| s.reply == ReplyMode::Callback)
+        .map(|s| refuse(Some(&s.name), "this step waits for a reply (callback)"))
 }
 
 /// One run of [`Saga::execute`].

@@ -220,6 +220,10 @@ pub struct Saga {
     /// The saga's and the steps' names, for the contexts of
     /// [`Saga::execute`].
     pub(crate) names: Arc<Names>,
+    /// Why [`Saga::execute`] cannot run this saga, if it cannot.
+    pub(crate) refusal: Option<sagatx_core::SagaError>,
+    /// Whether some step has a confirm.
+    pub(crate) confirms: bool,
 }
 
 impl Saga {
@@ -403,6 +407,8 @@ impl SagaBuilder {
             .map(|s| self.handlers.get(&s.name).cloned().unwrap_or_default())
             .collect();
         Ok(Saga {
+            refusal: crate::execute::refusal(&definition),
+            confirms: definition.steps.iter().any(|s| s.confirm.is_some()),
             names: Arc::new(Names {
                 saga: Name::from(definition.name.as_str()),
                 steps: definition

@@ -26,7 +26,9 @@ mod url;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStore, DEFAULT_LEASE, PG_SCHEMA_VERSION};
-pub use sqlite::{Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, SCHEMA_VERSION};
+pub use sqlite::{
+    Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, PAGE_SIZE_BYTES, SCHEMA_VERSION,
+};
 pub use url::{open, open_with, OpenOptions, StoreUrl};
 
 /// Store operations fail with this.

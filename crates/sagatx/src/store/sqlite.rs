@@ -28,6 +28,17 @@ use super::{ListQuery, Page, Registered, Store, StoreError};
 
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
+/// The page size of a new journal. Every commit writes whole pages (to the
+/// WAL, and again at the checkpoint), and a transition changes one row of
+/// about 200 bytes: halving SQLite's default 4096 halves what a commit
+/// that touches few rows writes. Measured (seventh session, A/B over four
+/// runs each): bytes per 3-step saga 60 KB → 40 KB at concurrency 1,
+/// 6.3 KB → 4.7 KB at 64, 2.1 KB → 1.8 KB at 1024; throughput the same
+/// within the machine's noise; the recovery of 100,000 executions 7-15 %
+/// slower (the trees are a level deeper). 1024 was tried before
+/// compressed states and lost at high concurrency.
+pub const PAGE_SIZE_BYTES: u32 = 2048;
+
 /// The schema version this build writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 7;
 /// Writes applied in one transaction at most.
@@ -184,6 +195,12 @@ fn prepare(conn: &mut Connection, path: &Path, durability: Durability) -> Result
         return Err(foreign(format!(
             "it is a SQLite database of something else (application_id {app_id:#x}, {tables} schema objects)"
         )));
+    }
+    if tables == 0 {
+        // A new journal: its page size is set before anything is written
+        // (it cannot change afterwards in WAL mode; older files keep 4096).
+        conn.execute_batch(&format!("PRAGMA page_size={PAGE_SIZE_BYTES};"))
+            .map_err(io)?;
     }
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))

@@ -176,6 +176,32 @@ async fn a_schema_1_journal_is_migrated_on_open() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
     assert_eq!(v, sagatx::store::SCHEMA_VERSION);
+    // An existing file keeps the page size it was made with.
+    let page: i64 = c
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .expect("page size");
+    assert_eq!(page, 4096);
+}
+
+/// A new journal is made with the store's page size (half SQLite's
+/// default: a commit writes whole pages), and keeps it when reopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_journal_has_the_store_page_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("new.db");
+    let page = |path: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .expect("open")
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .expect("page size")
+    };
+    drop(SqliteStore::open(&path).expect("create"));
+    assert_eq!(page(&path), i64::from(sagatx::store::PAGE_SIZE_BYTES));
+    assert_eq!(sagatx::store::PAGE_SIZE_BYTES, 2048);
+    let store = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(store.summary().await.expect("summary").counts, []);
+    drop(store);
+    assert_eq!(page(&path), 2048);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -376,7 +376,7 @@ const ROWS_REMEMBERED: usize = 65_536;
 /// Terminal executions are forgotten; past [`ROWS_REMEMBERED`] entries (many
 /// executions waiting) it starts afresh, so it stays small.
 #[derive(Default)]
-struct Rows(std::collections::HashMap<ExecutionId, (i64, &'static str)>);
+struct Rows(crate::idmap::IdMap<(i64, &'static str)>);
 
 impl Rows {
     fn note(&mut self, id: ExecutionId, n: i64, status: &'static str) {

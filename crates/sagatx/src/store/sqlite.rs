@@ -1212,11 +1212,9 @@ mod tests {
         .expect("row")
     }
 
-    /// The writer's remembered status is a hint: with a wrong one (here it
-    /// claims the status did not change), the row still gets the status
-    /// written, and with a wrong row number the row is found by id.
-    #[test]
-    fn a_wrong_remembered_row_never_writes_a_wrong_status() {
+    /// A new journal in a directory of its own (kept while the directory
+    /// lives), its schema brought up to date, as the writer holds it.
+    fn journal() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("j.db");
         let mut conn = open_conn(
@@ -1225,6 +1223,15 @@ mod tests {
         )
         .expect("open");
         prepare(&mut conn, &path, Durability::Full).expect("prepare");
+        (dir, conn)
+    }
+
+    /// The writer's remembered status is a hint: with a wrong one (here it
+    /// claims the status did not change), the row still gets the status
+    /// written, and with a wrong row number the row is found by id.
+    #[test]
+    fn a_wrong_remembered_row_never_writes_a_wrong_status() {
+        let (_dir, mut conn) = journal();
         let def = definition();
         let env = Env {
             now_ms: 1,
@@ -1312,14 +1319,7 @@ mod tests {
     #[test]
     fn a_schema_6_entry_reads_back_and_its_next_write_is_relative() {
         use super::super::pack;
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("j.db");
-        let mut conn = open_conn(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
-        )
-        .expect("open");
-        prepare(&mut conn, &path, Durability::Full).expect("prepare");
+        let (_dir, mut conn) = journal();
         let def = definition();
         let env = Env {
             now_ms: 1_795_819_178_413,

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use sagatx_core::{DecodeError, Execution, ExecutionId, SagaDefinition, Status};
 
 pub mod conformance;
+mod lz4;
 mod memory;
 pub mod migrate;
 mod migrations;

@@ -28,14 +28,17 @@
 
 use std::borrow::Cow;
 
-use lz4_flex::block::{
-    compress_into_with_dict, decompress_into_with_dict, get_maximum_output_size,
-};
+use lz4_flex::block::decompress_into_with_dict;
 use sagatx_core::{DecodeError, Execution};
+
+use super::lz4::Dictionary;
 use uuid::Uuid;
 
 /// Dictionary 1: the fragments every entry repeats.
 const DICT_1: &[u8] = include_bytes!("state-dict-1.txt");
+/// Dictionary 1 prepared for compressing against (super::lz4).
+static DICT_1_PREPARED: std::sync::LazyLock<Dictionary> =
+    std::sync::LazyLock::new(|| Dictionary::new(DICT_1));
 /// The first byte of an entry compressed against [`DICT_1`], its times
 /// as they are.
 pub(super) const LZ4_DICT_1: u8 = 0x01;
@@ -105,25 +108,20 @@ pub(super) fn compress(
         json.splice(at..at, text.iter().copied());
         return Err(json);
     };
-    // The output is written into a buffer kept by the thread (zeroing a
-    // fresh one at every write cost as much as the copy out).
+    // Compressed into a buffer kept by the thread, then copied out at its
+    // size (a fresh buffer would be allocated at the worst case's size).
     thread_local! {
         static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let packed = OUT.with_borrow_mut(|out| {
-        let need = 5 + get_maximum_output_size(json.len());
-        if out.len() < need {
-            out.resize(need, 0);
-        }
-        out[0] = tag;
-        out[1..5].copy_from_slice(&len.to_le_bytes());
-        let packed = match compress_into_with_dict(&json, &mut out[5..need], DICT_1) {
-            Ok(n) if 5 + n < json.len() + text.len() => Some(out[..5 + n].to_vec()),
-            _ => None,
-        };
+        out.clear();
+        out.push(tag);
+        out.extend_from_slice(&len.to_le_bytes());
+        DICT_1_PREPARED.compress(&json, out);
+        let packed = (out.len() < json.len() + text.len()).then(|| out.to_vec());
         // A large entry's buffer is not kept: a thread keeps at most
         // `KEPT_BYTES`, however large the entries it once compressed.
-        if out.len() > KEPT_BYTES {
+        if out.capacity() > KEPT_BYTES {
             *out = Vec::new();
         }
         packed

@@ -5,11 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
 use sagatx::{RemoteCaller, StepContext};
 use sagatx_core::{HttpEndpoint, StepError};
 use serde_json::Value;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::capability::Capabilities;
 
@@ -18,9 +23,26 @@ pub const DEFAULT_MAX_CALLS: usize = 1024;
 /// A response body larger than this is not read (the call is failed).
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
-/// Calls step URLs over HTTP (rustls), reusing connections.
+/// The `User-Agent` of every call.
+const AGENT: &str = concat!("sagatx/", env!("CARGO_PKG_VERSION"));
+/// How long an idle pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+/// Idle pooled connections kept per step service at most.
+const POOL_IDLE_PER_HOST: usize = 256;
+
+/// Calls step URLs over HTTP, reusing connections.
+///
+/// A plain `http://` URL is called through hyper's client directly; an
+/// `https://` one (rustls), or any call when the environment names a
+/// proxy (`HTTP_PROXY`, `ALL_PROXY`, in either case), through reqwest.
+/// reqwest's redirect and retry layers parse every call's URL twice even
+/// with redirects off: 14 % of the coordinator's instructions per saga
+/// (callgrind, `bench/server-instructions.sh`). Both paths send the same
+/// request (method, body, the headers of API.md §4, `User-Agent`,
+/// `Accept: */*`) and read the answer the same way.
 pub struct HttpCaller {
     client: reqwest::Client,
+    plain: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
     slots: Arc<Semaphore>,
     caps: Capabilities,
     urls: Urls,
@@ -30,22 +52,39 @@ impl HttpCaller {
     pub fn new(caps: Capabilities, max_calls: usize) -> Result<Self, reqwest::Error> {
         crate::install_crypto();
         let client = reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .user_agent(concat!("sagatx/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+            .user_agent(AGENT)
             // A redirect is an answer like any other non-2xx (a permanent
             // rejection, API.md §4): following it would turn a POST into a
             // GET without its body (301-303), or carry the call and its
             // reply capability to a URL the definition does not name.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let mut connector = HttpConnector::new();
+        // As reqwest: small requests and answers go out at once.
+        connector.set_nodelay(true);
+        let plain = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
         Ok(HttpCaller {
             client,
+            plain,
             slots: Arc::new(Semaphore::new(max_calls.max(1))),
             caps,
-            urls: Urls::default(),
+            urls: Urls::new(!proxied()),
         })
     }
+}
+
+/// Whether the environment names a proxy that reqwest would use for
+/// plain HTTP.
+fn proxied() -> bool {
+    ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
 }
 
 /// The request body every step URL receives (API.md §4), written straight
@@ -108,27 +147,82 @@ fn traceparent(ctx: &StepContext) -> String {
 /// Step URLs parsed once: parsing one (with its host's IDNA mapping) at
 /// every call was a few per cent of the server's time. Bounded: past
 /// [`URLS_KEPT`] distinct URLs it starts afresh.
-#[derive(Default)]
-struct Urls(std::sync::Mutex<std::collections::HashMap<String, reqwest::Url>>);
+struct Urls {
+    /// Whether plain `http://` URLs go through hyper's client directly.
+    direct: bool,
+    parsed: std::sync::Mutex<std::collections::HashMap<String, Arc<Target>>>,
+}
+
+/// A step URL, parsed.
+#[derive(Debug, PartialEq)]
+struct Target {
+    url: reqwest::Url,
+    /// The URI to call through hyper's client, when the URL goes that way.
+    direct: Option<http::Uri>,
+}
 
 /// Distinct step URLs kept parsed at most.
 const URLS_KEPT: usize = 4096;
 
 impl Urls {
-    fn get(&self, url: &str) -> Result<reqwest::Url, StepError> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(u) = m.get(url) {
-            return Ok(u.clone());
+    fn new(direct: bool) -> Self {
+        Urls {
+            direct,
+            parsed: Default::default(),
+        }
+    }
+
+    fn get(&self, url: &str) -> Result<Arc<Target>, StepError> {
+        let mut m = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = m.get(url) {
+            return Ok(t.clone());
         }
         let parsed = reqwest::Url::parse(url).map_err(|e| {
             StepError::permanent(format!("the step URL {url:?} is not a valid URL: {e}"))
         })?;
+        let direct = (self.direct && parsed.scheme() == "http")
+            .then(|| http::Uri::try_from(parsed.as_str()).ok())
+            .flatten();
+        let target = Arc::new(Target {
+            url: parsed,
+            direct,
+        });
         if m.len() >= URLS_KEPT {
             m.clear();
         }
-        m.insert(url.to_string(), parsed.clone());
-        Ok(parsed)
+        m.insert(url.to_string(), target.clone());
+        Ok(target)
     }
+}
+
+/// What a step service answered.
+struct Answer {
+    status: u16,
+    /// For a redirect: where it pointed, if it said.
+    location: Option<Option<String>>,
+    body: Vec<u8>,
+}
+
+/// The error of a call that ran out of its time.
+fn timed_out(timeout: Option<Duration>) -> StepError {
+    StepError::unknown_outcome(format!(
+        "timed out after {} ms",
+        timeout.map(|t| t.as_millis()).unwrap_or(0)
+    ))
+}
+
+/// Refuses an answer whose declared length is over [`MAX_RESPONSE_BYTES`].
+fn check_length(declared: Option<u64>) -> Result<(), StepError> {
+    match declared {
+        Some(n) if n > MAX_RESPONSE_BYTES as u64 => Err(too_large()),
+        _ => Ok(()),
+    }
+}
+
+fn too_large() -> StepError {
+    StepError::permanent(format!(
+        "the response body is larger than {MAX_RESPONSE_BYTES} bytes"
+    ))
 }
 
 /// 408, 425, 429 and 5xx are passing conditions.
@@ -159,23 +253,15 @@ fn error_text(body: &[u8]) -> String {
     }
 }
 
+/// The body of an answer through reqwest (whose own deadline covers it).
 async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, StepError> {
-    if resp
-        .content_length()
-        .is_some_and(|n| n as usize > MAX_RESPONSE_BYTES)
-    {
-        return Err(StepError::permanent(format!(
-            "the response body is larger than {MAX_RESPONSE_BYTES} bytes"
-        )));
-    }
+    check_length(resp.content_length())?;
     let mut body = Vec::new();
     loop {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                    return Err(StepError::permanent(format!(
-                        "the response body is larger than {MAX_RESPONSE_BYTES} bytes"
-                    )));
+                    return Err(too_large());
                 }
                 body.extend_from_slice(&chunk);
             }
@@ -189,6 +275,137 @@ async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, StepError> {
                 )))
             }
         }
+    }
+}
+
+/// The body of an answer through hyper's client, by `deadline`.
+async fn read_incoming(
+    mut body: hyper::body::Incoming,
+    deadline: Option<Instant>,
+) -> Result<Vec<u8>, StepError> {
+    check_length(hyper::body::Body::size_hint(&body).exact())?;
+    let mut out = Vec::new();
+    loop {
+        let next = body.frame();
+        let frame = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, next).await {
+                Ok(f) => f,
+                Err(_) => return Err(StepError::unknown_outcome("timed out reading the response")),
+            },
+            None => next.await,
+        };
+        match frame {
+            None => return Ok(out),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if out.len() + data.len() > MAX_RESPONSE_BYTES {
+                        return Err(too_large());
+                    }
+                    out.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => {
+                return Err(StepError::unknown_outcome(format!(
+                    "the response broke off: {e}"
+                )))
+            }
+        }
+    }
+}
+
+impl HttpCaller {
+    /// One call through hyper's client.
+    async fn send_direct(
+        &self,
+        uri: http::Uri,
+        method: reqwest::Method,
+        mut headers: HeaderMap,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+        url: &str,
+    ) -> Result<Answer, StepError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+        let mut req = http::Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        let sent = self.plain.request(req);
+        let resp = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, sent).await {
+                Ok(r) => r,
+                Err(_) => return Err(timed_out(timeout)),
+            },
+            None => sent.await,
+        };
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return Err(StepError::transient(format!(
+                    "cannot connect to {url}: {}",
+                    root_cause(&e)
+                )))
+            }
+            Err(e) => {
+                return Err(StepError::unknown_outcome(format!(
+                    "request to {url} failed: {}",
+                    root_cause(&e)
+                )))
+            }
+        };
+        let status = resp.status().as_u16();
+        let location = (300..400)
+            .contains(&status)
+            .then(|| crate::location(resp.headers()));
+        let body = read_incoming(resp.into_body(), deadline).await?;
+        Ok(Answer {
+            status,
+            location,
+            body,
+        })
+    }
+
+    /// One call through reqwest.
+    async fn send_reqwest(
+        &self,
+        url: reqwest::Url,
+        method: reqwest::Method,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+        text: &str,
+    ) -> Result<Answer, StepError> {
+        let mut req = self.client.request(method, url).headers(headers).body(body);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Err(timed_out(timeout)),
+            Err(e) if e.is_connect() => {
+                return Err(StepError::transient(format!(
+                    "cannot connect to {text}: {}",
+                    root_cause(&e)
+                )))
+            }
+            Err(e) => {
+                return Err(StepError::unknown_outcome(format!(
+                    "request to {text} failed: {}",
+                    root_cause(&e)
+                )))
+            }
+        };
+        let status = resp.status().as_u16();
+        let location = (300..400)
+            .contains(&status)
+            .then(|| crate::redirect_location(&resp));
+        let body = read_body(resp).await?;
+        Ok(Answer {
+            status,
+            location,
+            body,
+        })
     }
 }
 
@@ -210,7 +427,7 @@ impl RemoteCaller for HttpCaller {
             .then(|| self.caps.reply_url(ctx.execution_id(), ctx.step()));
         let body = serde_json::to_vec(&Envelope::of(ctx, reply_url.as_deref()))
             .map_err(|e| StepError::permanent(format!("cannot write the call's body: {e}")))?;
-        let url = self.urls.get(&endpoint.url)?;
+        let target = self.urls.get(&endpoint.url)?;
         let method = reqwest::Method::from_bytes(endpoint.method.as_bytes())
             .map_err(|_| StepError::permanent(format!("bad method {:?}", endpoint.method)))?;
         let mut headers = HeaderMap::new();
@@ -230,38 +447,27 @@ impl RemoteCaller for HttpCaller {
         if let Ok(v) = HeaderValue::try_from(traceparent(ctx)) {
             headers.insert("traceparent", v);
         }
-        let mut req = self.client.request(method, url).headers(headers).body(body);
-        if let Some(t) = timeout {
-            req = req.timeout(t);
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => {
-                return Err(StepError::unknown_outcome(format!(
-                    "timed out after {} ms",
-                    timeout.map(|t| t.as_millis()).unwrap_or(0)
-                )))
+        let Answer {
+            status,
+            location,
+            body: bytes,
+        } = match &target.direct {
+            Some(uri) => {
+                self.send_direct(uri.clone(), method, headers, body, timeout, &endpoint.url)
+                    .await?
             }
-            Err(e) if e.is_connect() => {
-                return Err(StepError::transient(format!(
-                    "cannot connect to {}: {}",
-                    endpoint.url,
-                    root_cause(&e)
-                )))
-            }
-            Err(e) => {
-                return Err(StepError::unknown_outcome(format!(
-                    "request to {} failed: {}",
-                    endpoint.url,
-                    root_cause(&e)
-                )))
+            None => {
+                self.send_reqwest(
+                    target.url.clone(),
+                    method,
+                    headers,
+                    body,
+                    timeout,
+                    &endpoint.url,
+                )
+                .await?
             }
         };
-        let status = resp.status().as_u16();
-        let location = (300..400)
-            .contains(&status)
-            .then(|| crate::redirect_location(&resp));
-        let bytes = read_body(resp).await?;
         if (200..300).contains(&status) {
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Value::Null);
@@ -314,11 +520,28 @@ mod tests {
 
     #[test]
     fn step_urls_are_parsed_once_and_a_bad_one_is_a_permanent_error() {
-        let urls = Urls::default();
+        let urls = Urls::new(true);
         let a = urls.get("http://127.0.0.1:9/a?x=1").expect("parses");
-        assert_eq!(a.as_str(), "http://127.0.0.1:9/a?x=1");
-        assert_eq!(urls.get("http://127.0.0.1:9/a?x=1").expect("kept"), a);
-        assert_eq!(urls.0.lock().expect("lock").len(), 1);
+        assert_eq!(a.url.as_str(), "http://127.0.0.1:9/a?x=1");
+        assert_eq!(
+            a.direct.as_ref().map(|u| u.to_string()).as_deref(),
+            Some("http://127.0.0.1:9/a?x=1")
+        );
+        assert!(Arc::ptr_eq(
+            &urls.get("http://127.0.0.1:9/a?x=1").expect("kept"),
+            &a
+        ));
+        assert_eq!(urls.parsed.lock().expect("lock").len(), 1);
+        // HTTPS, or a proxy in the environment: through reqwest.
+        assert_eq!(
+            urls.get("https://127.0.0.1:9/a").expect("parses").direct,
+            None
+        );
+        let proxied = Urls::new(false);
+        assert_eq!(
+            proxied.get("http://127.0.0.1:9/a").expect("parses").direct,
+            None
+        );
         let e = urls.get("not a url").expect_err("refused");
         assert_eq!(e.class, sagatx_core::ErrorClass::Permanent, "{e:?}");
         assert!(e.message.contains("not a valid URL"), "{e:?}");
@@ -326,7 +549,7 @@ mod tests {
             urls.get(&format!("http://127.0.0.1:9/{i}"))
                 .expect("parses");
         }
-        assert!(urls.0.lock().expect("lock").len() <= URLS_KEPT);
+        assert!(urls.parsed.lock().expect("lock").len() <= URLS_KEPT);
     }
 
     #[test]

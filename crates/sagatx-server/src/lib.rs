@@ -96,8 +96,14 @@ pub enum ServerError {
 pub(crate) fn redirect_location(resp: &reqwest::Response) -> Option<String> {
     resp.status()
         .is_redirection()
-        .then(|| resp.headers().get(reqwest::header::LOCATION))
+        .then(|| location(resp.headers()))
         .flatten()
+}
+
+/// The `Location` header, as text.
+pub(crate) fn location(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    headers
+        .get(reqwest::header::LOCATION)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 

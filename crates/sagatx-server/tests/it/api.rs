@@ -85,6 +85,17 @@ async fn a_saga_completes_and_services_receive_the_envelope() {
         format!("{id}:charge:action")
     );
     assert_eq!(charge.headers["content-type"], "application/json");
+    assert_eq!(charge.headers["accept"], "*/*");
+    assert!(
+        charge.headers["user-agent"].starts_with("sagatx/"),
+        "{:?}",
+        charge.headers
+    );
+    assert_eq!(
+        format!("http://{}", charge.headers["host"]),
+        svc.base,
+        "the step service's authority"
+    );
     // W3C trace context: version, the execution as trace, a span id of 16
     // hex digits (not all zero) per call, sampled.
     let span = |tp: &str| -> String {
@@ -187,6 +198,108 @@ async fn a_redirect_is_a_rejection_and_is_not_followed() {
         ex["steps"][1]["compensation_attempts"], 0,
         "a rejected step is not compensated"
     );
+}
+
+#[tokio::test]
+async fn a_sync_step_past_its_timeout_is_an_unknown_outcome_and_compensated() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script(
+        "charge",
+        vec![Answer {
+            delay_ms: 3_000,
+            ..answer(200, json!({"late": true}))
+        }],
+    );
+    let mut def = saga(&svc, "slow", &[("reserve", true), ("charge", true)]);
+    def["steps"][1]["timeout_ms"] = json!(200);
+    def["steps"][1]["retry"] = json!({"max_attempts": 1});
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    let message = ex["steps"][1]["error"].as_str().unwrap_or_default();
+    assert_eq!(message, "timed out after 200 ms", "{ex}");
+    // Its outcome is unknown: it may have taken effect, so it is undone.
+    assert_eq!(
+        svc.ops(),
+        ["reserve", "charge", "undo-charge", "undo-reserve"]
+    );
+}
+
+#[tokio::test]
+async fn an_answer_over_a_mebibyte_is_a_permanent_failure() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    svc.script(
+        "charge",
+        vec![answer(200, json!("x".repeat((1 << 20) + 10)))],
+    );
+    let def = saga(&svc, "big", &[("reserve", true), ("charge", true)]);
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    assert_eq!(ex["steps"][1]["attempts"], 1, "not retried");
+    let message = ex["steps"][1]["error"].as_str().unwrap_or_default();
+    assert!(message.contains("larger than 1048576 bytes"), "{message}");
+}
+
+/// A step service that answers every connection with `response` (raw
+/// HTTP/1.1 bytes) after reading its request, then closes it.
+async fn raw_service(response: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let response = response.clone();
+            tokio::spawn(async move {
+                // The request: its head and its (small) body.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !String::from_utf8_lossy(&got).contains("\r\n\r\n{") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = sock.write_all(&response).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    base
+}
+
+#[tokio::test]
+async fn a_chunked_answer_over_a_mebibyte_or_one_cut_short_fails_the_step() {
+    let c = Coordinator::start(None).await;
+    // Chunked, no length announced: refused once it passes the limit.
+    let mut big = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..20 {
+        big.extend_from_slice(format!("{:x}\r\n", 64 << 10).as_bytes());
+        big.extend(std::iter::repeat_n(b'x', 64 << 10));
+        big.extend_from_slice(b"\r\n");
+    }
+    big.extend_from_slice(b"0\r\n\r\n");
+    let base = raw_service(big).await;
+    let def = json!({"name": "chunked", "steps": [{"name": "a", "action": {"url": format!("{base}/a")}}]});
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    let message = ex["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(message.contains("larger than"), "{ex}");
+    assert_eq!(ex["steps"][0]["attempts"], 1, "permanent: not retried");
+
+    // A body that ends before its announced length: the call broke off,
+    // its outcome unknown (retried, here once).
+    let cut = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"ok\"".to_vec();
+    let base = raw_service(cut).await;
+    let def = json!({"name": "cut", "retry": {"max_attempts": 2, "initial_backoff_ms": 10},
+        "steps": [{"name": "a", "action": {"url": format!("{base}/a")}}]});
+    let ex = c.run(def, json!({})).await;
+    assert_eq!(ex["status"], "compensated", "{ex}");
+    assert_eq!(ex["steps"][0]["attempts"], 2, "unknown outcome: retried");
+    let message = ex["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(message.starts_with("the response broke off"), "{ex}");
 }
 
 #[tokio::test]

@@ -33,8 +33,9 @@ const POOL_IDLE_PER_HOST: usize = 256;
 /// Calls step URLs over HTTP, reusing connections.
 ///
 /// A plain `http://` URL is called through hyper's client directly; an
-/// `https://` one (rustls), or any call when the environment names a
-/// proxy (`HTTP_PROXY`, `ALL_PROXY`, in either case), through reqwest.
+/// `https://` one (rustls), one with credentials in it, or any call when
+/// the environment names a proxy (`HTTP_PROXY`, `ALL_PROXY`, in either
+/// case), through reqwest.
 /// reqwest's redirect and retry layers parse every call's URL twice even
 /// with redirects off: 14 % of the coordinator's instructions per saga
 /// (callgrind, `bench/server-instructions.sh`). Both paths send the same
@@ -180,7 +181,12 @@ impl Urls {
         let parsed = reqwest::Url::parse(url).map_err(|e| {
             StepError::permanent(format!("the step URL {url:?} is not a valid URL: {e}"))
         })?;
-        let direct = (self.direct && parsed.scheme() == "http")
+        // A URL with credentials in it goes through reqwest, which turns
+        // them into a Basic `Authorization` header.
+        let plain = parsed.scheme() == "http"
+            && parsed.username().is_empty()
+            && parsed.password().is_none();
+        let direct = (self.direct && plain)
             .then(|| http::Uri::try_from(parsed.as_str()).ok())
             .flatten();
         let target = Arc::new(Target {
@@ -532,11 +538,15 @@ mod tests {
             &a
         ));
         assert_eq!(urls.parsed.lock().expect("lock").len(), 1);
-        // HTTPS, or a proxy in the environment: through reqwest.
-        assert_eq!(
-            urls.get("https://127.0.0.1:9/a").expect("parses").direct,
-            None
-        );
+        // HTTPS, credentials in the URL, or a proxy in the environment:
+        // through reqwest.
+        for url in [
+            "https://127.0.0.1:9/a",
+            "http://u:p@127.0.0.1:9/a",
+            "http://u@127.0.0.1:9/a",
+        ] {
+            assert_eq!(urls.get(url).expect("parses").direct, None, "{url}");
+        }
         let proxied = Urls::new(false);
         assert_eq!(
             proxied.get("http://127.0.0.1:9/a").expect("parses").direct,

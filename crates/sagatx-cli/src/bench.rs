@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use sagatx::{Engine, MemoryStore, Saga, SqliteStore, Status, StepContext, StepError, Store};
 use sagatx_core::{Env, Event, Execution, ExecutionId, Mode};
 use serde_json::{json, Value};
@@ -681,6 +683,16 @@ async fn http_on(
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()?;
+    // The load itself goes through hyper's client directly, as a load
+    // generator like wrk or oha would: reqwest's layers parse each
+    // request's URL twice, CPU the client would take from the server on
+    // this machine's two cores.
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let load: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector);
     let step = |name: &str, action: &str| {
         json!({"name": name, "action": {"url": format!("http://127.0.0.1:{vp}/{action}")},
                "compensation": {"url": format!("http://127.0.0.1:{vp}/ok")}})
@@ -719,26 +731,43 @@ async fn http_on(
                 &format!("{workload}: {variant}, {n} sagas, concurrency {c}"),
                 stage_sagas(n, c),
             );
+            let body = Bytes::from(json!({"saga": saga, "input": null}).to_string());
             let run = |n: usize| {
-                let client = client.clone();
+                let load = load.clone();
                 let bases = bases.clone();
+                let body = body.clone();
                 async move {
                     let per = n.div_ceil(c);
                     let mut tasks = tokio::task::JoinSet::new();
                     for i in 0..c {
-                        let client = client.clone();
-                        let url = format!("{}/v1/executions?wait=30", bases[i % bases.len()]);
+                        let load = load.clone();
+                        let body = body.clone();
+                        let uri: http::Uri =
+                            format!("{}/v1/executions?wait=30", bases[i % bases.len()])
+                                .parse()
+                                .context("the bench's start URL")?;
                         tasks.spawn(async move {
                             let mut lat = Vec::with_capacity(per);
                             let mut counter = Counter(0);
                             for _ in 0..per {
                                 let t = Instant::now();
-                                let r = client
-                                    .post(&url)
-                                    .json(&json!({"saga": saga, "input": null}))
-                                    .send()
-                                    .await?;
-                                let v: Value = r.json().await?;
+                                let mut req = http::Request::new(Full::new(body.clone()));
+                                *req.method_mut() = http::Method::POST;
+                                *req.uri_mut() = uri.clone();
+                                req.headers_mut().insert(
+                                    http::header::CONTENT_TYPE,
+                                    http::HeaderValue::from_static("application/json"),
+                                );
+                                let r = load.request(req).await?;
+                                let status = r.status();
+                                let bytes = r.into_body().collect().await?.to_bytes();
+                                let v: Value =
+                                    serde_json::from_slice(&bytes).with_context(|| {
+                                        format!(
+                                            "HTTP {status}: {}",
+                                            String::from_utf8_lossy(&bytes)
+                                        )
+                                    })?;
                                 if v["status"] != expect {
                                     bail!("an HTTP saga ended {} instead of {expect}", v["status"]);
                                 }

@@ -51,6 +51,16 @@ pub struct HttpCaller {
 
 impl HttpCaller {
     pub fn new(caps: Capabilities, max_calls: usize) -> Result<Self, reqwest::Error> {
+        Self::with_routes(caps, max_calls, !proxied())
+    }
+
+    /// [`HttpCaller::new`], with plain `http://` URLs going through
+    /// hyper's client directly when `direct`, through reqwest otherwise.
+    fn with_routes(
+        caps: Capabilities,
+        max_calls: usize,
+        direct: bool,
+    ) -> Result<Self, reqwest::Error> {
         crate::install_crypto();
         let client = reqwest::Client::builder()
             .pool_idle_timeout(POOL_IDLE)
@@ -75,7 +85,7 @@ impl HttpCaller {
             plain,
             slots: Arc::new(Semaphore::new(max_calls.max(1))),
             caps,
-            urls: Urls::new(!proxied()),
+            urls: Urls::new(direct),
         })
     }
 }
@@ -560,6 +570,110 @@ mod tests {
                 .expect("parses");
         }
         assert!(urls.parsed.lock().expect("lock").len() <= URLS_KEPT);
+    }
+
+    /// Both routes (hyper's client directly, and reqwest as with a proxy
+    /// in the environment) send the same request and read the answer the
+    /// same way, through an engine, to a real service on 127.0.0.1.
+    #[tokio::test]
+    async fn both_routes_make_the_same_call() {
+        use axum::http::HeaderMap as Headers;
+        type Seen = Arc<std::sync::Mutex<Vec<(Headers, Value)>>>;
+        let seen: Seen = Default::default();
+        let app = axum::Router::new()
+            .route(
+                "/a",
+                axum::routing::post(
+                    |axum::extract::State(seen): axum::extract::State<Seen>,
+                     headers: Headers,
+                     body: String| async move {
+                        let body = serde_json::from_str(&body).unwrap_or(Value::Null);
+                        seen.lock().expect("lock").push((headers, body));
+                        r#"{"ok": 1}"#
+                    },
+                ),
+            )
+            .route(
+                "/no",
+                axum::routing::post(|| async {
+                    (
+                        axum::http::StatusCode::PAYMENT_REQUIRED,
+                        r#"{"error": "declined"}"#,
+                    )
+                }),
+            )
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let def = sagatx_core::SagaDefinition::from_value(&serde_json::json!({
+            "name": "routes",
+            "steps": [
+                {"name": "a", "action": {"url": format!("{base}/a"),
+                 "headers": {"x-extra": "1"}}},
+                {"name": "b", "action": {"url": format!("{base}/no")}}
+            ]
+        }))
+        .expect("definition");
+        let mut ends = Vec::new();
+        for direct in [true, false] {
+            let caller = HttpCaller::with_routes(Capabilities::new([7; 32], &base), 8, direct)
+                .expect("caller");
+            let routed = caller
+                .urls
+                .get(&format!("{base}/a"))
+                .expect("parses")
+                .direct
+                .is_some();
+            assert_eq!(routed, direct);
+            let engine = sagatx::Engine::builder()
+                .store(sagatx::MemoryStore::new())
+                .remote_caller(Arc::new(caller))
+                .build()
+                .await
+                .expect("engine");
+            engine.register(def.clone()).await.expect("register");
+            let ex = engine
+                .run("routes", serde_json::json!({"x": 1}))
+                .await
+                .expect("runs");
+            ends.push((
+                ex.status,
+                ex.steps[0].result.clone(),
+                ex.steps[1].error.clone(),
+            ));
+        }
+        assert_eq!(ends[0], ends[1], "the same outcome either way");
+        assert_eq!(ends[0].1, Some(serde_json::json!({"ok": 1})));
+        assert_eq!(ends[0].2.as_deref(), Some("HTTP 402: declined"), "{ends:?}");
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 2);
+        let shape = |(h, b): &(Headers, Value)| {
+            let mut names: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+            names.sort();
+            let fixed: Vec<Option<String>> =
+                ["content-type", "accept", "user-agent", "x-extra", "host"]
+                    .iter()
+                    .map(|k| h.get(*k).and_then(|v| v.to_str().ok()).map(str::to_string))
+                    .collect();
+            (names, fixed, b["step"].clone(), b["input"].clone())
+        };
+        assert_eq!(shape(&seen[0]), shape(&seen[1]));
+        assert_eq!(
+            shape(&seen[0]).0,
+            [
+                "accept",
+                "content-length",
+                "content-type",
+                "host",
+                "idempotency-key",
+                "traceparent",
+                "user-agent",
+                "x-extra"
+            ]
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ const POOL_IDLE_PER_HOST: usize = 256;
 /// `https://` one (rustls), one with credentials in it, or any call when
 /// the environment names a proxy (`HTTP_PROXY`, `ALL_PROXY`, in either
 /// case), through reqwest.
+///
 /// reqwest's redirect and retry layers parse every call's URL twice even
 /// with redirects off: 14 % of the coordinator's instructions per saga
 /// (callgrind, `bench/server-instructions.sh`). Both paths send the same

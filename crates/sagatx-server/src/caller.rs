@@ -228,6 +228,17 @@ fn timed_out(timeout: Option<Duration>) -> StepError {
     ))
 }
 
+/// The error of a call that got no answer: a refused connection is
+/// transient (nothing reached the service); anything else after the
+/// request may have gone out is an unknown outcome.
+fn not_sent(url: &str, connect: bool, e: &(dyn std::error::Error + 'static)) -> StepError {
+    if connect {
+        StepError::transient(format!("cannot connect to {url}: {}", root_cause(e)))
+    } else {
+        StepError::unknown_outcome(format!("request to {url} failed: {}", root_cause(e)))
+    }
+}
+
 /// Refuses an answer whose declared length is over [`MAX_RESPONSE_BYTES`].
 fn check_length(declared: Option<u64>) -> Result<(), StepError> {
     match declared {
@@ -358,18 +369,7 @@ impl HttpCaller {
         };
         let resp = match resp {
             Ok(r) => r,
-            Err(e) if e.is_connect() => {
-                return Err(StepError::transient(format!(
-                    "cannot connect to {url}: {}",
-                    root_cause(&e)
-                )))
-            }
-            Err(e) => {
-                return Err(StepError::unknown_outcome(format!(
-                    "request to {url} failed: {}",
-                    root_cause(&e)
-                )))
-            }
+            Err(e) => return Err(not_sent(url, e.is_connect(), &e)),
         };
         let status = resp.status().as_u16();
         let location = (300..400)
@@ -400,18 +400,7 @@ impl HttpCaller {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Err(timed_out(timeout)),
-            Err(e) if e.is_connect() => {
-                return Err(StepError::transient(format!(
-                    "cannot connect to {text}: {}",
-                    root_cause(&e)
-                )))
-            }
-            Err(e) => {
-                return Err(StepError::unknown_outcome(format!(
-                    "request to {text} failed: {}",
-                    root_cause(&e)
-                )))
-            }
+            Err(e) => return Err(not_sent(text, e.is_connect(), &e)),
         };
         let status = resp.status().as_u16();
         let location = (300..400)

@@ -316,13 +316,25 @@ impl SqliteStore {
             })?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread_path = path.clone();
+        // The writer prepares its statements on its own thread (a prepared
+        // statement stays with its connection's thread) and says whether
+        // it could before the store is handed out.
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         thread::Builder::new()
             .name("sagatx-sqlite-writer".into())
-            .spawn(move || writer(conn, rx, thread_path))
+            .spawn(move || writer(conn, rx, thread_path, ready_tx))
             .map_err(|e| StoreError::Open {
                 path: display(&path),
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
+        let not_ready = |reason: String| StoreError::Open {
+            path: display(&path),
+            reason,
+        };
+        ready_rx
+            .recv()
+            .map_err(|_| not_ready("the writer thread ended before it was ready".into()))?
+            .map_err(|e| not_ready(format!("cannot prepare the journal's statements: {e}")))?;
         Ok(SqliteStore {
             path,
             secret: Mutex::new(secret),
@@ -393,7 +405,23 @@ impl Rows {
 
 const TERMINAL: [&str; 3] = ["completed", "compensated", "failed"];
 
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
+fn writer(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Write>,
+    path: PathBuf,
+    ready: std::sync::mpsc::SyncSender<rusqlite::Result<()>>,
+) {
+    let mut st = match Statements::prepare(&conn) {
+        Ok(st) => st,
+        Err(e) => {
+            // The store is not handed out: nothing waits on `rx`.
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     let mut rows = Rows::default();
     while let Some(first) = rx.blocking_recv() {
@@ -406,7 +434,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Write>, path: PathBuf) {
         }
         let started = std::time::Instant::now();
         let span = tracing::debug_span!("store_commit", store = "sqlite", batch = batch.len());
-        let outcome = span.in_scope(|| apply_batch(&mut conn, &mut batch, &mut rows));
+        let outcome = span.in_scope(|| apply_batch(&conn, &mut st, &mut batch, &mut rows));
         if outcome.is_err() {
             // What it noted was rolled back.
             rows.0.clear();
@@ -480,16 +508,13 @@ fn reply_err(w: Write, e: StoreError) {
 }
 
 fn apply_batch(
-    conn: &mut Connection,
+    conn: &Connection,
+    st: &mut Statements<'_>,
     batch: &mut [Write],
     rows: &mut Rows,
 ) -> Result<Vec<Done>, rusqlite::Error> {
-    let tx = Immediate::begin(conn)?;
+    let tx = Immediate::begin(conn, &mut st.begin)?;
     let mut out = Vec::with_capacity(batch.len());
-    // The statements of nearly every write, taken from the cache once per
-    // batch instead of once per write (the cache hashes the SQL text and
-    // reorders its list at every take and return).
-    let (mut insert, mut same_by_row, mut new_by_row) = (None, None, None);
     let mut counts = Counts::default();
     for w in batch.iter() {
         match w {
@@ -507,8 +532,7 @@ fn apply_batch(
                 let idb = id.0.as_bytes().as_slice();
                 let due = due_at.map(|d| d as i64);
                 if *seq == 1 {
-                    let st = hot(&mut insert, &tx, INSERT_EXECUTION)?;
-                    let n = st.execute(params![
+                    let n = st.insert.execute(params![
                         idb,
                         saga,
                         status,
@@ -533,7 +557,7 @@ fn apply_batch(
                 // The status is assigned only when it changes (assigning a
                 // column rewrites its index entries even when the value is
                 // the same), and a change moves one count of the summary.
-                let mut update = |row: i64, was: &str| -> rusqlite::Result<usize> {
+                let update = |st: &mut Statements<'_>, row: i64, was: &str| {
                     let args = params![
                         row,
                         status,
@@ -548,24 +572,24 @@ fn apply_batch(
                         *created_at as i64
                     ];
                     if was == *status {
-                        hot(&mut same_by_row, &tx, UPDATE_SAME_STATUS_BY_ROW)?.execute(args)
+                        st.same_by_row.execute(args)
                     } else {
-                        hot(&mut new_by_row, &tx, UPDATE_NEW_STATUS_BY_ROW)?.execute(args)
+                        st.new_by_row.execute(args)
                     }
                 };
                 let mut done = None;
                 if let Some((row, was)) = rows.0.get(id).copied() {
-                    if update(row, was)? == 1 {
+                    if update(st, row, was)? == 1 {
                         done = Some((row, was.to_string()));
                     }
                 }
                 if done.is_none() {
-                    let found: Option<(i64, String)> = tx
-                        .prepare_cached("SELECT n, status FROM executions WHERE id = ?1")?
+                    let found: Option<(i64, String)> = st
+                        .find_row
                         .query_row([idb], |r| Ok((r.get(0)?, r.get(1)?)))
                         .optional()?;
                     if let Some((row, was)) = found {
-                        if update(row, &was)? == 1 {
+                        if update(st, row, &was)? == 1 {
                             done = Some((row, was));
                         }
                     }
@@ -643,29 +667,28 @@ fn apply_batch(
             }
         }
     }
-    drop((insert, same_by_row, new_by_row));
-    counts.write(&tx)?;
-    tx.commit()?;
+    counts.write(&mut st.add_to_count)?;
+    tx.commit(&mut st.commit)?;
     Ok(out)
 }
 
-/// A write transaction whose `BEGIN IMMEDIATE` and `COMMIT` are cached
-/// statements (rusqlite's `Transaction` parses both at every batch: at
-/// concurrency 1, eight statements parsed per saga, 2 % of the server's
-/// instructions). Dropped without [`Immediate::commit`], or when the
-/// commit failed, it rolls back.
+/// A write transaction whose `BEGIN IMMEDIATE` and `COMMIT` are the
+/// writer's prepared statements (rusqlite's `Transaction` parses both at
+/// every batch: at concurrency 1, eight statements parsed per saga, 2 % of
+/// the server's instructions). Dropped without [`Immediate::commit`], or
+/// when the commit failed, it rolls back.
 struct Immediate<'c> {
     conn: &'c Connection,
 }
 
 impl<'c> Immediate<'c> {
-    fn begin(conn: &'c mut Connection) -> rusqlite::Result<Self> {
-        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    fn begin(conn: &'c Connection, begin: &mut rusqlite::Statement<'_>) -> rusqlite::Result<Self> {
+        begin.execute([])?;
         Ok(Immediate { conn })
     }
 
-    fn commit(self) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
+    fn commit(self, commit: &mut rusqlite::Statement<'_>) -> rusqlite::Result<()> {
+        commit.execute([])?;
         Ok(())
     }
 }
@@ -710,11 +733,11 @@ impl Counts {
         }
     }
 
-    fn write(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    /// Adds the changes with `add` (the [`ADD_TO_COUNT`] statement).
+    fn write(&self, add: &mut rusqlite::Statement<'_>) -> rusqlite::Result<()> {
         for (saga, statuses) in &self.0 {
             for (status, by) in statuses.iter().filter(|(_, by)| **by != 0) {
-                conn.prepare_cached(ADD_TO_COUNT)?
-                    .execute(params![saga, status, by])?;
+                add.execute(params![saga, status, by])?;
             }
         }
         Ok(())
@@ -735,18 +758,38 @@ const UPDATE_NEW_STATUS_BY_ROW: &str =
                            created_at = ?9
      WHERE n = ?1 AND seq = ?7 AND status = ?8";
 
-/// The statement held in `slot` for this batch, prepared (or taken from
-/// the connection's cache) on first use.
-fn hot<'s, 'c>(
-    slot: &'s mut Option<rusqlite::CachedStatement<'c>>,
-    conn: &'c rusqlite::Connection,
-    sql: &str,
-) -> rusqlite::Result<&'s mut rusqlite::CachedStatement<'c>> {
-    if slot.is_none() {
-        *slot = Some(conn.prepare_cached(sql)?);
+const FIND_ROW: &str = "SELECT n, status FROM executions WHERE id = ?1";
+
+/// The statements of nearly every batch, prepared once for the writer's
+/// life. Taking a statement from rusqlite's cache hashes its SQL text, and
+/// giving it back hashes it again and reorders the cache: with four takes
+/// a commit (begin, the write, the counts, commit) that was 26,000 of the
+/// coordinator's 465,000 instructions per HTTP saga at concurrency 1. A
+/// statement is reset after each use (rusqlite's `execute` and
+/// `query_row` do it), so none holds the file between batches; SQLite
+/// prepares one again by itself when the schema changed.
+struct Statements<'c> {
+    begin: rusqlite::Statement<'c>,
+    commit: rusqlite::Statement<'c>,
+    insert: rusqlite::Statement<'c>,
+    same_by_row: rusqlite::Statement<'c>,
+    new_by_row: rusqlite::Statement<'c>,
+    find_row: rusqlite::Statement<'c>,
+    add_to_count: rusqlite::Statement<'c>,
+}
+
+impl<'c> Statements<'c> {
+    fn prepare(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Statements {
+            begin: conn.prepare("BEGIN IMMEDIATE")?,
+            commit: conn.prepare("COMMIT")?,
+            insert: conn.prepare(INSERT_EXECUTION)?,
+            same_by_row: conn.prepare(UPDATE_SAME_STATUS_BY_ROW)?,
+            new_by_row: conn.prepare(UPDATE_NEW_STATUS_BY_ROW)?,
+            find_row: conn.prepare(FIND_ROW)?,
+            add_to_count: conn.prepare(ADD_TO_COUNT)?,
+        })
     }
-    // Just filled when it was empty.
-    slot.as_mut().ok_or(rusqlite::Error::InvalidQuery)
 }
 
 /// The execution of a row: its `id`, `created_at` (the time a compressed
@@ -1266,12 +1309,25 @@ mod tests {
         (dir, conn)
     }
 
+    /// [`apply_batch`] with statements prepared for this one batch.
+    fn apply(
+        conn: &Connection,
+        batch: &mut [Write],
+        rows: &mut Rows,
+    ) -> Result<Vec<Done>, rusqlite::Error> {
+        let mut st = Statements::prepare(conn).expect("statements");
+        apply_batch(conn, &mut st, batch, rows)
+    }
+
     /// A batch that fails part-way leaves nothing of itself behind, and
-    /// the connection takes the next batch (the write transaction is the
-    /// writer's own, with cached BEGIN and COMMIT).
+    /// the connection takes the next batch with the same statements (the
+    /// write transaction is the writer's own, with its prepared BEGIN and
+    /// COMMIT; the trigger, made after they were prepared, also checks
+    /// that they see a schema that changed).
     #[test]
     fn a_failed_batch_rolls_back_and_the_next_one_commits() {
-        let (_dir, mut conn) = journal();
+        let (_dir, conn) = journal();
+        let mut st = Statements::prepare(&conn).expect("statements");
         conn.execute_batch(
             "CREATE TEMP TRIGGER boom BEFORE INSERT ON executions WHEN new.saga = 'boom'
              BEGIN SELECT RAISE(ABORT, 'boom'); END;",
@@ -1289,7 +1345,7 @@ mod tests {
         if let Write::Append { saga, .. } = &mut wb {
             *saga = "boom".to_string();
         }
-        let Err(err) = apply_batch(&mut conn, &mut [wa, wb], &mut rows) else {
+        let Err(err) = apply_batch(&conn, &mut st, &mut [wa, wb], &mut rows) else {
             panic!("the trigger fails the batch");
         };
         assert!(err.to_string().contains("boom"), "{err}");
@@ -1300,7 +1356,7 @@ mod tests {
         };
         assert_eq!(count(&conn), 0, "the first write went with the batch");
         let (wa, _ra) = write(&a);
-        apply_batch(&mut conn, &mut [wa], &mut rows).expect("the next batch");
+        apply_batch(&conn, &mut st, &mut [wa], &mut rows).expect("the next batch");
         assert_eq!(stored(&conn, a.id), ("running".to_string(), 1));
         assert_eq!(count(&conn), 1);
     }
@@ -1310,7 +1366,7 @@ mod tests {
     /// written, and with a wrong row number the row is found by id.
     #[test]
     fn a_wrong_remembered_row_never_writes_a_wrong_status() {
-        let (_dir, mut conn) = journal();
+        let (_dir, conn) = journal();
         let def = definition();
         let env = Env {
             now_ms: 1,
@@ -1319,7 +1375,7 @@ mod tests {
         let mut ex = started(&def, env);
         let mut rows = Rows::default();
         let (w, _rx) = write(&ex);
-        apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
+        apply(&conn, &mut [w], &mut rows).expect("insert");
         assert_eq!(stored(&conn, ex.id), ("running".to_string(), 1));
         let (row, _) = rows.0[&ex.id];
 
@@ -1330,7 +1386,7 @@ mod tests {
         assert_ne!(ex.status, Status::Running);
         rows.0.insert(ex.id, (row, "running"));
         let (w, _rx) = write(&ex);
-        apply_batch(&mut conn, &mut [w], &mut rows).expect("update");
+        apply(&conn, &mut [w], &mut rows).expect("update");
         assert_eq!(stored(&conn, ex.id), (ex.status.as_str().to_string(), 2));
         assert!(
             !rows.0.contains_key(&ex.id),
@@ -1340,12 +1396,12 @@ mod tests {
         // A wrong row number: the update falls back to the id.
         let mut other = started(&def, env);
         let (w, _rx) = write(&other);
-        apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
+        apply(&conn, &mut [w], &mut rows).expect("insert");
         rows.0.insert(other.id, (row, "running"));
         other.updated_at_ms = 2;
         other.seq = 2;
         let (w, _rx) = write(&other);
-        let done = apply_batch(&mut conn, &mut [w], &mut rows).expect("update");
+        let done = apply(&conn, &mut [w], &mut rows).expect("update");
         assert!(matches!(done[..], [Done::Appended(Ok(()))]));
         assert_eq!(stored(&conn, other.id), ("running".to_string(), 2));
         assert_eq!(stored(&conn, ex.id).1, 2, "the other row is untouched");
@@ -1355,13 +1411,13 @@ mod tests {
         // row as read, and the counts move from the status the row had.
         let mut third = started(&def, env);
         let (w, _rx) = write(&third);
-        apply_batch(&mut conn, &mut [w], &mut rows).expect("insert");
+        apply(&conn, &mut [w], &mut rows).expect("insert");
         let (third_row, _) = rows.0[&third.id];
         rows.0.insert(third.id, (third_row, "paused"));
         fail_first_step(&mut third, &def, env);
         third.seq = 2;
         let (w, _rx) = write(&third);
-        let done = apply_batch(&mut conn, &mut [w], &mut rows).expect("update");
+        let done = apply(&conn, &mut [w], &mut rows).expect("update");
         assert!(matches!(done[..], [Done::Appended(Ok(()))]));
         assert_eq!(
             stored(&conn, third.id),
@@ -1398,7 +1454,7 @@ mod tests {
     #[test]
     fn a_schema_6_entry_reads_back_and_its_next_write_is_relative() {
         use super::super::pack;
-        let (_dir, mut conn) = journal();
+        let (_dir, conn) = journal();
         let def = definition();
         let env = Env {
             now_ms: 1_795_819_178_413,
@@ -1435,7 +1491,7 @@ mod tests {
         fail_first_step(&mut ex, &def, env);
         ex.seq = 2;
         let (w, _rx) = write(&ex);
-        let done = apply_batch(&mut conn, &mut [w], &mut Rows::default()).expect("update");
+        let done = apply(&conn, &mut [w], &mut Rows::default()).expect("update");
         assert!(matches!(done[..], [Done::Appended(Ok(()))]));
         let (at, state, back) = read(&conn);
         assert_eq!((at as u64, state[0], back), (ex.created_at_ms, 2, ex));

@@ -556,7 +556,19 @@ struct Statements {
     insert: tokio_postgres::Statement,
     update: tokio_postgres::Statement,
     release: tokio_postgres::Statement,
+    /// `insert` and `update` for many executions at once, their values in
+    /// arrays (see [`BULK_MIN`]).
+    insert_many: tokio_postgres::Statement,
+    update_many: tokio_postgres::Statement,
 }
+
+/// The fewest writes of new or of existing executions that a batch sends
+/// as one statement over arrays rather than one statement per write.
+/// PostgreSQL's work per statement (binding, starting the executor, a
+/// snapshot) is paid once: a batch of 256 updates took 4.2 ms against 7.0 ms
+/// as 256 pipelined prepared statements (pgbench, fsync on, the table and
+/// indexes of this store), 16 µs a row against 27.
+const BULK_MIN: usize = 4;
 
 async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
     Ok(Statements {
@@ -586,7 +598,160 @@ async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
                  WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
             )
             .await?,
+        // The same two writes as `insert` and `update`, a row of the arrays
+        // for each execution; they give back the ids they wrote.
+        insert_many: client
+            .prepare(
+                "INSERT INTO sagatx_executions
+                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch)
+                 SELECT u.id, u.saga, u.status, 1, u.due_at, u.created_at, u.updated_at, u.state, u.owner, 1
+                 FROM unnest($1::UUID[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[],
+                             $6::BIGINT[], $7::BYTEA[], $8::UUID[])
+                      AS u(id, saga, status, due_at, created_at, updated_at, state, owner)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id",
+            )
+            .await?,
+        update_many: client
+            .prepare(
+                "UPDATE sagatx_executions t SET status = u.status, seq = u.seq, due_at = u.due_at,
+                   updated_at = u.updated_at, state = u.state,
+                   lease_owner = CASE WHEN u.keep THEN t.lease_owner ELSE u.owner END
+                 FROM unnest($1::UUID[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[],
+                             $6::BYTEA[], $7::UUID[], $8::BIGINT[], $9::BOOL[])
+                      AS u(id, status, seq, due_at, updated_at, state, owner, epoch, keep)
+                 WHERE t.id = u.id AND t.seq = u.seq - 1
+                   AND ((t.lease_owner = $10 AND t.lease_epoch = u.epoch)
+                        OR (u.epoch = 0 AND (t.lease_owner IS NULL OR t.lease_owner = $10)))
+                 RETURNING t.id",
+            )
+            .await?,
     })
+}
+
+/// One execution's write in a batch, with what its statement needs.
+struct P<'a> {
+    ex: &'a Execution,
+    state: &'a Vec<u8>,
+    due: Option<i64>,
+    epoch: i64,
+    /// The lease after the write: this process's, or none once the
+    /// execution is terminal (or when nobody held it).
+    owner: Option<Uuid>,
+    /// A write under no lease leaves the lease as it is.
+    keep: bool,
+}
+
+/// Rows written by each of `appends`, one statement each, pipelined on
+/// the connection (sent together, answered in order): one round trip for
+/// the batch instead of one per write.
+async fn write_each(
+    tx: &tokio_postgres::Transaction<'_>,
+    st: &Statements,
+    appends: &[P<'_>],
+    me: Uuid,
+) -> Result<Vec<u64>, tokio_postgres::Error> {
+    let (insert, update) = (&st.insert, &st.update);
+    futures_util::future::try_join_all(appends.iter().map(|p| async move {
+        let ex = p.ex;
+        if ex.seq == 1 {
+            tx.execute(
+                insert,
+                &[
+                    &ex.id.0,
+                    &ex.saga.as_str(),
+                    &ex.status.as_str(),
+                    &p.due,
+                    &(ex.created_at_ms as i64),
+                    &(ex.updated_at_ms as i64),
+                    p.state,
+                    &p.owner,
+                ],
+            )
+            .await
+        } else {
+            tx.execute(
+                update,
+                &[
+                    &ex.id.0,
+                    &ex.status.as_str(),
+                    &(ex.seq as i64),
+                    &p.due,
+                    &(ex.updated_at_ms as i64),
+                    p.state,
+                    &((ex.seq - 1) as i64),
+                    &p.owner,
+                    &me,
+                    &p.epoch,
+                    &p.keep,
+                ],
+            )
+            .await
+        }
+    }))
+    .await
+}
+
+/// Rows written by each of `appends` (no two of one execution), with one
+/// statement for the new executions and one for the others.
+async fn write_many(
+    tx: &tokio_postgres::Transaction<'_>,
+    st: &Statements,
+    appends: &[P<'_>],
+    me: Uuid,
+) -> Result<Vec<u64>, tokio_postgres::Error> {
+    let (new, old): (Vec<&P<'_>>, Vec<&P<'_>>) = appends.iter().partition(|p| p.ex.seq == 1);
+    let inserted = async {
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = new.iter().map(|p| p.ex.id.0).collect();
+        let sagas: Vec<&str> = new.iter().map(|p| p.ex.saga.as_str()).collect();
+        let statuses: Vec<&str> = new.iter().map(|p| p.ex.status.as_str()).collect();
+        let dues: Vec<Option<i64>> = new.iter().map(|p| p.due).collect();
+        let created: Vec<i64> = new.iter().map(|p| p.ex.created_at_ms as i64).collect();
+        let updated: Vec<i64> = new.iter().map(|p| p.ex.updated_at_ms as i64).collect();
+        let states: Vec<&[u8]> = new.iter().map(|p| p.state.as_slice()).collect();
+        let owners: Vec<Option<Uuid>> = new.iter().map(|p| p.owner).collect();
+        tx.query(
+            &st.insert_many,
+            &[
+                &ids, &sagas, &statuses, &dues, &created, &updated, &states, &owners,
+            ],
+        )
+        .await
+    };
+    let updated = async {
+        if old.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = old.iter().map(|p| p.ex.id.0).collect();
+        let statuses: Vec<&str> = old.iter().map(|p| p.ex.status.as_str()).collect();
+        let seqs: Vec<i64> = old.iter().map(|p| p.ex.seq as i64).collect();
+        let dues: Vec<Option<i64>> = old.iter().map(|p| p.due).collect();
+        let times: Vec<i64> = old.iter().map(|p| p.ex.updated_at_ms as i64).collect();
+        let states: Vec<&[u8]> = old.iter().map(|p| p.state.as_slice()).collect();
+        let owners: Vec<Option<Uuid>> = old.iter().map(|p| p.owner).collect();
+        let epochs: Vec<i64> = old.iter().map(|p| p.epoch).collect();
+        let keeps: Vec<bool> = old.iter().map(|p| p.keep).collect();
+        tx.query(
+            &st.update_many,
+            &[
+                &ids, &statuses, &seqs, &dues, &times, &states, &owners, &epochs, &keeps, &me,
+            ],
+        )
+        .await
+    };
+    let (inserted, updated) = futures_util::future::try_join(inserted, updated).await?;
+    let written: std::collections::HashSet<Uuid> = inserted
+        .iter()
+        .chain(&updated)
+        .map(|r| r.get::<_, Uuid>(0))
+        .collect();
+    Ok(appends
+        .iter()
+        .map(|p| u64::from(written.contains(&p.ex.id.0)))
+        .collect())
 }
 
 async fn apply(
@@ -596,22 +761,7 @@ async fn apply(
     shared: &Shared,
 ) -> Result<Vec<Done>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let (insert, update) = (&st.insert, &st.update);
     let me = shared.owner;
-    // The executions' writes are pipelined on the connection (sent
-    // together, answered in order): one round trip for the batch instead of
-    // one per write.
-    struct P<'a> {
-        ex: &'a Execution,
-        state: &'a Vec<u8>,
-        due: Option<i64>,
-        epoch: i64,
-        /// The lease after the write: this process's, or none once the
-        /// execution is terminal (or when nobody held it).
-        owner: Option<Uuid>,
-        /// A write under no lease leaves the lease as it is.
-        keep: bool,
-    }
     let appends: Vec<P<'_>> = batch
         .iter()
         .filter_map(|w| match w {
@@ -627,45 +777,21 @@ async fn apply(
         })
         .collect();
     let tx_ref = &tx;
-    let writes = futures_util::future::try_join_all(appends.iter().map(|p| async move {
-        let ex = p.ex;
-        if ex.seq == 1 {
-            tx_ref
-                .execute(
-                    insert,
-                    &[
-                        &ex.id.0,
-                        &ex.saga.as_str(),
-                        &ex.status.as_str(),
-                        &p.due,
-                        &(ex.created_at_ms as i64),
-                        &(ex.updated_at_ms as i64),
-                        p.state,
-                        &p.owner,
-                    ],
-                )
-                .await
+    // Many writes go as two statements over arrays (the new executions',
+    // then the others'); a few, or a batch holding two writes of one
+    // execution (which one statement would not apply one after the other),
+    // as one statement each.
+    let bulk = appends.len() >= BULK_MIN && {
+        let mut ids = std::collections::HashSet::with_capacity(appends.len());
+        appends.iter().all(|p| ids.insert(p.ex.id))
+    };
+    let writes = async {
+        if bulk {
+            write_many(tx_ref, st, &appends, me).await
         } else {
-            tx_ref
-                .execute(
-                    update,
-                    &[
-                        &ex.id.0,
-                        &ex.status.as_str(),
-                        &(ex.seq as i64),
-                        &p.due,
-                        &(ex.updated_at_ms as i64),
-                        p.state,
-                        &((ex.seq - 1) as i64),
-                        &p.owner,
-                        &me,
-                        &p.epoch,
-                        &p.keep,
-                    ],
-                )
-                .await
+            write_each(tx_ref, st, &appends, me).await
         }
-    }));
+    };
     let releases = futures_util::future::try_join_all(batch.iter().filter_map(|w| match w {
         Write::Release(id, epoch, _) => {
             let (release, epoch) = (&st.release, *epoch as i64);

@@ -916,3 +916,98 @@ async fn due_work_is_claimed_by_one_of_several_processes() {
         .get(0);
     assert_eq!(held, 0, "finished executions hold no lease");
 }
+
+/// A batch of many writes goes to PostgreSQL as one statement over arrays
+/// for the new executions and one for the others; each write still gets the
+/// answer it would get alone (written, `Exists`, `Conflict`, `LeaseLost`),
+/// and only the writes that were right change a row. On a one-thread
+/// runtime every write below is queued before the writer runs, so each
+/// group is one batch.
+#[tokio::test]
+async fn a_batch_of_many_writes_answers_each_write_as_alone() {
+    use sagatx::core::{Event, Execution};
+    use sagatx::store::{PostgresStore, StoreError};
+    use sagatx::{ExecutionId, SagaDefinition};
+    let url = fresh_db(&env_url("SAGATX_TEST_PG_URL")).await;
+    let store = PostgresStore::open(&url).await.expect("open");
+    let leases = store.leases().expect("shared");
+    let def = SagaDefinition::from_json(
+        br#"{"name":"b","steps":[{"name":"s","action":{"url":"http://127.0.0.1:9/a"}}]}"#,
+    )
+    .expect("definition");
+    store.put_definition(&def).await.expect("define");
+    let env = sagatx::core::Env {
+        now_ms: 1,
+        random01: 0.5,
+    };
+    let new = || {
+        let mut ex = Execution::new(
+            ExecutionId(uuid::Uuid::now_v7()),
+            &def,
+            1,
+            serde_json::json!({}),
+            None,
+            1,
+        );
+        ex.handle(&def, Event::Start, env).expect("start");
+        ex.seq = 1;
+        ex
+    };
+    let exs: Vec<Execution> = (0..8).map(|_| new()).collect();
+    let created =
+        futures_util::future::join_all(exs.iter().map(|ex| leases.append_leased(ex, 1))).await;
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+    let next = |ex: &Execution, seq: u64| {
+        let mut n = ex.clone();
+        n.seq = seq;
+        n.updated_at_ms = 2;
+        n
+    };
+    let later = new();
+    let writes = [
+        next(&exs[0], 2),
+        next(&exs[1], 2),
+        next(&exs[2], 2),
+        next(&exs[3], 3), // skips a sequence number
+        exs[4].clone(),   // created again
+        later.clone(),    // new
+        next(&exs[5], 2), // under the wrong epoch, below
+        next(&exs[6], 2),
+    ];
+    let answers = futures_util::future::join_all(writes.iter().enumerate().map(|(i, w)| {
+        let epoch = if i == 6 { 2 } else { 1 };
+        leases.append_leased(w, epoch)
+    }))
+    .await;
+    assert!(answers[0].is_ok() && answers[1].is_ok() && answers[2].is_ok());
+    assert!(
+        matches!(
+            answers[3],
+            Err(StoreError::Conflict {
+                expected: 2,
+                found: Some(1),
+                ..
+            })
+        ),
+        "{:?}",
+        answers[3]
+    );
+    assert!(matches!(answers[4], Err(StoreError::Exists(id)) if id == exs[4].id));
+    assert!(answers[5].is_ok(), "{:?}", answers[5]);
+    assert!(
+        matches!(answers[6], Err(StoreError::LeaseLost(id)) if id == exs[5].id),
+        "{:?}",
+        answers[6]
+    );
+    assert!(answers[7].is_ok(), "{:?}", answers[7]);
+
+    let seq = |id| {
+        let store = &store;
+        async move { store.load(id).await.expect("load").map(|ex| ex.seq) }
+    };
+    for (i, want) in [2, 2, 2, 1, 1, 1, 2, 1].into_iter().enumerate() {
+        assert_eq!(seq(exs[i].id).await, Some(want), "execution {i}");
+    }
+    assert_eq!(seq(later.id).await, Some(1));
+}

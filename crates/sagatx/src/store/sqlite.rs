@@ -508,6 +508,9 @@ fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::SyncSender<()>, St
 /// A checkpoint that fails (busy with the writer's own, a full disk) is
 /// only logged: the frames stay in the WAL, durable, for the next one.
 fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: PathBuf) {
+    // A checkpoint that keeps failing is reported once a minute, not after
+    // every commit.
+    let mut warned: Option<std::time::Instant> = None;
     while commits.recv().is_ok() {
         thread::sleep(CHECKPOINT_DELAY);
         // The commits made while it slept are in this checkpoint.
@@ -526,7 +529,12 @@ fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: 
                 tracing::trace!("checkpoint skipped: another one runs");
             }
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; the writer's own checkpoints go on");
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; the writer's own checkpoints go on");
+                } else {
+                    tracing::debug!(error = %e, "checkpoint failed again");
+                }
             }
         }
     }

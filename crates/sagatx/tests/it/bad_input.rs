@@ -119,6 +119,28 @@ async fn an_unusable_location_gives_a_clear_error() {
     );
 }
 
+/// A journal whose schema was damaged by hand (a table the writer needs
+/// dropped, the schema version left as it was) is refused at open with
+/// the writer's reason, not taken and failed at its first write.
+#[tokio::test]
+async fn a_journal_missing_a_table_is_refused_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("j.db");
+    drop(SqliteStore::open(&path).expect("a new journal"));
+    rusqlite::Connection::open(&path)
+        .expect("open by hand")
+        .execute_batch("DROP TABLE counts")
+        .expect("drop");
+    let err = SqliteStore::open(&path).err().expect("refused");
+    assert!(matches!(err, StoreError::Open { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot prepare the journal's statements") && text.contains("counts"),
+        "{text}"
+    );
+    assert!(text.contains("j.db"), "names the file: {text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_entry_is_reported_and_hides_nothing_else() {
     let dir = tempfile::tempdir().expect("tempdir");

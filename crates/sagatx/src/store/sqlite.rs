@@ -1427,6 +1427,7 @@ mod tests {
 
     /// Threads of this process whose name starts like the checkpointer's
     /// (Linux keeps 15 bytes of a thread's name).
+    #[cfg(target_os = "linux")]
     fn checkpointers() -> usize {
         std::fs::read_dir("/proc/self/task")
             .expect("/proc/self/task")
@@ -1437,7 +1438,8 @@ mod tests {
 
     /// Dropping the store ends its checkpointer thread (after the writer,
     /// whose end ends it). Counts this process's threads: nextest runs
-    /// each test in a process of its own.
+    /// each test in a process of its own. Linux only (`/proc`).
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn dropping_the_store_ends_the_checkpointer() {
         let before = checkpointers();

@@ -642,6 +642,22 @@ fn raw_round_trip_and_future_versions() {
         Execution::from_raw(b"{nope"),
         Err(DecodeError::Json(_))
     ));
+    // A later version whose shape this one cannot read is still told as a
+    // later version, not as damaged JSON.
+    v["steps"] = json!({"renamed": true});
+    v["status"] = json!("a status of the future");
+    let reshaped = serde_json::to_vec(&v).expect("json");
+    assert!(matches!(
+        Execution::from_raw(&reshaped),
+        Err(DecodeError::FutureVersion { found: 99 })
+    ));
+    // The same shape at this version is damaged, and says what is wrong.
+    v["format_version"] = json!(FORMAT_VERSION);
+    let damaged = serde_json::to_vec(&v).expect("json");
+    assert!(matches!(
+        Execution::from_raw(&damaged),
+        Err(DecodeError::Json(_))
+    ));
 }
 
 #[test]

@@ -28,7 +28,8 @@ pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStore, DEFAULT_LEASE, PG_SCHEMA_VERSION};
 pub use sqlite::{
-    Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, PAGE_SIZE_BYTES, SCHEMA_VERSION,
+    Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, MAX_BATCH, PAGE_SIZE_BYTES,
+    SCHEMA_VERSION,
 };
 pub use url::{open, open_with, OpenOptions, StoreUrl};
 

@@ -298,3 +298,96 @@ async fn a_memory_store_retention_drops_the_oldest_finished_only() {
         "3 completed, the failed, the unfinished"
     );
 }
+
+/// More writes queued at once than one batch takes: the writer splits them
+/// into several transactions, and every write is applied and answered,
+/// none lost or doubled at a batch's edge: first the creations, then one
+/// update of each, then the sums of the summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_writes_than_a_batch_holds_all_land() {
+    use sagatx::core::{Env, Event, Execution, ExecutionId, Phase, SagaDefinition, Status};
+    use sagatx::Store as _;
+    let n = 2 * sagatx::store::MAX_BATCH + 7;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SqliteStore::open(dir.path().join("j.db")).expect("open"));
+    let def = SagaDefinition::from_json(
+        br#"{"name":"b","steps":[{"name":"s","action":{"url":"http://127.0.0.1:9/a"}}]}"#,
+    )
+    .expect("definition");
+    store.put_definition(&def).await.expect("define");
+    let env = Env {
+        now_ms: 1,
+        random01: 0.5,
+    };
+    let mut exs: Vec<Execution> = (0..n)
+        .map(|_| {
+            let mut ex = Execution::new(
+                ExecutionId(uuid::Uuid::now_v7()),
+                &def,
+                1,
+                serde_json::json!({}),
+                None,
+                1,
+            );
+            ex.handle(&def, Event::Start, env).expect("start");
+            ex.seq = 1;
+            ex
+        })
+        .collect();
+    // Another connection holds the write lock for a while, so that the
+    // writer stops at its first batch and the rest queue up behind it
+    // (the writer waits up to 5 s for the lock).
+    let path = dir.path().join("j.db");
+    let blocker = rusqlite::Connection::open(&path).expect("open");
+    blocker.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let creating = {
+        let (store, exs) = (store.clone(), exs.clone());
+        tokio::spawn(async move {
+            futures_util::future::join_all(exs.iter().map(|ex| store.append(ex))).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    blocker.execute_batch("ROLLBACK").expect("unlock");
+    let created = creating.await.expect("creations");
+    assert!(created.iter().all(Result::is_ok), "a creation failed");
+    for (i, ex) in exs.iter_mut().enumerate() {
+        ex.handle(
+            &def,
+            Event::Outcome {
+                step: 0,
+                phase: Phase::Action,
+                attempt: 1,
+                outcome: Ok(serde_json::json!(i)),
+            },
+            env,
+        )
+        .expect("outcome");
+        ex.seq = 2;
+        assert_eq!(ex.status, Status::Completed);
+    }
+    let updated = futures_util::future::join_all(exs.iter().map(|ex| store.append(ex))).await;
+    assert!(updated.iter().all(Result::is_ok), "an update failed");
+
+    let mut stored = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.scan(cursor, 1000).await.expect("scan");
+        stored.extend(page.items);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(stored.len(), n);
+    let by_id: std::collections::HashMap<_, _> = stored.iter().map(|ex| (ex.id, ex)).collect();
+    for (i, ex) in exs.iter().enumerate() {
+        let back = by_id.get(&ex.id).expect("every execution stored");
+        assert_eq!((back.seq, back.status), (2, Status::Completed));
+        assert_eq!(back.steps[0].result, Some(serde_json::json!(i)));
+    }
+    let summary = store.summary().await.expect("summary");
+    assert_eq!(
+        summary.counts,
+        vec![("b".to_string(), Status::Completed, n as u64)]
+    );
+}

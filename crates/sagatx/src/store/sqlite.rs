@@ -46,7 +46,7 @@ pub const SCHEMA_VERSION: i64 = 7;
 /// than that: recovery resuming thousands of executions at once, or more
 /// than a thousand callers. There a batch of 4,096 rewrites each page it
 /// touches once for up to four times as many writes, and shares one fsync
-/// among them: 100,000 executions recovered in 4.6-4.8 s against 5.6-5.9 s
+/// among them: 100,000 executions recovered in 4.6-5.2 s against 5.6-5.9 s
 /// with batches of 1,024 (A/B, the same binary, BENCHMARKS.md).
 pub const MAX_BATCH: usize = 4096;
 /// Writes queued for the writer thread at most (back-pressure beyond).

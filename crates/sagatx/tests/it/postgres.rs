@@ -925,9 +925,9 @@ async fn due_work_is_claimed_by_one_of_several_processes() {
 /// group is one batch.
 #[tokio::test]
 async fn a_batch_of_many_writes_answers_each_write_as_alone() {
-    use sagatx::core::{Event, Execution};
+    use sagatx::core::Execution;
     use sagatx::store::{PostgresStore, StoreError};
-    use sagatx::{ExecutionId, SagaDefinition};
+    use sagatx::SagaDefinition;
     let url = fresh_db(&env_url("SAGATX_TEST_PG_URL")).await;
     let store = PostgresStore::open(&url).await.expect("open");
     let leases = store.leases().expect("shared");
@@ -936,23 +936,7 @@ async fn a_batch_of_many_writes_answers_each_write_as_alone() {
     )
     .expect("definition");
     store.put_definition(&def).await.expect("define");
-    let env = sagatx::core::Env {
-        now_ms: 1,
-        random01: 0.5,
-    };
-    let new = || {
-        let mut ex = Execution::new(
-            ExecutionId(uuid::Uuid::now_v7()),
-            &def,
-            1,
-            serde_json::json!({}),
-            None,
-            1,
-        );
-        ex.handle(&def, Event::Start, env).expect("start");
-        ex.seq = 1;
-        ex
-    };
+    let new = || crate::support::started(&def);
     let exs: Vec<Execution> = (0..8).map(|_| new()).collect();
     let created =
         futures_util::future::join_all(exs.iter().map(|ex| leases.append_leased(ex, 1))).await;

@@ -305,7 +305,7 @@ async fn a_memory_store_retention_drops_the_oldest_finished_only() {
 /// update of each, then the sums of the summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_writes_than_a_batch_holds_all_land() {
-    use sagatx::core::{Env, Event, Execution, ExecutionId, Phase, SagaDefinition, Status};
+    use sagatx::core::{Env, Event, Execution, Phase, SagaDefinition, Status};
     use sagatx::Store as _;
     let n = 2 * sagatx::store::MAX_BATCH + 7;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -319,21 +319,7 @@ async fn more_writes_than_a_batch_holds_all_land() {
         now_ms: 1,
         random01: 0.5,
     };
-    let mut exs: Vec<Execution> = (0..n)
-        .map(|_| {
-            let mut ex = Execution::new(
-                ExecutionId(uuid::Uuid::now_v7()),
-                &def,
-                1,
-                serde_json::json!({}),
-                None,
-                1,
-            );
-            ex.handle(&def, Event::Start, env).expect("start");
-            ex.seq = 1;
-            ex
-        })
-        .collect();
+    let mut exs: Vec<Execution> = (0..n).map(|_| crate::support::started(&def)).collect();
     // Another connection holds the write lock for a while, so that the
     // writer stops at its first batch and the rest queue up behind it
     // (the writer waits up to 5 s for the lock).

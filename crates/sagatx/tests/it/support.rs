@@ -107,3 +107,24 @@ pub fn three(rec: &Recorder, name: &str) -> sagatx::Saga {
         .build()
         .expect("valid saga")
 }
+
+/// A new execution of version 1 of `def`, started (its first call
+/// journaled) and numbered as its first write, as a store receives it.
+pub fn started(def: &sagatx::core::SagaDefinition) -> sagatx::core::Execution {
+    use sagatx::core::{Env, Event, Execution, ExecutionId};
+    let env = Env {
+        now_ms: 1,
+        random01: 0.5,
+    };
+    let mut ex = Execution::new(
+        ExecutionId(uuid::Uuid::now_v7()),
+        def,
+        1,
+        json!({}),
+        None,
+        1,
+    );
+    ex.handle(def, Event::Start, env).expect("start");
+    ex.seq = 1;
+    ex
+}

@@ -1496,7 +1496,10 @@ mod tests {
         let before = checkpointers();
         let dir = tempfile::tempdir().expect("dir");
         let store = SqliteStore::open(dir.path().join("j.db")).expect("open");
-        assert_eq!(checkpointers(), before + 1, "one checkpointer per store");
+        // A thread names itself once it runs, so its name can lag the spawn.
+        eventually("one checkpointer per store", || {
+            checkpointers() == before + 1
+        });
         let def = definition();
         let env = Env {
             now_ms: 1,

@@ -140,8 +140,10 @@ enum Command {
     Graph { file: PathBuf },
     /// The benchmark: throughput, latency, CPU, memory and bytes written.
     Bench {
-        /// Workloads to run, comma-separated: memory, sqlite, http,
-        /// recovery, idle (default: all).
+        /// Workloads to run, comma-separated: memory, tx, sqlite, http,
+        /// recovery, idle (the default: these six); also postgres (needs
+        /// SAGATX_BENCH_PG_URL) and peers (the Python peers side by side,
+        /// bench/peers/run).
         #[arg(long, value_delimiter = ',')]
         workload: Vec<String>,
         /// Tiny sizes: checks that the benchmark works, measures nothing.

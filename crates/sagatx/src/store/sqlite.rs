@@ -516,7 +516,7 @@ fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::SyncSender<()>, St
 fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: PathBuf) {
     // A checkpoint that keeps failing is reported once a minute, not after
     // every commit.
-    let mut warned: Option<std::time::Instant> = None;
+    let mut warn = Throttle::new(Duration::from_secs(60));
     while commits.recv().is_ok() {
         thread::sleep(CHECKPOINT_DELAY);
         // The commits made while it slept are in this checkpoint.
@@ -535,14 +535,38 @@ fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: 
                 tracing::trace!("checkpoint skipped: another one runs");
             }
             Err(e) => {
-                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
+                if warn.ready(std::time::Instant::now()) {
                     tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; the writer's own checkpoints go on");
                 } else {
                     tracing::debug!(error = %e, "checkpoint failed again");
                 }
             }
         }
+    }
+}
+
+/// Lets a repeated report through at most once per `every`: the first at
+/// once, the next only when `every` has passed since the last let through.
+struct Throttle {
+    every: Duration,
+    last: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Self {
+        Throttle { every, last: None }
+    }
+
+    /// Whether a report at `now` goes through (and counts as the last).
+    fn ready(&mut self, now: std::time::Instant) -> bool {
+        if self
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) < self.every)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
     }
 }
 
@@ -1508,6 +1532,26 @@ mod tests {
         store.append(&started(&def, env)).await.expect("append");
         drop(store);
         eventually("the checkpointer ended", || checkpointers() == before);
+    }
+
+    /// A checkpoint that keeps failing is reported at once, then once a
+    /// minute however often it fails in between.
+    #[test]
+    fn a_failing_checkpoint_is_reported_once_a_minute() {
+        let mut warn = Throttle::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(warn.ready(at(0)), "the first failure is reported");
+        assert!(!warn.ready(at(0)));
+        assert!(!warn.ready(at(30)));
+        assert!(!warn.ready(at(59)), "not within the minute");
+        assert!(warn.ready(at(60)), "a minute after the last report");
+        assert!(
+            !warn.ready(at(61)),
+            "counted from the last report, not the first"
+        );
+        assert!(!warn.ready(at(119)));
+        assert!(warn.ready(at(125)));
     }
 
     /// [`apply_batch`] with statements prepared for this one batch.

@@ -406,50 +406,90 @@ async fn sqlite(o: &Options, out: &mut Vec<Row>) -> Result<()> {
 fn pg_url() -> Result<String> {
     std::env::var("SAGATX_BENCH_PG_URL").map_err(|_| {
         anyhow!(
-            "the postgres workload needs SAGATX_BENCH_PG_URL, the URL of an empty database \
-             (scripts/test-postgres start starts a PostgreSQL and prints a URL)"
+            "the postgres workload needs SAGATX_BENCH_PG_URL, the URL of a database on a \
+             PostgreSQL server where its user may create databases: each part of the workload \
+             runs on a fresh one, dropped afterwards (scripts/test-postgres start starts a \
+             PostgreSQL and prints a URL)"
         )
     })
 }
 
-/// A fresh database on the server of `url`, for one run.
-async fn fresh_pg_db(url: &str) -> Result<String> {
+/// A database of the benchmark's own on a PostgreSQL server: every
+/// workload starts on an empty one, and [`PgDb::remove`] drops it after.
+struct PgDb {
+    /// The URL given (its database is where `CREATE DATABASE` runs).
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    /// Creates a fresh database on the server of `url`.
+    async fn create(url: &str) -> Result<Self> {
+        let name = format!(
+            "sagatx_bench_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        pg_admin(url, &format!("CREATE DATABASE {name}")).await?;
+        let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(url);
+        Ok(PgDb {
+            admin: url.to_string(),
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    /// Drops the database, with whatever connections are left to it (a
+    /// full run writes over a gigabyte; left behind, repeated runs would
+    /// fill the server's disk). Gives `r` back: a failed drop is only
+    /// reported, it does not change the run's outcome.
+    async fn remove<T>(self, r: Result<T>) -> Result<T> {
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(e) = pg_admin(&self.admin, &drop).await {
+            eprintln!(
+                "sagatx bench: could not drop the benchmark's database {}: {e:#}; drop it by hand",
+                self.name
+            );
+        }
+        r
+    }
+}
+
+/// Runs one statement on the server of `url`.
+async fn pg_admin(url: &str, statement: &str) -> Result<()> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
-    tokio::spawn(conn);
-    let name = format!(
-        "sagatx_bench_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(url);
-    Ok(format!("{base}/{name}"))
+    let conn = tokio::spawn(conn);
+    let done = client.batch_execute(statement).await;
+    drop(client);
+    let _ = conn.await;
+    done.with_context(|| format!("{statement} failed"))
 }
 
 async fn postgres(o: &Options, out: &mut Vec<Row>) -> Result<()> {
-    let url = fresh_pg_db(&pg_url()?).await?;
-    let store = sagatx::store::open(&url).await?;
-    durable(
-        o,
-        out,
-        "postgres",
-        store,
-        "PostgreSQL, group commit, one process",
-    )
-    .await?;
-    http_on(o, out, "postgres-http", &fresh_pg_db(&pg_url()?).await?, 1).await?;
+    let url = pg_url()?;
+    let db = PgDb::create(&url).await?;
+    let run = async {
+        let store = sagatx::store::open(&db.url).await?;
+        durable(
+            o,
+            out,
+            "postgres",
+            store,
+            "PostgreSQL, group commit, one process",
+        )
+        .await
+    }
+    .await;
+    db.remove(run).await?;
+    let db = PgDb::create(&url).await?;
+    let run = http_on(o, out, "postgres-http", &db.url, 1).await;
+    db.remove(run).await?;
     // Three coordinators on one database, the load spread over them.
-    http_on(
-        o,
-        out,
-        "postgres-http-3",
-        &fresh_pg_db(&pg_url()?).await?,
-        3,
-    )
-    .await
+    let db = PgDb::create(&url).await?;
+    let run = http_on(o, out, "postgres-http-3", &db.url, 3).await;
+    db.remove(run).await
 }
 
 async fn durable(

@@ -141,8 +141,8 @@ enum Command {
     /// The benchmark: throughput, latency, CPU, memory and bytes written.
     Bench {
         /// Workloads to run, comma-separated: memory, tx, sqlite, http,
-        /// recovery, idle (the default: these six); also postgres (needs
-        /// SAGATX_BENCH_PG_URL) and peers (the Python peers side by side,
+        /// recovery, idle (the default: these six); also postgres (on the
+        /// server of SAGATX_BENCH_PG_URL, in databases it creates and drops) and peers (the Python peers side by side,
         /// bench/peers/run).
         #[arg(long, value_delimiter = ',')]
         workload: Vec<String>,

@@ -264,6 +264,53 @@ fn bench_runs_the_python_peers_side_by_side() {
     );
 }
 
+/// The `postgres` workload at a tiny size: in-process, one coordinator and
+/// three on one database, each on a database of its own that the run
+/// drops afterwards (a full run writes over a gigabyte).
+#[test]
+fn bench_runs_on_postgresql_and_drops_its_databases() {
+    let base = std::env::var("SAGATX_TEST_PG_URL")
+        .expect("SAGATX_TEST_PG_URL is not set: run the tests with scripts/test");
+    let bench_dbs = || {
+        let out = std::process::Command::new("psql")
+            .args([
+                base.as_str(),
+                "-At",
+                "-c",
+                "SELECT datname FROM pg_database WHERE datname LIKE 'sagatx_bench_%'",
+            ])
+            .output()
+            .expect("psql (installed with PostgreSQL by scripts/test)");
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let before = bench_dbs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = crate::sagatx()
+        .args(["bench", "--quick", "--json", "--workload", "postgres"])
+        .current_dir(dir.path())
+        .env("SAGATX_BENCH_PG_URL", &base)
+        .output()
+        .expect("run sagatx");
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output is JSON");
+    let rows = v["rows"].as_array().expect("rows");
+    let workloads: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r["workload"].as_str()).collect();
+    assert_eq!(
+        workloads.into_iter().collect::<Vec<_>>(),
+        ["postgres", "postgres-http", "postgres-http-3"]
+    );
+    for r in rows {
+        assert!(r["sagas_per_second"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    }
+    let left: Vec<String> = bench_dbs().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "the run left databases behind: {left:?}");
+}
+
 #[test]
 fn serve_runs_sagas_on_postgresql() {
     let url = crate::shared::fresh_db("cli");

@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod disk;
 mod large;
 #[cfg(feature = "otel")]
 mod otel;

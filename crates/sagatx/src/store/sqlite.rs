@@ -436,6 +436,7 @@ fn writer(
     }
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     let mut rows = Rows::default();
+    let mut failures = Failures::default();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -457,6 +458,7 @@ fn writer(
         metrics::histogram!("sagatx_store_batch_size").record(n as f64);
         match outcome {
             Ok(results) => {
+                failures.succeeded(&path);
                 // Wakes the checkpointer unless a signal already waits
                 // (or it ended: the writer's own checkpoints remain).
                 let _ = committed.try_send(());
@@ -465,9 +467,10 @@ fn writer(
                 }
             }
             Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "journal commit failed");
+                let e = commit_error(&path, &e);
+                failures.failed(&path, &e, std::time::Instant::now());
                 for w in batch.drain(..) {
-                    reply_err(w, StoreError::Io(e.to_string()));
+                    reply_err(w, StoreError::Io(e.clone()));
                 }
             }
         }
@@ -541,6 +544,68 @@ fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: 
                     tracing::debug!(error = %e, "checkpoint failed again");
                 }
             }
+        }
+    }
+}
+
+/// What a failed commit tells its writers (and the log): SQLite's error,
+/// or, when the disk is full, which disk and what to do.
+fn commit_error(path: &Path, e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+            format!(
+                "the disk that holds {} is full; free space on it ({e})",
+                path.display()
+            )
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// How often a commit that keeps failing is logged again.
+const FAILURE_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The log of failed commits: the first failure at once, then at most one
+/// line per [`FAILURE_REPORT_EVERY`] with the count so far, and one line
+/// when commits succeed again. On a full disk every batch fails, thousands
+/// a second; a line for each would fill the disk the log is on too.
+struct Failures {
+    throttle: Throttle,
+    /// Batches failed since the last that succeeded.
+    failed: u64,
+}
+
+impl Default for Failures {
+    fn default() -> Self {
+        Failures {
+            throttle: Throttle::new(FAILURE_REPORT_EVERY),
+            failed: 0,
+        }
+    }
+}
+
+impl Failures {
+    fn failed(&mut self, path: &Path, error: &str, now: std::time::Instant) {
+        self.failed += 1;
+        if self.throttle.ready(now) {
+            tracing::error!(
+                path = %path.display(),
+                error,
+                failed_batches = self.failed,
+                "journal commit failed; the writes are refused and their callers told"
+            );
+        }
+    }
+
+    fn succeeded(&mut self, path: &Path) {
+        if self.failed > 0 {
+            tracing::info!(
+                path = %path.display(),
+                failed_batches = self.failed,
+                "journal commits succeed again"
+            );
+            // The next failure is reported at once.
+            *self = Failures::default();
         }
     }
 }

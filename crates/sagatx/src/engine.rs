@@ -192,6 +192,7 @@ impl EngineBuilder {
             idle_horizon_ms: self.idle_horizon.as_millis() as u64,
             wake: Arc::new(tokio::sync::Notify::new()),
             stop: tokio::sync::watch::channel(false).0,
+            write_failures: crate::throttle::Throttle::new(Duration::from_secs(10)),
         });
         for saga in self.sagas {
             let reg = inner.store.put_definition(&saga.definition).await?;
@@ -260,6 +261,9 @@ struct Inner {
     idle_horizon_ms: u64,
     wake: Arc<tokio::sync::Notify>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// Drivers whose journal writes fail (a full disk) retry each on its
+    /// own: this keeps the log to a line every few seconds.
+    write_failures: crate::throttle::Throttle,
 }
 
 // The maps behind these locks are only ever updated by single inserts and
@@ -1455,7 +1459,18 @@ impl Driver {
                         StoreError::Conflict { .. } | StoreError::Closed | StoreError::LeaseLost(_)
                     ) =>
                 {
-                    tracing::warn!(execution = %self.ex.id, error = %e, "journal write failed; retrying");
+                    // Every driver retries on its own; the log hears of
+                    // it once every few seconds, not once per driver.
+                    if let Some(held_back) =
+                        self.inner.write_failures.ready(std::time::Instant::now())
+                    {
+                        tracing::warn!(
+                            execution = %self.ex.id,
+                            error = %e,
+                            held_back,
+                            "journal write failed; retrying (the same for other executions is logged at most every 10 s)"
+                        );
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

@@ -52,6 +52,7 @@ pub mod oplog;
 mod plan;
 mod saga;
 pub mod store;
+mod throttle;
 pub mod transaction;
 
 pub use engine::{

@@ -13,6 +13,7 @@
 //! The format is described in `docs/journal-format.md`.
 
 use crate::now_ms;
+use crate::throttle::Throttle;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -458,7 +459,7 @@ fn writer(
         metrics::histogram!("sagatx_store_batch_size").record(n as f64);
         match outcome {
             Ok(results) => {
-                failures.succeeded(&path);
+                failures.succeeded(&path, std::time::Instant::now());
                 // Wakes the checkpointer unless a signal already waits
                 // (or it ended: the writer's own checkpoints remain).
                 let _ = committed.try_send(());
@@ -519,7 +520,7 @@ fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::SyncSender<()>, St
 fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: PathBuf) {
     // A checkpoint that keeps failing is reported once a minute, not after
     // every commit.
-    let mut warn = Throttle::new(Duration::from_secs(60));
+    let warn = Throttle::new(Duration::from_secs(60));
     while commits.recv().is_ok() {
         thread::sleep(CHECKPOINT_DELAY);
         // The commits made while it slept are in this checkpoint.
@@ -538,7 +539,7 @@ fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: 
                 tracing::trace!("checkpoint skipped: another one runs");
             }
             Err(e) => {
-                if warn.ready(std::time::Instant::now()) {
+                if warn.ready(std::time::Instant::now()).is_some() {
                     tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; the writer's own checkpoints go on");
                 } else {
                     tracing::debug!(error = %e, "checkpoint failed again");
@@ -566,11 +567,14 @@ fn commit_error(path: &Path, e: &rusqlite::Error) -> String {
 const FAILURE_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// The log of failed commits: the first failure at once, then at most one
-/// line per [`FAILURE_REPORT_EVERY`] with the count so far, and one line
-/// when commits succeed again. On a full disk every batch fails, thousands
-/// a second; a line for each would fill the disk the log is on too.
+/// line per [`FAILURE_REPORT_EVERY`] with the count so far; and that
+/// commits succeed again, as often at most. On a full disk every batch
+/// fails, thousands a second, and some succeed in between (those that only
+/// overwrite the WAL's pages in place): a line for each would fill the disk
+/// the log is on too.
 struct Failures {
-    throttle: Throttle,
+    failing: Throttle,
+    again: Throttle,
     /// Batches failed since the last that succeeded.
     failed: u64,
 }
@@ -578,7 +582,8 @@ struct Failures {
 impl Default for Failures {
     fn default() -> Self {
         Failures {
-            throttle: Throttle::new(FAILURE_REPORT_EVERY),
+            failing: Throttle::new(FAILURE_REPORT_EVERY),
+            again: Throttle::new(FAILURE_REPORT_EVERY),
             failed: 0,
         }
     }
@@ -587,7 +592,7 @@ impl Default for Failures {
 impl Failures {
     fn failed(&mut self, path: &Path, error: &str, now: std::time::Instant) {
         self.failed += 1;
-        if self.throttle.ready(now) {
+        if self.failing.ready(now).is_some() {
             tracing::error!(
                 path = %path.display(),
                 error,
@@ -597,41 +602,15 @@ impl Failures {
         }
     }
 
-    fn succeeded(&mut self, path: &Path) {
-        if self.failed > 0 {
+    fn succeeded(&mut self, path: &Path, now: std::time::Instant) {
+        if self.failed > 0 && self.again.ready(now).is_some() {
             tracing::info!(
                 path = %path.display(),
                 failed_batches = self.failed,
                 "journal commits succeed again"
             );
-            // The next failure is reported at once.
-            *self = Failures::default();
         }
-    }
-}
-
-/// Lets a repeated report through at most once per `every`: the first at
-/// once, the next only when `every` has passed since the last let through.
-struct Throttle {
-    every: Duration,
-    last: Option<std::time::Instant>,
-}
-
-impl Throttle {
-    fn new(every: Duration) -> Self {
-        Throttle { every, last: None }
-    }
-
-    /// Whether a report at `now` goes through (and counts as the last).
-    fn ready(&mut self, now: std::time::Instant) -> bool {
-        if self
-            .last
-            .is_some_and(|at| now.saturating_duration_since(at) < self.every)
-        {
-            return false;
-        }
-        self.last = Some(now);
-        true
+        self.failed = 0;
     }
 }
 
@@ -1597,26 +1576,6 @@ mod tests {
         store.append(&started(&def, env)).await.expect("append");
         drop(store);
         eventually("the checkpointer ended", || checkpointers() == before);
-    }
-
-    /// A checkpoint that keeps failing is reported at once, then once a
-    /// minute however often it fails in between.
-    #[test]
-    fn a_failing_checkpoint_is_reported_once_a_minute() {
-        let mut warn = Throttle::new(Duration::from_secs(60));
-        let t0 = std::time::Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        assert!(warn.ready(at(0)), "the first failure is reported");
-        assert!(!warn.ready(at(0)));
-        assert!(!warn.ready(at(30)));
-        assert!(!warn.ready(at(59)), "not within the minute");
-        assert!(warn.ready(at(60)), "a minute after the last report");
-        assert!(
-            !warn.ready(at(61)),
-            "counted from the last report, not the first"
-        );
-        assert!(!warn.ready(at(119)));
-        assert!(warn.ready(at(125)));
     }
 
     /// [`apply_batch`] with statements prepared for this one batch.

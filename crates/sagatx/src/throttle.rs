@@ -1,0 +1,103 @@
+//! [`Throttle`]: a report that repeats goes to the log at most once per
+//! period, with how many were held back in between.
+//!
+//! A store that cannot write (a full disk) fails every batch and every
+//! driver's retry, thousands of times a second; a log line for each would
+//! bury the first one and fill the disk the log is on too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Lets a report through at most once per period; shared by threads.
+pub(crate) struct Throttle {
+    start: Instant,
+    every_ms: u64,
+    /// Milliseconds after `start` before which nothing goes through.
+    next_ms: AtomicU64,
+    /// Reports held back since the last that went through.
+    held: AtomicU64,
+}
+
+impl Throttle {
+    pub(crate) fn new(every: Duration) -> Self {
+        Throttle {
+            start: Instant::now(),
+            every_ms: every.as_millis() as u64,
+            next_ms: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a report at `now` goes through: `Some` with how many were
+    /// held back since the last one that did, `None` when this one is
+    /// held back. The first goes through at once; the next one `every`
+    /// after the last that went through, not after the first.
+    pub(crate) fn ready(&self, now: Instant) -> Option<u64> {
+        let now_ms = now.saturating_duration_since(self.start).as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms.saturating_add(self.every_ms),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Ordering::Relaxed));
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_go_through_once_a_period_with_the_count_held_back() {
+        let t = Throttle::new(Duration::from_secs(60));
+        let at = |s: u64| t.start + Duration::from_secs(s);
+        assert_eq!(t.ready(at(0)), Some(0), "the first at once");
+        assert_eq!(t.ready(at(0)), None);
+        assert_eq!(t.ready(at(30)), None);
+        assert_eq!(t.ready(at(59)), None, "not within the period");
+        assert_eq!(
+            t.ready(at(60)),
+            Some(3),
+            "a period after, with the 3 held back"
+        );
+        assert_eq!(
+            t.ready(at(61)),
+            None,
+            "counted from the last report, not the first"
+        );
+        assert_eq!(t.ready(at(119)), None);
+        assert_eq!(t.ready(at(125)), Some(2));
+    }
+
+    /// Threads reporting together: one report per period gets through, and
+    /// every other is counted as held back.
+    #[test]
+    fn one_report_a_period_among_threads() {
+        let t = std::sync::Arc::new(Throttle::new(Duration::from_secs(3600)));
+        let through: u64 = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .filter(|_| t.ready(Instant::now()).is_some())
+                        .count() as u64
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .sum();
+        assert_eq!(through, 1);
+        assert_eq!(t.held.load(Ordering::Relaxed), 3999);
+    }
+}

@@ -53,6 +53,58 @@ impl Throttle {
     }
 }
 
+/// How often a store's commit that keeps failing is logged again.
+const COMMIT_FAILURE_EVERY: Duration = Duration::from_secs(10);
+
+/// The log of a store writer's failed commits: the first failure at once,
+/// then at most one line per [`COMMIT_FAILURE_EVERY`] with the count so
+/// far; and that commits succeed again, as often at most. On a full disk
+/// every batch fails, thousands a second, and some succeed in between
+/// (SQLite's that only overwrite WAL pages in place): a line for each would
+/// fill the disk the log is on too.
+pub(crate) struct CommitFailures {
+    /// Which store, for the log (a path; never a URL with a password).
+    store: String,
+    failing: Throttle,
+    again: Throttle,
+    /// Batches failed since the last that succeeded.
+    failed: u64,
+}
+
+impl CommitFailures {
+    pub(crate) fn new(store: String) -> Self {
+        CommitFailures {
+            store,
+            failing: Throttle::new(COMMIT_FAILURE_EVERY),
+            again: Throttle::new(COMMIT_FAILURE_EVERY),
+            failed: 0,
+        }
+    }
+
+    pub(crate) fn failed(&mut self, error: &str, now: Instant) {
+        self.failed += 1;
+        if self.failing.ready(now).is_some() {
+            tracing::error!(
+                store = %self.store,
+                error,
+                failed_batches = self.failed,
+                "journal commit failed; the writes are refused and their callers told"
+            );
+        }
+    }
+
+    pub(crate) fn succeeded(&mut self, now: Instant) {
+        if self.failed > 0 && self.again.ready(now).is_some() {
+            tracing::info!(
+                store = %self.store,
+                failed_batches = self.failed,
+                "journal commits succeed again"
+            );
+        }
+        self.failed = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

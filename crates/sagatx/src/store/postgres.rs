@@ -453,6 +453,7 @@ async fn writer(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut statements: Option<Statements> = None;
+    let mut failures = crate::throttle::CommitFailures::new("PostgreSQL".into());
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -477,12 +478,13 @@ async fn writer(
         };
         match result {
             Ok(results) => {
+                failures.succeeded(std::time::Instant::now());
                 for (w, r) in batch.drain(..).zip(results) {
                     answer(w, Ok(r));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "PostgreSQL journal commit failed");
+                failures.failed(&e, std::time::Instant::now());
                 // The outcome of a commit whose answer was lost is unknown;
                 // the engine rereads the state before it tries again.
                 for w in batch.drain(..) {

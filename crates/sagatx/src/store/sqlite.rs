@@ -13,7 +13,7 @@
 //! The format is described in `docs/journal-format.md`.
 
 use crate::now_ms;
-use crate::throttle::Throttle;
+use crate::throttle::{CommitFailures, Throttle};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -437,7 +437,7 @@ fn writer(
     }
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     let mut rows = Rows::default();
-    let mut failures = Failures::default();
+    let mut failures = CommitFailures::new(path.display().to_string());
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -459,7 +459,7 @@ fn writer(
         metrics::histogram!("sagatx_store_batch_size").record(n as f64);
         match outcome {
             Ok(results) => {
-                failures.succeeded(&path, std::time::Instant::now());
+                failures.succeeded(std::time::Instant::now());
                 // Wakes the checkpointer unless a signal already waits
                 // (or it ended: the writer's own checkpoints remain).
                 let _ = committed.try_send(());
@@ -469,7 +469,7 @@ fn writer(
             }
             Err(e) => {
                 let e = commit_error(&path, &e);
-                failures.failed(&path, &e, std::time::Instant::now());
+                failures.failed(&e, std::time::Instant::now());
                 for w in batch.drain(..) {
                     reply_err(w, StoreError::Io(e.clone()));
                 }
@@ -560,57 +560,6 @@ fn commit_error(path: &Path, e: &rusqlite::Error) -> String {
             )
         }
         _ => e.to_string(),
-    }
-}
-
-/// How often a commit that keeps failing is logged again.
-const FAILURE_REPORT_EVERY: Duration = Duration::from_secs(10);
-
-/// The log of failed commits: the first failure at once, then at most one
-/// line per [`FAILURE_REPORT_EVERY`] with the count so far; and that
-/// commits succeed again, as often at most. On a full disk every batch
-/// fails, thousands a second, and some succeed in between (those that only
-/// overwrite the WAL's pages in place): a line for each would fill the disk
-/// the log is on too.
-struct Failures {
-    failing: Throttle,
-    again: Throttle,
-    /// Batches failed since the last that succeeded.
-    failed: u64,
-}
-
-impl Default for Failures {
-    fn default() -> Self {
-        Failures {
-            failing: Throttle::new(FAILURE_REPORT_EVERY),
-            again: Throttle::new(FAILURE_REPORT_EVERY),
-            failed: 0,
-        }
-    }
-}
-
-impl Failures {
-    fn failed(&mut self, path: &Path, error: &str, now: std::time::Instant) {
-        self.failed += 1;
-        if self.failing.ready(now).is_some() {
-            tracing::error!(
-                path = %path.display(),
-                error,
-                failed_batches = self.failed,
-                "journal commit failed; the writes are refused and their callers told"
-            );
-        }
-    }
-
-    fn succeeded(&mut self, path: &Path, now: std::time::Instant) {
-        if self.failed > 0 && self.again.ready(now).is_some() {
-            tracing::info!(
-                path = %path.display(),
-                failed_batches = self.failed,
-                "journal commits succeed again"
-            );
-        }
-        self.failed = 0;
     }
 }
 

@@ -103,6 +103,36 @@ fn io(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Why a connection was refused, and what to check: the server's own
+/// message when it answered (tokio-postgres says only "db error"), the
+/// system's when it did not ("error connecting to server" alone does not
+/// say that nothing listens).
+fn refusal(e: &tokio_postgres::Error) -> String {
+    let (what, hint) = match e.as_db_error() {
+        Some(d) => {
+            let hint = match d.code().code() {
+                "3D000" => "create the database, or name one that exists in the URL",
+                "28P01" | "28000" => "check the user and password in the URL",
+                _ => "check that PostgreSQL accepts this user",
+            };
+            (format!("{} ({})", d.message(), d.code().code()), hint)
+        }
+        None => {
+            let what = match std::error::Error::source(e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            };
+            let hint = if what.contains("TLS") || what.contains("certificate") {
+                "check sslrootcert: it must hold the certificate of the CA that signed the server's"
+            } else {
+                "check that PostgreSQL runs there and accepts this user"
+            };
+            (what, hint)
+        }
+    };
+    format!("{what}; {hint}")
+}
+
 fn redact(url: &str) -> String {
     // Never print a password.
     match (url.find("://"), url.rfind('@')) {
@@ -259,15 +289,7 @@ impl Target {
     /// A new connection, or what went wrong and what to check.
     pub(crate) async fn client(&self) -> Result<Client, String> {
         let timeout = |_| "no answer within 10 s; check the host and port".to_string();
-        let refused = |e: tokio_postgres::Error| {
-            let what = e.to_string();
-            let hint = if what.contains("TLS") {
-                "check sslrootcert: it must hold the certificate of the CA that signed the server's"
-            } else {
-                "check that PostgreSQL runs there and accepts this user"
-            };
-            format!("{what}; {hint}")
-        };
+        let refused = |e: tokio_postgres::Error| refusal(&e);
         let ended = |e: tokio_postgres::Error| {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
         };

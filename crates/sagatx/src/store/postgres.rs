@@ -97,9 +97,16 @@ pub const PG_SCHEMA_VERSION: i32 = super::migrations::latest(MIGRATIONS) as i32;
 const MAX_BATCH: usize = 1024;
 
 fn io(e: tokio_postgres::Error) -> StoreError {
-    match e.as_db_error() {
-        Some(d) => StoreError::Io(format!("PostgreSQL: {}: {}", d.code().code(), d.message())),
-        None => StoreError::Io(format!("PostgreSQL: {e}")),
+    StoreError::Io(describe(&e))
+}
+
+/// A PostgreSQL error as a message: the server's code and message (the
+/// error's own text is "db error"), or the error with its cause.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(d), _) => format!("PostgreSQL: {}: {}", d.code().code(), d.message()),
+        (None, Some(cause)) => format!("PostgreSQL: {e}: {cause}"),
+        (None, None) => format!("PostgreSQL: {e}"),
     }
 }
 
@@ -291,7 +298,7 @@ impl Target {
         let timeout = |_| "no answer within 10 s; check the host and port".to_string();
         let refused = |e: tokio_postgres::Error| refusal(&e);
         let ended = |e: tokio_postgres::Error| {
-            tracing::warn!(error = %e, "PostgreSQL connection ended");
+            tracing::warn!(error = %describe(&e), "PostgreSQL connection ended");
         };
         let ten = Duration::from_secs(10);
         match &self.tls {
@@ -494,7 +501,7 @@ async fn writer(
             Some(st) => {
                 tracing::Instrument::instrument(apply(&mut client, st, &batch, &shared), span)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| describe(&e))
             }
             None => Err("cannot prepare the journal's statements".into()),
         };

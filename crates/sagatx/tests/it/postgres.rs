@@ -1027,3 +1027,49 @@ async fn a_batch_of_many_writes_answers_each_write_as_alone() {
     }
     assert_eq!(seq(later.id).await, Some(1));
 }
+
+/// A batch PostgreSQL refuses tells its writers the server's reason (a
+/// full disk there reads "could not extend file …"), not tokio-postgres's
+/// bare "db error"; the store goes on with the next batch.
+#[tokio::test]
+async fn a_refused_batch_says_what_postgres_said() {
+    use sagatx::store::PostgresStore;
+    use sagatx::SagaDefinition;
+    let url = fresh_db(&env_url("SAGATX_TEST_PG_URL")).await;
+    let store = PostgresStore::open(&url).await.expect("open");
+    let def = SagaDefinition::from_json(
+        br#"{"name":"b","steps":[{"name":"s","action":{"url":"http://127.0.0.1:9/a"}}]}"#,
+    )
+    .expect("definition");
+    store.put_definition(&def).await.expect("define");
+    client(&url)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+                 RAISE EXCEPTION 'refused by the test' USING ERRCODE = '53100';
+             END $$ LANGUAGE plpgsql;
+             CREATE TRIGGER refuse BEFORE INSERT ON sagatx_executions
+                 FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .await
+        .expect("trigger");
+    let err = store
+        .append(&crate::support::started(&def))
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("PostgreSQL: 53100: refused by the test"),
+        "{msg}"
+    );
+    client(&url)
+        .await
+        .batch_execute("DROP TRIGGER refuse ON sagatx_executions")
+        .await
+        .expect("drop trigger");
+    store
+        .append(&crate::support::started(&def))
+        .await
+        .expect("the next batch commits");
+}

@@ -1056,8 +1056,7 @@ async fn a_refused_batch_says_what_postgres_said() {
     let err = store
         .append(&crate::support::started(&def))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     let msg = err.to_string();
     assert!(
         msg.contains("PostgreSQL: 53100: refused by the test"),

@@ -301,6 +301,10 @@ impl SqliteStore {
     }
 
     fn open_with(path: PathBuf, durability: Durability) -> Result<Self, StoreError> {
+        Self::open_unhinted(path, durability).map_err(full_disk_hint)
+    }
+
+    fn open_unhinted(path: PathBuf, durability: Durability) -> Result<Self, StoreError> {
         let lock = take_lock(&path)?;
         let mut conn = open_conn(
             &path,
@@ -546,6 +550,24 @@ fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: 
                 }
             }
         }
+    }
+}
+
+/// A store that cannot be opened because its disk is full says so, and
+/// what to do: SQLite's own message ("database or disk is full", its text
+/// for `SQLITE_FULL`) comes from wherever opening stopped (the switch to
+/// WAL, a migration, …).
+fn full_disk_hint(e: StoreError) -> StoreError {
+    const FULL: &str = "database or disk is full";
+    match e {
+        StoreError::Open { path, reason } if reason.contains(FULL) => StoreError::Open {
+            reason: format!("{reason}; the disk that holds it is full: free space on it"),
+            path,
+        },
+        StoreError::Io(m) if m.contains(FULL) => StoreError::Io(format!(
+            "{m}; the disk that holds the journal is full: free space on it"
+        )),
+        e => e,
     }
 }
 

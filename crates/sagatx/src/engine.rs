@@ -193,6 +193,7 @@ impl EngineBuilder {
             wake: Arc::new(tokio::sync::Notify::new()),
             stop: tokio::sync::watch::channel(false).0,
             write_failures: crate::throttle::Throttle::new(Duration::from_secs(10)),
+            poll_failures: crate::throttle::Throttle::new(Duration::from_secs(10)),
         });
         for saga in self.sagas {
             let reg = inner.store.put_definition(&saga.definition).await?;
@@ -264,6 +265,9 @@ struct Inner {
     /// Drivers whose journal writes fail (a full disk) retry each on its
     /// own: this keeps the log to a line every few seconds.
     write_failures: crate::throttle::Throttle,
+    /// The scheduler's reads that fail while the store is away, once a
+    /// poll: logged every few seconds at most.
+    poll_failures: crate::throttle::Throttle,
 }
 
 // The maps behind these locks are only ever updated by single inserts and
@@ -1709,10 +1713,22 @@ async fn scheduler(
             let now = inner.clock.now_ms();
             if inner.store.leases().is_some() {
                 if let Err(e) = claim_work(&inner, now, false).await {
-                    tracing::warn!(error = %e, "cannot claim due executions");
+                    if inner
+                        .poll_failures
+                        .ready(std::time::Instant::now())
+                        .is_some()
+                    {
+                        tracing::warn!(error = %e, "cannot claim due executions");
+                    }
                 }
                 if let Err(e) = take_commands(&inner).await {
-                    tracing::warn!(error = %e, "cannot read forwarded commands");
+                    if inner
+                        .poll_failures
+                        .ready(std::time::Instant::now())
+                        .is_some()
+                    {
+                        tracing::warn!(error = %e, "cannot read forwarded commands");
+                    }
                 }
             } else {
                 match inner.store.due(now, 256).await {
@@ -1723,7 +1739,15 @@ async fn scheduler(
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot read due executions"),
+                    Err(e) => {
+                        if inner
+                            .poll_failures
+                            .ready(std::time::Instant::now())
+                            .is_some()
+                        {
+                            tracing::warn!(error = %e, "cannot read due executions");
+                        }
+                    }
                 }
             }
         }

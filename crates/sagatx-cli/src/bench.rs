@@ -444,8 +444,14 @@ impl PgDb {
     /// fill the server's disk). Gives `r` back: a failed drop is only
     /// reported, it does not change the run's outcome.
     async fn remove<T>(self, r: Result<T>) -> Result<T> {
-        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        if let Err(e) = pg_admin(&self.admin, &drop).await {
+        let drop = format!("DROP DATABASE IF EXISTS {}", self.name);
+        let dropped = match pg_admin(&self.admin, &format!("{drop} WITH (FORCE)")).await {
+            // Before PostgreSQL 13 there is no FORCE: the coordinators are
+            // gone by now, so a plain drop finds no one connected.
+            Err(_) => pg_admin(&self.admin, &drop).await,
+            ok => ok,
+        };
+        if let Err(e) = dropped {
             eprintln!(
                 "sagatx bench: could not drop the benchmark's database {}: {e:#}; drop it by hand",
                 self.name

@@ -284,6 +284,18 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Inner {
+    /// Logs a failed poll of the store: every few seconds at most while it
+    /// is away, not at every poll.
+    fn poll_failed(&self, what: &str, e: &dyn std::fmt::Display) {
+        if self
+            .poll_failures
+            .ready(std::time::Instant::now())
+            .is_some()
+        {
+            tracing::warn!(error = %e, "{what}");
+        }
+    }
+
     /// A driver slot (at most `max_active` drivers at once).
     async fn permit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
         self.permits
@@ -1713,22 +1725,10 @@ async fn scheduler(
             let now = inner.clock.now_ms();
             if inner.store.leases().is_some() {
                 if let Err(e) = claim_work(&inner, now, false).await {
-                    if inner
-                        .poll_failures
-                        .ready(std::time::Instant::now())
-                        .is_some()
-                    {
-                        tracing::warn!(error = %e, "cannot claim due executions");
-                    }
+                    inner.poll_failed("cannot claim due executions", &e);
                 }
                 if let Err(e) = take_commands(&inner).await {
-                    if inner
-                        .poll_failures
-                        .ready(std::time::Instant::now())
-                        .is_some()
-                    {
-                        tracing::warn!(error = %e, "cannot read forwarded commands");
-                    }
+                    inner.poll_failed("cannot read forwarded commands", &e);
                 }
             } else {
                 match inner.store.due(now, 256).await {
@@ -1739,15 +1739,7 @@ async fn scheduler(
                             }
                         }
                     }
-                    Err(e) => {
-                        if inner
-                            .poll_failures
-                            .ready(std::time::Instant::now())
-                            .is_some()
-                        {
-                            tracing::warn!(error = %e, "cannot read due executions");
-                        }
-                    }
+                    Err(e) => inner.poll_failed("cannot read due executions", &e),
                 }
             }
         }

@@ -56,7 +56,8 @@ impl Throttle {
 /// How often a store's commit that keeps failing is logged again.
 const COMMIT_FAILURE_EVERY: Duration = Duration::from_secs(10);
 
-/// The log of a store writer's failed commits: the first failure at once,
+/// The log of a store writer's failed commits (under the `sagatx::store`
+/// target, where they were before this type): the first failure at once,
 /// then at most one line per [`COMMIT_FAILURE_EVERY`] with the count so
 /// far; and that commits succeed again, as often at most. On a full disk
 /// every batch fails, thousands a second, and some succeed in between
@@ -85,6 +86,7 @@ impl CommitFailures {
         self.failed += 1;
         if self.failing.ready(now).is_some() {
             tracing::error!(
+                target: "sagatx::store",
                 store = %self.store,
                 error,
                 failed_batches = self.failed,
@@ -96,6 +98,7 @@ impl CommitFailures {
     pub(crate) fn succeeded(&mut self, now: Instant) {
         if self.failed > 0 && self.again.ready(now).is_some() {
             tracing::info!(
+                target: "sagatx::store",
                 store = %self.store,
                 failed_batches = self.failed,
                 "journal commits succeed again"

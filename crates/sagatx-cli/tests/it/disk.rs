@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{free_port, sagatx, Services};
+use crate::{free_port, Services};
 
 /// A tmpfs mounted for the test, unmounted when dropped.
 struct SmallDisk {
@@ -58,27 +58,7 @@ impl Drop for SmallDisk {
 }
 
 fn serve(dir: &Path, port: u16, store: &str, log: &Path) -> Child {
-    let child = sagatx()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--store",
-            store,
-        ])
-        .current_dir(dir)
-        .env_remove("SAGATX_TOKEN")
-        .env("SAGATX_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("spawn sagatx serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sagatx serve did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    crate::serve_logged(dir, port, store, &[], "info", log)
 }
 
 /// A POST with a JSON body: the status and the answer.

@@ -107,6 +107,40 @@ impl Drop for Server {
     }
 }
 
+/// `sagatx serve` whose stderr goes to `log` for the test to read, at log
+/// level `level`, with `extra` arguments; returns once it listens.
+pub fn serve_logged(
+    dir: &Path,
+    port: u16,
+    store: &str,
+    extra: &[&str],
+    level: &str,
+    log: &Path,
+) -> Child {
+    let child = sagatx()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--store",
+            store,
+        ])
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("SAGATX_TOKEN")
+        .env("SAGATX_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn sagatx serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sagatx serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// One call a step service received.
 #[derive(Debug, Clone)]
 pub struct Call {

@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::crash::check_calls;
-use crate::{free_port, sagatx, Server, Services};
+use crate::{free_port, Server, Services};
 
 /// A new database on the test server; its URL.
 pub(crate) fn fresh_db(tag: &str) -> String {
@@ -272,29 +272,7 @@ fn three_servers_share_postgres_and_take_over_a_killed_ones_work() {
 
 /// A server on a file, its stderr kept for the test to read.
 fn serve_logged(dir: &Path, port: u16, store: &str, log: &Path) -> Child {
-    let child = sagatx()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--store",
-            store,
-            "--lease-ms",
-            "1000",
-        ])
-        .current_dir(dir)
-        .env_remove("SAGATX_TOKEN")
-        .env("SAGATX_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("spawn sagatx serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sagatx serve did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    crate::serve_logged(dir, port, store, &["--lease-ms", "1000"], "warn", log)
 }
 
 fn signal(child: &Child, sig: &str) {

@@ -438,31 +438,27 @@ async fn a_wrong_postgres_url_gives_a_clear_error() {
     // A server that answers: its own message, not "db error", and what to do.
     let base = env_url("SAGATX_TEST_PG_URL");
     let (server, _) = base.rsplit_once('/').expect("url");
-    let err = PostgresStore::open(&format!("{server}/sagatx_no_such_database"))
-        .await
-        .err()
-        .expect("refused");
-    let msg = err.to_string();
-    assert!(
-        msg.contains(r#"database "sagatx_no_such_database" does not exist (3D000)"#)
-            && msg.contains("create the database"),
-        "{msg}"
-    );
     let nobody = server.replacen("://postgres@", "://sagatx_nobody@", 1);
     assert_ne!(
         nobody, server,
         "the test server's URL names the user postgres"
     );
-    let err = PostgresStore::open(&format!("{nobody}/postgres"))
-        .await
-        .err()
-        .expect("refused");
-    let msg = err.to_string();
-    assert!(
-        msg.contains(r#"role "sagatx_nobody" does not exist"#)
-            && msg.contains("check the user and password"),
-        "{msg}"
-    );
+    for (url, says, hint) in [
+        (
+            format!("{server}/sagatx_no_such_database"),
+            r#"database "sagatx_no_such_database" does not exist (3D000)"#,
+            "create the database",
+        ),
+        (
+            format!("{nobody}/postgres"),
+            r#"role "sagatx_nobody" does not exist"#,
+            "check the user and password",
+        ),
+    ] {
+        let err = PostgresStore::open(&url).await.err().expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains(says) && msg.contains(hint), "{msg}");
+    }
     let err = PostgresStore::open("postgres://x:y:z@@")
         .await
         .err()

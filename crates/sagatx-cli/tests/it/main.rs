@@ -66,32 +66,15 @@ impl Server {
     }
 
     pub fn start_with(dir: &Path, port: u16, store: &str, extra: &[&str]) -> Server {
-        let child = sagatx()
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--store",
-                store,
-            ])
-            .args(extra)
-            .current_dir(dir)
-            .env_remove("SAGATX_TOKEN")
-            .env("SAGATX_LOG", "warn")
-            .stdout(Stdio::null())
+        let child = serve_command(dir, port, store, extra, "warn")
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn sagatx serve");
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "sagatx serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        wait_listening(port);
+        Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
         }
-        Server { child, url }
     }
 
     pub fn kill9(mut self) {
@@ -107,6 +90,34 @@ impl Drop for Server {
     }
 }
 
+/// The command of `sagatx serve` on 127.0.0.1:`port` and `store`, at log
+/// level `level`, with `extra` arguments; stderr is the caller's choice.
+fn serve_command(dir: &Path, port: u16, store: &str, extra: &[&str], level: &str) -> Command {
+    let mut c = sagatx();
+    c.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--store",
+        store,
+    ])
+    .args(extra)
+    .current_dir(dir)
+    .env_remove("SAGATX_TOKEN")
+    .env("SAGATX_LOG", level)
+    .stdout(Stdio::null());
+    c
+}
+
+/// Returns once something listens on `port` (at most 20 s).
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sagatx serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `sagatx serve` whose stderr goes to `log` for the test to read, at log
 /// level `level`, with `extra` arguments; returns once it listens.
 pub fn serve_logged(
@@ -117,27 +128,11 @@ pub fn serve_logged(
     level: &str,
     log: &Path,
 ) -> Child {
-    let child = sagatx()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--store",
-            store,
-        ])
-        .args(extra)
-        .current_dir(dir)
-        .env_remove("SAGATX_TOKEN")
-        .env("SAGATX_LOG", level)
-        .stdout(Stdio::null())
+    let child = serve_command(dir, port, store, extra, level)
         .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
         .expect("spawn sagatx serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sagatx serve did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     child
 }
 

@@ -14,6 +14,7 @@
 
 use crate::now_ms;
 use crate::throttle::{CommitFailures, Throttle};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -678,30 +679,27 @@ fn apply_batch(
                 // The status is assigned only when it changes (assigning a
                 // column rewrites its index entries even when the value is
                 // the same), and a change moves one count of the summary.
+                // Each statement binds only what it reads (a bind costs the
+                // writer about 240 instructions; the same-status update
+                // binds 7 values, the other 8).
                 let update = |st: &mut Statements<'_>, row: i64, was: &str| {
-                    let args = params![
-                        row,
-                        status,
-                        *seq as i64,
-                        due,
-                        *updated_at as i64,
-                        state,
-                        (*seq - 1) as i64,
-                        was,
-                        // The time the state's times are written after
-                        // (store/pack.rs): set with the state it goes with.
-                        *created_at as i64
-                    ];
+                    let (seq, updated_at, created_at) =
+                        (*seq as i64, *updated_at as i64, *created_at as i64);
+                    // `created_at`: the time the state's times are written
+                    // after (store/pack.rs), set with the state it goes with.
                     if was == *status {
-                        st.same_by_row.execute(args)
+                        st.same_by_row
+                            .execute(params![row, seq, due, updated_at, state, created_at, was])
                     } else {
-                        st.new_by_row.execute(args)
+                        st.new_by_row.execute(params![
+                            row, seq, due, updated_at, state, created_at, was, status
+                        ])
                     }
                 };
-                let mut done = None;
+                let mut done: Option<(i64, Cow<'static, str>)> = None;
                 if let Some((row, was)) = rows.0.get(id).copied() {
                     if update(st, row, was)? == 1 {
-                        done = Some((row, was.to_string()));
+                        done = Some((row, Cow::Borrowed(was)));
                     }
                 }
                 if done.is_none() {
@@ -711,7 +709,7 @@ fn apply_batch(
                         .optional()?;
                     if let Some((row, was)) = found {
                         if update(st, row, &was)? == 1 {
-                            done = Some((row, was));
+                            done = Some((row, Cow::Owned(was)));
                         }
                     }
                 }
@@ -906,13 +904,16 @@ const ADD_TO_COUNT: &str = "INSERT INTO counts (saga, status, n) VALUES (?1, ?2,
 const INSERT_EXECUTION: &str =
     "INSERT INTO executions (id, saga, status, seq, due_at, created_at, updated_at, state)
      VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING";
+/// Both updates: `?1` row, `?2` the new sequence (the row must hold the
+/// one before), `?3` due_at, `?4` updated_at, `?5` state, `?6` created_at,
+/// `?7` the status the row must hold; the second also `?8` the new status.
 const UPDATE_SAME_STATUS_BY_ROW: &str =
-    "UPDATE executions SET seq = ?3, due_at = ?4, updated_at = ?5, state = ?6, created_at = ?9
-     WHERE n = ?1 AND seq = ?7 AND status = ?8";
+    "UPDATE executions SET seq = ?2, due_at = ?3, updated_at = ?4, state = ?5, created_at = ?6
+     WHERE n = ?1 AND seq = ?2 - 1 AND status = ?7";
 const UPDATE_NEW_STATUS_BY_ROW: &str =
-    "UPDATE executions SET status = ?2, seq = ?3, due_at = ?4, updated_at = ?5, state = ?6,
-                           created_at = ?9
-     WHERE n = ?1 AND seq = ?7 AND status = ?8";
+    "UPDATE executions SET seq = ?2, due_at = ?3, updated_at = ?4, state = ?5, created_at = ?6,
+                           status = ?8
+     WHERE n = ?1 AND seq = ?2 - 1 AND status = ?7";
 
 const FIND_ROW: &str = "SELECT n, status FROM executions WHERE id = ?1";
 

@@ -95,6 +95,7 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     append_and_load(&*store, &tag).await?;
     list_and_page(&*store, &tag).await?;
     due_and_unfinished(&*store, &tag).await?;
+    due_in_order(&*store, &tag).await?;
     concurrent_writers(store.clone(), &tag).await?;
     long_execution(&*store, &tag).await?;
     secret(&*store).await?;
@@ -541,6 +542,81 @@ async fn due_and_unfinished(store: &dyn Store, tag: &str) -> R {
         !seen.contains(&b.id) && !seen.contains(&c.id),
         "b and c are not"
     );
+    Ok(())
+}
+
+/// Due executions come earliest first, however the store keeps them (the
+/// memory store in shards): a limit of `k` gives the `k` earliest.
+async fn due_in_order(store: &dyn Store, tag: &str) -> R {
+    let d = def(&format!("conf-due-order-{tag}"), 1, false);
+    // Forty executions whose first call fails for a passing reason at
+    // times 7 ms apart, made in a shuffled order: each is due 100 ms after
+    // its failure (the default backoff, no jitter at random01 = 0.5).
+    let base = 10_000_000;
+    let mut mine = HashSet::new();
+    for k in 0..40u64 {
+        let failed_at = base + (k * 11 % 40) * 7;
+        let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
+        store.append(&ex).await.map_err(e("create"))?;
+        let failure = Event::Outcome {
+            step: 0,
+            phase: Phase::Action,
+            attempt: ex.steps[0].attempts,
+            outcome: Err(StepError::transient("503")),
+        };
+        let env = Env {
+            now_ms: failed_at,
+            random01: 0.5,
+        };
+        let t = ex.handle(&d, failure, env).map_err(e("failure"))?;
+        ensure!(t.changed, "a failure is a transition");
+        ex.seq += 1;
+        store.append(&ex).await.map_err(e("failure"))?;
+        ensure!(
+            ex.next_due_ms() == Some(failed_at + 100),
+            "due 100 ms after the failure, got {:?}",
+            ex.next_due_ms()
+        );
+        mine.insert(ex.id);
+    }
+    let now = u64::MAX / 2;
+    let all = store.due(now, 100_000).await.map_err(e("due"))?;
+    ensure!(
+        mine.iter().all(|id| all.contains(id)),
+        "every one of the forty is due"
+    );
+    let due_times = |ids: Vec<ExecutionId>| async move {
+        let mut times = Vec::new();
+        for id in ids {
+            let ex = store.load(id).await.map_err(e("load"))?;
+            times.push(
+                ex.and_then(|x| x.next_due_ms())
+                    .ok_or("a due execution has a due time")?,
+            );
+        }
+        Ok::<_, String>(times)
+    };
+    let times = due_times(all.clone()).await?;
+    ensure!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "due executions come earliest first: {times:?}"
+    );
+    for k in [1, 5, 17] {
+        let first = store.due(now, k).await.map_err(e("due with a limit"))?;
+        ensure!(
+            first.len() == k,
+            "a limit of {k} gives {k}, got {}",
+            first.len()
+        );
+        // By due times: executions due at the same time may come in
+        // either order.
+        let got = due_times(first).await?;
+        ensure!(
+            got == times[..k],
+            "a limit of {k} gives the {k} earliest: {got:?} vs {:?}",
+            &times[..k]
+        );
+    }
     Ok(())
 }
 

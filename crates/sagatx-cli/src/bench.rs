@@ -139,16 +139,19 @@ struct Sample {
     bytes: Option<u64>,
 }
 
+/// The `p` quantile (0 to 1) of `sorted` (ascending); 0 when it is empty.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
 fn row(workload: &str, variant: &str, c: usize, s: Sample, pid: &str, note: &str) -> Row {
     let mut l = s.latencies_us;
     l.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| -> f64 {
-        if l.is_empty() {
-            return 0.0;
-        }
-        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
-        l[i]
-    };
+    let pct = |p: f64| percentile(&l, p);
     let n = s.sagas.max(1);
     Row {
         workload: workload.into(),
@@ -1332,6 +1335,89 @@ fn num(x: f64, decimals: usize) -> String {
     } else {
         "–".into()
     }
+}
+
+/// What the machine could do when the run was made, measured in the run
+/// itself. This machine's speed moves by up to 3x from one hour to the
+/// next (BENCHMARKS.md), with its disk's fsync and its CPU: with these
+/// beside the rows, a slow hour tells itself apart from a slow change.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    /// fsyncs timed, each after a 4 KiB overwrite of a 1 MiB file in the
+    /// temporary directory, where the workloads make their stores.
+    pub fsyncs: usize,
+    pub fsync_p50_us: f64,
+    pub fsync_p90_us: f64,
+    pub fsync_p99_us: f64,
+    /// Nanoseconds per step of a fixed CPU-only loop (a chain of xorshift
+    /// steps, each waiting on the last): lower is a faster CPU.
+    pub cpu_probe_ns: f64,
+}
+
+impl Machine {
+    /// One line for the table's reader.
+    pub fn line(&self) -> String {
+        format!(
+            "machine: {} CPUs; fsync after a 4 KiB overwrite p50 {:.0} µs (p90 {:.0}, p99 {:.0}; {} timed); CPU probe {:.2} ns a step",
+            self.cpus,
+            self.fsync_p50_us,
+            self.fsync_p90_us,
+            self.fsync_p99_us,
+            self.fsyncs,
+            self.cpu_probe_ns
+        )
+    }
+}
+
+/// Measures the [`Machine`]: a fraction of a second (500 fsyncs and 50
+/// million loop steps; 20 and one million when `quick`).
+pub fn machine(quick: bool) -> Result<Machine> {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().context("a temporary directory for the fsync probe")?;
+    let path = dir.path().join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let io = |e: std::io::Error| anyhow!("the fsync probe on {}: {e}", path.display());
+    f.set_len(1 << 20).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    let block = [0x5a_u8; 4096];
+    let n = if quick { 20 } else { 500 };
+    let mut fsync_us = Vec::with_capacity(n);
+    for i in 0..n {
+        f.seek(SeekFrom::Start((i % 256) as u64 * 4096))
+            .map_err(io)?;
+        f.write_all(&block).map_err(io)?;
+        let t = Instant::now();
+        f.sync_all().map_err(io)?;
+        fsync_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    fsync_us.sort_by(f64::total_cmp);
+    let steps: u64 = if quick { 1_000_000 } else { 50_000_000 };
+    let t = Instant::now();
+    let mut x = std::hint::black_box(0x9E37_79B9_7F4A_7C15_u64);
+    for _ in 0..steps {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    std::hint::black_box(x);
+    let cpu_probe_ns = t.elapsed().as_secs_f64() * 1e9 / steps as f64;
+    Ok(Machine {
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        fsyncs: n,
+        fsync_p50_us: percentile(&fsync_us, 0.50),
+        fsync_p90_us: percentile(&fsync_us, 0.90),
+        fsync_p99_us: percentile(&fsync_us, 0.99),
+        cpu_probe_ns,
+    })
 }
 
 /// Runs the chosen workloads.

@@ -303,13 +303,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|n| n.get())
                     .unwrap_or(1)
             );
+            let machine = bench::machine(quick)?;
+            if json {
+                // The table shows it on stdout.
+                eprintln!("sagatx bench: {}", machine.line());
+            }
             let rows = bench::run(&bench::Options { workloads, quick }).await?;
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&json!({"rows": rows, "quick": quick}))?
+                    serde_json::to_string_pretty(
+                        &json!({"rows": rows, "quick": quick, "machine": machine})
+                    )?
                 );
             } else {
+                println!("{}", machine.line());
                 println!("{}", bench::table(&rows));
                 if let Some(r) = bench::ratios(&rows) {
                     println!("\nSide by side, measured in this run (mean time per saga or transaction):\n{r}");

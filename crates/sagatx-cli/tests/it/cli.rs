@@ -191,6 +191,23 @@ fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output is JSON");
     assert_eq!(v["quick"], true);
+    // The machine's own speed, measured in the same run.
+    let m = &v["machine"];
+    assert_eq!(m["fsyncs"], 20, "{m}");
+    for k in [
+        "cpus",
+        "fsync_p50_us",
+        "fsync_p90_us",
+        "fsync_p99_us",
+        "cpu_probe_ns",
+    ] {
+        assert!(m[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {m}");
+    }
+    assert!(
+        m["fsync_p50_us"].as_f64() <= m["fsync_p90_us"].as_f64()
+            && m["fsync_p90_us"].as_f64() <= m["fsync_p99_us"].as_f64(),
+        "percentiles in order: {m}"
+    );
     let rows = v["rows"].as_array().expect("rows");
     let workloads: std::collections::BTreeSet<&str> =
         rows.iter().filter_map(|r| r["workload"].as_str()).collect();

@@ -139,6 +139,10 @@ enum Command {
     /// Print the saga in FILE as a Mermaid flowchart.
     Graph { file: PathBuf },
     /// The benchmark: throughput, latency, CPU, memory and bytes written.
+    ///
+    /// It measures the machine first (an fsync where the stores are made,
+    /// a fixed CPU loop) and prints that with the rows: this machine's
+    /// figures move with its disk and CPU from hour to hour.
     Bench {
         /// Workloads to run, comma-separated: memory, tx, sqlite, http,
         /// recovery, idle (the default: these six); also postgres (on the

@@ -432,3 +432,135 @@ impl Store for MemoryStore {
         Ok(Page { items, next_cursor })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sagatx_core::{Env, Event, Phase, StepError};
+    use serde_json::json;
+
+    fn def(name: &str) -> SagaDefinition {
+        let json = format!(r#"{{"name":"{name}","steps":[{{"name":"s0","action":"local"}}]}}"#);
+        SagaDefinition::from_json(json.as_bytes()).expect("the test's definition is valid")
+    }
+
+    fn env(now_ms: u64) -> Env {
+        Env {
+            now_ms,
+            random01: 0.5,
+        }
+    }
+
+    /// Ends the call in flight of `ex`'s only step: `Ok` completes it, a
+    /// transient error makes it due again 100 ms after `at`.
+    fn outcome(ex: &mut Execution, d: &SagaDefinition, ok: bool, at: u64) {
+        let outcome = if ok {
+            Ok(json!(null))
+        } else {
+            Err(StepError::transient("503"))
+        };
+        let ev = Event::Outcome {
+            step: 0,
+            phase: Phase::Action,
+            attempt: ex.steps[0].attempts,
+            outcome,
+        };
+        let t = ex.handle(d, ev, env(at)).expect("a valid outcome");
+        assert!(t.changed);
+        ex.seq += 1;
+    }
+
+    /// Pages through `page` from no cursor to the end; gives the ids.
+    fn all_pages(mut page: impl FnMut(Option<u64>) -> Page, limit: usize) -> Vec<ExecutionId> {
+        let mut ids = Vec::new();
+        let mut cursor = None;
+        for _ in 0..10_000 {
+            let p = page(cursor);
+            assert!(p.items.len() <= limit, "a page holds at most its limit");
+            ids.extend(p.items.iter().map(|x| x.id));
+            match p.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return ids,
+            }
+        }
+        panic!("paging did not end");
+    }
+
+    proptest! {
+        /// The store in shards answers every query as one map in insertion
+        /// order would: lists newest first (by status, by saga), scans and
+        /// unfinished executions oldest first, due executions earliest
+        /// first, over every page.
+        #[test]
+        fn the_shards_answer_as_one_ordered_map(
+            ops in proptest::collection::vec((0u8..3, any::<u32>()), 1..150),
+            limit in 1usize..7,
+            now in 1_000u64..1_400,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a runtime");
+            let store = MemoryStore::new();
+            let defs = [def("a"), def("b")];
+            // The model: every execution in insertion order.
+            let mut model: Vec<Execution> = Vec::new();
+            for (k, (op, r)) in ops.into_iter().enumerate() {
+                match op {
+                    0 => {
+                        // Ids that fall into every shard.
+                        let id = ExecutionId(uuid::Uuid::from_u128(
+                            (k as u128) << 64 | u128::from(r),
+                        ));
+                        let d = &defs[(r & 1) as usize];
+                        let mut ex = Execution::new(id, d, 1, json!(k), None, 1_000);
+                        let _ = ex.handle(d, Event::Start, env(1_000)).expect("start");
+                        ex.seq = 1;
+                        rt.block_on(store.append(&ex)).expect("create");
+                        model.push(ex);
+                    }
+                    _ if model.is_empty() => {}
+                    _ => {
+                        let i = r as usize % model.len();
+                        let ex = &mut model[i];
+                        if ex.status.is_terminal() || ex.next_due_ms().is_some() {
+                            continue;
+                        }
+                        let d = &defs[usize::from(ex.saga.as_str() == "b")];
+                        outcome(ex, d, op == 1, 1_000 + u64::from(r % 300));
+                        rt.block_on(store.append(ex)).expect("outcome");
+                    }
+                }
+            }
+            for status in [None, Some(Status::Running), Some(Status::Completed)] {
+                for saga in [None, Some("a".to_string())] {
+                    let q = |cursor| ListQuery { status, saga: saga.clone(), limit, cursor };
+                    let got = all_pages(|c| rt.block_on(store.list(&q(c))).expect("list"), limit);
+                    let want: Vec<ExecutionId> = model
+                        .iter()
+                        .rev()
+                        .filter(|x| status.is_none_or(|s| s == x.status))
+                        .filter(|x| saga.as_deref().is_none_or(|s| s == x.saga))
+                        .map(|x| x.id)
+                        .collect();
+                    prop_assert_eq!(got, want);
+                }
+            }
+            let got = all_pages(|c| rt.block_on(store.scan(c, limit)).expect("scan"), limit);
+            prop_assert_eq!(got, model.iter().map(|x| x.id).collect::<Vec<_>>());
+            let got = all_pages(|c| rt.block_on(store.unfinished(c, limit)).expect("unfinished"), limit);
+            let want: Vec<ExecutionId> =
+                model.iter().filter(|x| may_have_work(x.status)).map(|x| x.id).collect();
+            prop_assert_eq!(got, want);
+            let got = rt.block_on(store.due(now, limit)).expect("due");
+            let mut want: Vec<(u64, usize, ExecutionId)> = model
+                .iter()
+                .enumerate()
+                .filter_map(|(n, x)| x.next_due_ms().filter(|&d| d <= now).map(|d| (d, n, x.id)))
+                .collect();
+            want.sort();
+            let want: Vec<ExecutionId> = want.into_iter().take(limit).map(|(_, _, id)| id).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -13,8 +13,9 @@ use super::{may_have_work, same_definition, ListQuery, Page, Registered, Store, 
 /// The executions are spread over this many shards by id, each behind a
 /// lock of its own. With one lock, two cores running sagas took turns at
 /// it four times a saga, and each turn moved the maps' memory from one
-/// core's cache to the other's: at concurrency 64 a saga cost 1.7x the
-/// CPU it cost at 1, and two cores gave no more sagas a second than one.
+/// core's cache to the other's: at concurrency 64 a saga cost about 1.8x
+/// the CPU it cost at 1, and two cores gave no more sagas a second than
+/// one (BENCHMARKS.md, twelfth session).
 const SHARDS: usize = 32;
 
 /// One shard's executions.
@@ -42,8 +43,10 @@ impl Shard {
 /// execution but the oldest finished ones).
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
-    /// The last insertion number given out (unique across the shards,
-    /// taken under the shard's lock of the execution it numbers).
+    /// The last insertion number given out: unique across the shards, and
+    /// taken under the lock of the shard that gets the execution, so a
+    /// list (which holds every shard's lock) sees every number below the
+    /// highest it sees.
     next: AtomicU64,
     definitions: Mutex<BTreeMap<String, Vec<SagaDefinition>>>,
     /// Operation log: id → (record, finished).

@@ -141,6 +141,35 @@ impl MemoryStore {
         self.shards.iter().map(lock).collect()
     }
 
+    /// A page of the executions that `keep` takes, oldest first from
+    /// `cursor` (inclusive), with the number of the first one left out.
+    fn oldest_first(
+        &self,
+        cursor: Option<u64>,
+        limit: usize,
+        keep: impl Fn(&Execution) -> bool,
+    ) -> Page {
+        let all = self.lock_all();
+        let lower = cursor.unwrap_or(0);
+        let each = all
+            .iter()
+            .map(|s| s.executions.range(lower..).peekable())
+            .collect();
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (n, ex) in merged(each, false) {
+            if !keep(ex) {
+                continue;
+            }
+            if items.len() == limit {
+                next_cursor = Some(n);
+                break;
+            }
+            items.push(ex.clone());
+        }
+        Page { items, next_cursor }
+    }
+
     /// Counts execution `n` as finished when `ex` is, and takes out the
     /// oldest finished execution beyond the retention (for the caller to
     /// free outside every lock). Called with no shard locked.
@@ -340,22 +369,7 @@ impl Store for MemoryStore {
     }
 
     async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
-        let all = self.lock_all();
-        let lower = cursor.unwrap_or(0);
-        let each = all
-            .iter()
-            .map(|s| s.executions.range(lower..).peekable())
-            .collect();
-        let mut items = Vec::new();
-        let mut next_cursor = None;
-        for (n, ex) in merged(each, false) {
-            if items.len() == limit {
-                next_cursor = Some(n);
-                break;
-            }
-            items.push(ex.clone());
-        }
-        Ok(Page { items, next_cursor })
+        Ok(self.oldest_first(cursor, limit, |_| true))
     }
 
     async fn import(&self, ex: &Execution) -> Result<(), StoreError> {
@@ -414,25 +428,7 @@ impl Store for MemoryStore {
     }
 
     async fn unfinished(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
-        let all = self.lock_all();
-        let lower = cursor.unwrap_or(0);
-        let each = all
-            .iter()
-            .map(|s| s.executions.range(lower..).peekable())
-            .collect();
-        let mut items = Vec::new();
-        let mut next_cursor = None;
-        for (n, ex) in merged(each, false) {
-            if !may_have_work(ex.status) {
-                continue;
-            }
-            if items.len() == limit {
-                next_cursor = Some(n);
-                break;
-            }
-            items.push(ex.clone());
-        }
-        Ok(Page { items, next_cursor })
+        Ok(self.oldest_first(cursor, limit, |ex| may_have_work(ex.status)))
     }
 }
 

@@ -105,28 +105,103 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     Ok(())
 }
 
+/// Appends every one of `exs` at once.
+async fn append_all(store: &dyn Store, exs: &[Execution], what: &str) -> R {
+    for r in futures_util::future::join_all(exs.iter().map(|ex| store.append(ex))).await {
+        r.map_err(e(what))?;
+    }
+    Ok(())
+}
+
+/// The summary's counts are the executions' own: after creations,
+/// changes of status, transitions that keep the status, a refused stale
+/// write and an import, each written many at a time (so that a store which
+/// batches writes batches these), the counts by status equal what listing
+/// every execution of the saga finds.
 async fn summary(store: &dyn Store, tag: &str) -> R {
-    let d = def(&format!("conf-sum-{tag}"), 1, false);
-    for i in 0..5 {
-        let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
-        store.append(&ex).await.map_err(e("create"))?;
-        if i < 3 {
-            act(&mut ex, &d, 0, Ok(json!(i)))?;
-            store.append(&ex).await.map_err(e("complete"))?;
+    let d = def(&format!("conf-sum-{tag}"), 2, false);
+    let mut exs: Vec<Execution> = (0..16)
+        .map(|_| started(&d, ExecutionId(Uuid::now_v7())))
+        .collect();
+    append_all(store, &exs, "create").await?;
+    // A quarter stays running with its first call in flight; a quarter
+    // moves to its second step (still running); a quarter completes; a
+    // quarter has its first step rejected.
+    for (i, ex) in exs.iter_mut().enumerate() {
+        match i % 4 {
+            1 | 2 => act(ex, &d, 0, Ok(json!(i)))?,
+            3 => act(ex, &d, 0, Err(StepError::permanent("402")))?,
+            _ => {}
         }
     }
-    let s = store.summary().await.map_err(e("summary"))?;
-    let mine: Vec<_> = s.counts.iter().filter(|c| c.0 == d.name).collect();
+    let stale = exs[1].clone();
+    let moved: Vec<Execution> = exs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 4 != 0)
+        .map(|(_, ex)| ex.clone())
+        .collect();
+    append_all(store, &moved, "first outcome").await?;
+    for ex in exs.iter_mut().skip(2).step_by(4) {
+        act(ex, &d, 1, Ok(json!("done")))?;
+    }
+    let second: Vec<Execution> = exs.iter().skip(2).step_by(4).cloned().collect();
+    append_all(store, &second, "second outcome").await?;
     ensure!(
-        mine == [
-            &(d.name.clone(), Status::Running, 2),
-            &(d.name.clone(), Status::Completed, 3)
-        ] || mine
-            == [
-                &(d.name.clone(), Status::Completed, 3),
-                &(d.name.clone(), Status::Running, 2)
-            ],
-        "counts by saga and status: {mine:?}"
+        matches!(store.append(&stale).await, Err(StoreError::Conflict { .. })),
+        "a stale write is refused"
+    );
+    let mut imported = started(&d, ExecutionId(Uuid::now_v7()));
+    act(&mut imported, &d, 0, Ok(json!(1)))?;
+    act(&mut imported, &d, 1, Ok(json!(2)))?;
+    store.import(&imported).await.map_err(e("import"))?;
+
+    let mut truth: Vec<(Status, u64)> = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(&ListQuery {
+                saga: Some(d.name.clone()),
+                limit: 5,
+                cursor,
+                ..Default::default()
+            })
+            .await
+            .map_err(e("list"))?;
+        for ex in &page.items {
+            match truth.iter_mut().find(|(s, _)| *s == ex.status) {
+                Some((_, n)) => *n += 1,
+                None => truth.push((ex.status, 1)),
+            }
+        }
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    ensure!(
+        truth.len() >= 3 && truth.iter().map(|t| t.1).sum::<u64>() == 17,
+        "the suite's executions are all listed, in three statuses at least: {truth:?}"
+    );
+    let s = store.summary().await.map_err(e("summary"))?;
+    let mut mine: Vec<(Status, u64)> = s
+        .counts
+        .iter()
+        .filter(|c| c.0 == d.name)
+        .map(|c| (c.1, c.2))
+        .collect();
+    let key = |t: &(Status, u64)| t.0.as_str();
+    mine.sort_by_key(key);
+    truth.sort_by_key(key);
+    ensure!(
+        mine == truth,
+        "counts by saga and status: summary {mine:?}, executions {truth:?}"
+    );
+    ensure!(
+        s.counts
+            .windows(2)
+            .all(|w| (w[0].0.as_str(), w[0].1.as_str()) < (w[1].0.as_str(), w[1].1.as_str())),
+        "the summary is sorted by saga, then status, each pair once"
     );
     Ok(())
 }

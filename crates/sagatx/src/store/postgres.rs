@@ -20,6 +20,9 @@
 //!   `sagatx_inbox` table; `LISTEN/NOTIFY` wakes the holder at once (a
 //!   notification is a hint: the table is read again after every reconnect
 //!   and at every poll).
+//! - The summary's counts by saga and status are rows of changes that
+//!   triggers add per statement to `sagatx_counts` and the heartbeat folds
+//!   ([`fold_counts`]): the summary never reads the executions.
 
 use crate::now_ms;
 use std::sync::{Arc, Mutex};
@@ -53,6 +56,11 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
         version: 3,
         name: "leases_inbox_processes",
         sql: include_str!("migrations/postgres/0003_leases_inbox_processes.sql"),
+    },
+    super::migrations::Migration {
+        version: 4,
+        name: "counts",
+        sql: include_str!("migrations/postgres/0004_counts.sql"),
     },
 ];
 
@@ -1076,7 +1084,8 @@ impl Store for PostgresStore {
         let c = self.read().await?;
         let rows = c
             .query(
-                "SELECT saga, status, count(*) FROM sagatx_executions GROUP BY saga, status ORDER BY saga, status",
+                "SELECT saga, status, sum(n)::BIGINT FROM sagatx_counts
+                 GROUP BY saga, status HAVING sum(n) <> 0 ORDER BY saga, status",
                 &[],
             )
             .await
@@ -1087,7 +1096,9 @@ impl Store for PostgresStore {
             counts.push((
                 r.get::<_, String>(0),
                 status.parse().map_err(StoreError::Io)?,
-                r.get::<_, i64>(2) as u64,
+                // Never below zero unless rows were changed behind the
+                // triggers' back; a count is not an error worth failing on.
+                r.get::<_, i64>(2).max(0) as u64,
             ));
         }
         Ok(super::Summary { counts })
@@ -1532,6 +1543,9 @@ async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Re
             Ok(_) => tracing::trace!("heartbeat"),
             Err(e) => tracing::warn!(error = %io(e), "cannot renew leases (heartbeat)"),
         }
+        if let Err(e) = fold_counts(&c).await {
+            tracing::warn!(error = %io(e), "cannot fold the summary's counts");
+        }
         rounds += 1;
         if rounds.is_multiple_of(256) {
             let _ = c
@@ -1550,6 +1564,27 @@ async fn renew(pool: Pool, shared: Arc<Shared>, mut stop: tokio::sync::watch::Re
                 .await;
         }
     }
+}
+
+/// Folds the rows of `sagatx_counts` (one a statement that changed a
+/// status, since the last fold) into one row for each saga and status, so
+/// that the summary sums a few rows, however many executions there are.
+/// Nothing is written when the table is already folded. Safe beside other
+/// processes folding and writers adding rows: a row is either deleted by
+/// this statement and summed into its result, or left as it is (added after
+/// its snapshot, or deleted first by another folder, which counted it).
+pub(crate) async fn fold_counts(c: &Client) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "WITH d AS (
+             DELETE FROM sagatx_counts
+             WHERE (SELECT count(*) FROM sagatx_counts)
+                 > (SELECT count(*) FROM (SELECT DISTINCT saga, status FROM sagatx_counts) g)
+             RETURNING saga, status, n)
+         INSERT INTO sagatx_counts (saga, status, n)
+         SELECT saga, status, sum(n) FROM d GROUP BY saga, status HAVING sum(n) <> 0",
+        &[],
+    )
+    .await
 }
 
 /// Listens for forwarded commands; wakes the engine on each one meant for

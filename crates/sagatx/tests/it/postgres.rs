@@ -1068,3 +1068,162 @@ async fn a_refused_batch_says_what_postgres_said() {
         .await
         .expect("the next batch commits");
 }
+
+/// The summary counts by saga and status without reading every execution:
+/// triggers add a row of changes per statement to `sagatx_counts`, and
+/// each process's heartbeat folds them. Two processes (heartbeats every
+/// 50 ms, so folding often and at once) run 300 sagas together, a third
+/// of them compensated; the summary equals a count over the executions
+/// themselves, and the counts end folded into one row for each pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_stays_exact_while_processes_write_and_fold_together() {
+    use sagatx::store::{PostgresOptions, PostgresStore};
+    use sagatx::{Engine, Saga, Status, StepContext, StepError};
+    use std::time::Duration;
+    let url = fresh_db(&env_url("SAGATX_TEST_PG_URL")).await;
+    let saga = || {
+        Saga::builder("counted")
+            .step("a", |_c: StepContext| async { Ok(1) })
+            .compensate(|_c: StepContext| async { Ok(()) })
+            .step("b", |c: StepContext| async move {
+                match c.input()["i"].as_u64() {
+                    Some(i) if i % 3 == 0 => Err(StepError::permanent("declined")),
+                    _ => Ok(2),
+                }
+            })
+            .build()
+            .expect("valid")
+    };
+    let mut engines = Vec::new();
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let store = Arc::new(
+            PostgresStore::open_with(
+                &url,
+                PostgresOptions {
+                    lease: Duration::from_millis(200),
+                },
+            )
+            .await
+            .expect("open"),
+        );
+        stores.push(store.clone());
+        engines.push(
+            Engine::builder()
+                .store_arc(store)
+                .saga(saga())
+                .build()
+                .await
+                .expect("engine"),
+        );
+    }
+    let ids = futures_util::future::join_all(
+        (0..300).map(|i| engines[i % 2].start("counted", serde_json::json!({ "i": i }))),
+    )
+    .await;
+    for id in ids {
+        let ex = engines[0]
+            .wait_timeout(id.expect("start"), Duration::from_secs(30))
+            .await
+            .expect("wait");
+        assert!(ex.status.is_terminal(), "{ex:?}");
+    }
+    let admin = client(&url).await;
+    let truth: Vec<(String, String, i64)> = admin
+        .query(
+            "SELECT saga, status, count(*) FROM sagatx_executions GROUP BY saga, status ORDER BY saga, status",
+            &[],
+        )
+        .await
+        .expect("count")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        truth,
+        [
+            ("counted".to_string(), "compensated".to_string(), 100),
+            ("counted".to_string(), "completed".to_string(), 200)
+        ]
+    );
+    for store in &stores {
+        let s = store.summary().await.expect("summary");
+        assert_eq!(
+            s.counts,
+            [
+                ("counted".to_string(), Status::Compensated, 100),
+                ("counted".to_string(), Status::Completed, 200)
+            ]
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: i64 = admin
+            .query_one("SELECT count(*) FROM sagatx_counts", &[])
+            .await
+            .expect("rows")
+            .get(0);
+        if rows == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the heartbeats fold the counts: still {rows} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stores[0].summary().await.expect("summary").counts.len(),
+        2,
+        "folding keeps the sums"
+    );
+}
+
+/// A database made by an earlier version (schema 3, no counts) gets its
+/// counts from the executions it holds when it is migrated, and rows
+/// deleted by hand afterwards leave the counts.
+#[tokio::test]
+async fn an_older_schema_is_counted_when_it_is_migrated() {
+    use sagatx::store::PostgresStore;
+    use sagatx::Status;
+    let url = fresh_db(&env_url("SAGATX_TEST_PG_URL")).await;
+    let admin = client(&url).await;
+    for sql in [
+        include_str!("../../src/store/migrations/postgres/0001_executions.sql"),
+        include_str!("../../src/store/migrations/postgres/0002_saga_status_index.sql"),
+        include_str!("../../src/store/migrations/postgres/0003_leases_inbox_processes.sql"),
+        "CREATE TABLE sagatx_schema (version INTEGER NOT NULL);
+         INSERT INTO sagatx_schema (version) VALUES (3);
+         INSERT INTO sagatx_executions (id, saga, status, seq, created_at, updated_at, state)
+         SELECT gen_random_uuid(), CASE WHEN i % 2 = 0 THEN 'even' ELSE 'odd' END,
+                CASE WHEN i % 5 = 0 THEN 'failed' ELSE 'completed' END, 3, 0, 0, '\\x00'
+         FROM generate_series(1, 50) i;",
+    ] {
+        admin.batch_execute(sql).await.expect("the old schema");
+    }
+    let store = PostgresStore::open(&url).await.expect("migrate and open");
+    let counts = |odd_failed| {
+        vec![
+            ("even".to_string(), Status::Completed, 20),
+            ("even".to_string(), Status::Failed, 5),
+            ("odd".to_string(), Status::Completed, 20),
+            ("odd".to_string(), Status::Failed, odd_failed),
+        ]
+    };
+    assert_eq!(store.summary().await.expect("summary").counts, counts(5));
+    let version: i32 = admin
+        .query_one("SELECT version FROM sagatx_schema", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, 4);
+    admin
+        .execute(
+            "DELETE FROM sagatx_executions WHERE ctid IN
+             (SELECT ctid FROM sagatx_executions WHERE saga = 'odd' AND status = 'failed' LIMIT 2)",
+            &[],
+        )
+        .await
+        .expect("delete");
+    assert_eq!(store.summary().await.expect("summary").counts, counts(3));
+}

@@ -11,6 +11,7 @@
 //!   so its latency is one fsync without two thread wake-ups. That blocks
 //!   the calling thread (a tokio worker) for the commit, and only then; a
 //!   write that meets any other goes to the writer thread.
+//!   [`SqliteStoreBuilder::caller_commits`] turns it off.
 //! - Reads use a small pool of separate connections on tokio's blocking pool.
 //!
 //! The file is marked with an `application_id`, so a foreign SQLite file is
@@ -118,6 +119,7 @@ pub enum Durability {
 pub struct SqliteStoreBuilder {
     path: PathBuf,
     durability: Durability,
+    caller_commits: bool,
 }
 
 impl SqliteStoreBuilder {
@@ -126,9 +128,20 @@ impl SqliteStoreBuilder {
         self
     }
 
+    /// Whether a write made at low load may be committed by its caller, on
+    /// the caller's thread, instead of by the writer thread (default
+    /// `true`; the module's docs say when). Such a commit blocks the
+    /// calling thread (a tokio worker) for one fsync: turn it off where
+    /// that thread must never wait on the disk, say a single-threaded
+    /// runtime that serves other work beside a disk that can stall.
+    pub fn caller_commits(mut self, on: bool) -> Self {
+        self.caller_commits = on;
+        self
+    }
+
     /// Opens (creating if needed) the journal file.
     pub fn open(self) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(self.path, self.durability)
+        SqliteStore::open_with(self)
     }
 }
 
@@ -196,6 +209,8 @@ pub struct SqliteStore {
     core: Arc<Mutex<Core>>,
     /// Writes in flight, and how many began alone in a row.
     load: Load,
+    /// See [`SqliteStoreBuilder::caller_commits`].
+    caller_commits: bool,
     /// Commits made by their caller (see [`SqliteStore::commit_here`]).
     commits_here: AtomicU64,
     readers: Arc<Mutex<Vec<Connection>>>,
@@ -326,6 +341,7 @@ impl SqliteStore {
         SqliteStoreBuilder {
             path: path.as_ref().to_path_buf(),
             durability: Durability::Full,
+            caller_commits: true,
         }
     }
 
@@ -334,11 +350,16 @@ impl SqliteStore {
         Self::builder(path).open()
     }
 
-    fn open_with(path: PathBuf, durability: Durability) -> Result<Self, StoreError> {
-        Self::open_unhinted(path, durability).map_err(full_disk_hint)
+    fn open_with(settings: SqliteStoreBuilder) -> Result<Self, StoreError> {
+        Self::open_unhinted(settings).map_err(full_disk_hint)
     }
 
-    fn open_unhinted(path: PathBuf, durability: Durability) -> Result<Self, StoreError> {
+    fn open_unhinted(settings: SqliteStoreBuilder) -> Result<Self, StoreError> {
+        let SqliteStoreBuilder {
+            path,
+            durability,
+            caller_commits,
+        } = settings;
         let lock = take_lock(&path)?;
         let mut conn = open_conn(
             &path,
@@ -391,6 +412,7 @@ impl SqliteStore {
             writer: tx,
             core,
             load: Load::default(),
+            caller_commits,
             commits_here: AtomicU64::new(0),
             readers: Arc::new(Mutex::new(Vec::new())),
         })
@@ -455,7 +477,7 @@ impl SqliteStore {
     /// share its batches and their fsyncs. The commit blocks this thread
     /// for one fsync; the lock is only tried, never waited for.
     fn commit_here(&self, w: Write, lone: bool) -> Option<Write> {
-        if !lone || self.writer.capacity() < self.writer.max_capacity() {
+        if !lone || !self.caller_commits || self.writer.capacity() < self.writer.max_capacity() {
             return Some(w);
         }
         let mut core = match self.core.try_lock() {
@@ -1749,6 +1771,30 @@ mod tests {
         assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
         assert_eq!(store.commits_here.load(Ordering::Relaxed), 6);
         assert_eq!(store.load.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    /// With `caller_commits(false)` every write goes to the writer thread,
+    /// however low the load.
+    #[tokio::test]
+    async fn a_store_told_so_never_commits_on_the_callers_thread() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::builder(dir.path().join("j.db"))
+            .caller_commits(false)
+            .open()
+            .expect("open");
+        let def = definition();
+        let env = Env {
+            now_ms: 1,
+            random01: 0.5,
+        };
+        let ex = started(&def, env);
+        store.append(&ex).await.expect("append");
+        for _ in 0..2 * LONE_STREAK {
+            store.append(&started(&def, env)).await.expect("a creation");
+        }
+        assert_eq!(store.commits_here.load(Ordering::Relaxed), 0);
+        let back = store.load(ex.id).await.expect("load").expect("stored");
+        assert_eq!(back.seq, 1);
     }
 
     /// A write that begins while another is in flight goes to the writer

@@ -423,6 +423,13 @@ impl SqliteStore {
         &self.path
     }
 
+    /// How many commits so far were made by a write's own caller rather
+    /// than by the writer thread (see [`SqliteStoreBuilder::caller_commits`]):
+    /// a diagnostic, for tests and for judging the setting.
+    pub fn commits_by_callers(&self) -> u64 {
+        self.commits_here.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` with a read connection on the blocking pool.
     async fn read<T: Send + 'static>(
         &self,

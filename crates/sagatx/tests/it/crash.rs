@@ -2,7 +2,9 @@
 //! a child) drives many sagas on a SQLite file and is killed with SIGKILL at
 //! random moments, several times; a last run recovers everything. The steps
 //! log every call they receive to a file; the log and the journal must then
-//! show that the guarantees of API.md §4 held.
+//! show that the guarantees of API.md §4 held. Twice: with many sagas at
+//! once (the writer thread's group commits), and one saga at a time (each
+//! write committed by its own caller: the store's low-load path).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -17,7 +19,10 @@ use sagatx::{
 };
 use serde_json::json;
 
+/// Sagas of the run with many at once.
 const SAGAS: u128 = 2000;
+/// Sagas of the run with one at a time (each takes a few milliseconds).
+const SAGAS_ONE_AT_A_TIME: u128 = 150;
 const STEPS: [&str; 3] = ["reserve", "charge", "ship"];
 
 fn id_of(i: u128) -> ExecutionId {
@@ -57,6 +62,7 @@ impl Log {
 fn step_fn(
     log: Arc<Log>,
     step: usize,
+    one_at_a_time: bool,
 ) -> impl Fn(
     StepContext,
 ) -> std::pin::Pin<
@@ -76,15 +82,21 @@ fn step_fn(
                 ctx.attempt(),
                 std::process::id()
             ));
-            // Time for a kill to land while the call is in flight.
-            tokio::time::sleep(Duration::from_millis(2 + (i % 7) * 2)).await;
+            // Time for a kill to land while the call is in flight; less
+            // one saga at a time, so that more kills land in a commit.
+            let ms = if one_at_a_time {
+                i % 3
+            } else {
+                2 + (i % 7) * 2
+            };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             behave(i, step, ctx.phase(), ctx.attempt())?;
             Ok(json!({"attempt": ctx.attempt()}))
         })
     }
 }
 
-fn saga(log: Arc<Log>) -> Saga {
+fn saga(log: Arc<Log>, one_at_a_time: bool) -> Saga {
     let mut b = Saga::builder("crash").default_retry(RetryPolicy {
         max_attempts: 3,
         initial_backoff_ms: 5,
@@ -93,8 +105,8 @@ fn saga(log: Arc<Log>) -> Saga {
     });
     for (k, name) in STEPS.iter().enumerate() {
         b = b
-            .step(*name, step_fn(log.clone(), k))
-            .compensate(step_fn(log.clone(), k));
+            .step(*name, step_fn(log.clone(), k, one_at_a_time))
+            .compensate(step_fn(log.clone(), k, one_at_a_time));
     }
     b.build().unwrap_or_else(|e| panic!("valid saga: {e}"))
 }
@@ -109,6 +121,7 @@ fn crash_worker() {
     ) else {
         return;
     };
+    let one_at_a_time = std::env::var_os("SAGATX_CRASH_ONE_AT_A_TIME").is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -121,19 +134,19 @@ fn crash_worker() {
             .open(&log)
             .expect("log");
         let log = Arc::new(Log(std::sync::Mutex::new(file)));
+        let store = Arc::new(SqliteStore::open(&db).expect("open"));
         let engine = Engine::builder()
-            .store(SqliteStore::open(&db).expect("open"))
-            .saga(saga(log))
+            .store_arc(store.clone())
+            .saga(saga(log, one_at_a_time))
             .poll_interval(Duration::from_millis(20))
             .max_active(64)
             .build()
             .await
             .expect("engine");
         engine.recover().await.expect("recover");
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..SAGAS {
+        let run = |i: u128| {
             let engine = engine.clone();
-            tasks.spawn(async move {
+            async move {
                 let id = id_of(i);
                 let opts = StartOptions {
                     id: Some(id),
@@ -143,25 +156,44 @@ fn crash_worker() {
                     .start_with("crash", json!({"i": i as u64}), opts)
                     .await
                     .expect("start");
-                engine.wait(id).await.expect("wait")
-            });
+                let ex = engine.wait(id).await.expect("wait");
+                assert!(ex.status.is_terminal(), "{} is {}", ex.id, ex.status);
+            }
+        };
+        if one_at_a_time {
+            for i in 0..SAGAS_ONE_AT_A_TIME {
+                run(i).await;
+            }
+        } else {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..SAGAS {
+                tasks.spawn(run(i));
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.expect("task");
+            }
         }
-        while let Some(r) = tasks.join_next().await {
-            let ex = r.expect("task");
-            assert!(ex.status.is_terminal(), "{} is {}", ex.id, ex.status);
-        }
+        // On a line of its own: the test harness prints its own first.
+        println!("\nCALLER COMMITS {}", store.commits_by_callers());
         println!("WORKER DONE");
     });
 }
 
 /// Runs a worker; with `kill_after_bytes`, kills it with SIGKILL once the
 /// call log has grown by that much (so the kill lands mid-work), or after
-/// 10 s at most.
-fn run_worker(db: &Path, log: &Path, kill_after_bytes: Option<u64>) -> bool {
+/// 10 s at most. Without, lets it finish and gives back what it printed,
+/// if it finished every saga.
+fn run_worker(
+    db: &Path,
+    log: &Path,
+    one_at_a_time: bool,
+    kill_after_bytes: Option<u64>,
+) -> Option<String> {
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let start_size = size(log);
     let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args([
             "--exact",
             "crash::crash_worker",
@@ -170,7 +202,11 @@ fn run_worker(db: &Path, log: &Path, kill_after_bytes: Option<u64>) -> bool {
             "--test-threads=1",
         ])
         .env("SAGATX_CRASH_DB", db)
-        .env("SAGATX_CRASH_LOG", log)
+        .env("SAGATX_CRASH_LOG", log);
+    if one_at_a_time {
+        command.env("SAGATX_CRASH_ONE_AT_A_TIME", "1");
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -187,7 +223,7 @@ fn run_worker(db: &Path, log: &Path, kill_after_bytes: Option<u64>) -> bool {
             // SIGKILL: no destructor, no flush, no goodbye.
             let _ = child.kill();
             let _ = child.wait();
-            false
+            None
         }
         None => {
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -198,7 +234,7 @@ fn run_worker(db: &Path, log: &Path, kill_after_bytes: Option<u64>) -> bool {
                         use std::io::Read;
                         let _ = s.read_to_string(&mut out);
                     }
-                    return status.success() && out.contains("WORKER DONE");
+                    return (status.success() && out.contains("WORKER DONE")).then_some(out);
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
@@ -222,6 +258,23 @@ struct Line {
 
 #[test]
 fn kill_9_at_random_moments_loses_nothing() {
+    kill_9_at_random_moments(false);
+}
+
+/// One saga at a time, so that the store's writes are committed by their
+/// callers (the low-load path) rather than the writer thread, and kills
+/// land in those commits.
+#[test]
+fn kill_9_while_callers_commit_their_own_writes_loses_nothing() {
+    kill_9_at_random_moments(true);
+}
+
+fn kill_9_at_random_moments(one_at_a_time: bool) {
+    let sagas = if one_at_a_time {
+        SAGAS_ONE_AT_A_TIME
+    } else {
+        SAGAS
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("crash.db");
     let log = dir.path().join("calls.log");
@@ -249,15 +302,31 @@ fn kill_9_at_random_moments_loses_nothing() {
     };
     let mut progress = Vec::new();
     for _ in 0..8 {
-        let bytes = 4_000 + next() % 30_000;
-        run_worker(&db, &log, Some(bytes));
+        // About 57 bytes a call: 5-50 calls a life one saga at a time,
+        // 70-600 with many at once.
+        let bytes = if one_at_a_time {
+            300 + next() % 2_700
+        } else {
+            4_000 + next() % 30_000
+        };
+        run_worker(&db, &log, one_at_a_time, Some(bytes));
         progress.push(lines(&log));
     }
     println!("calls logged after each kill: {progress:?}");
-    assert!(
-        run_worker(&db, &log, None),
-        "the last worker must finish every saga"
-    );
+    let out = run_worker(&db, &log, one_at_a_time, None)
+        .unwrap_or_else(|| panic!("the last worker must finish every saga"));
+    if one_at_a_time {
+        let made: u64 = out
+            .lines()
+            .find_map(|l| l.split("CALLER COMMITS ").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the worker printed no count of callers' commits: {out}"));
+        assert!(
+            made > 0,
+            "one saga at a time, the callers committed none of their writes"
+        );
+        println!("the last worker's callers committed {made} of its writes");
+    }
 
     // The journal: every execution terminal, with the expected outcome.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -288,7 +357,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     });
     assert_eq!(
         executions.len(),
-        SAGAS as usize,
+        sagas as usize,
         "every saga was started exactly once"
     );
 
@@ -306,7 +375,7 @@ fn kill_9_at_random_moments_loses_nothing() {
         });
     }
 
-    for i in 0..SAGAS {
+    for i in 0..sagas {
         let id = id_of(i).to_string();
         let ex = &executions[&id];
         let want = if rejected(i as u64) {

@@ -231,6 +231,21 @@ fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
         }
         assert!(r["sagas"].as_u64().unwrap_or(0) > 0, "{r}");
     }
+    // The sqlite rows say how many commits a saga their callers made: at
+    // concurrency 1 nearly all (a 3-step saga is four writes), the store's
+    // low-load path.
+    let callers = |c: u64| -> f64 {
+        let r = rows
+            .iter()
+            .find(|r| r["workload"] == "sqlite" && r["concurrency"] == c)
+            .unwrap_or_else(|| panic!("no sqlite row at concurrency {c}"));
+        let note = r["note"].as_str().unwrap_or("");
+        note.split("; ")
+            .find_map(|p| p.strip_suffix(" commits a saga made by their callers"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count of callers' commits in {note:?}"))
+    };
+    assert!(callers(1) > 3.0, "{}", callers(1));
     let out = run(&["bench", "--workload", "nope"], dir.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(

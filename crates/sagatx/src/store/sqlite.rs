@@ -6,11 +6,12 @@
 //!   moment, applies them in one transaction and one fsync (group commit),
 //!   then wakes each waiter. Throughput grows with concurrency.
 //! - At low load the caller commits itself: a write with no other in
-//!   flight (nor had the few before it), finding the writer thread idle,
-//!   takes the connection and commits on its own thread (flat combining),
-//!   so its latency is one fsync without two thread wake-ups. That blocks
-//!   the calling thread (a tokio worker) for the commit, and only then; a
-//!   write that meets any other goes to the writer thread.
+//!   flight (nor had the few before it), on a runtime of two workers or
+//!   more, finding the writer thread idle, takes the connection and
+//!   commits on its own thread (flat combining), so its latency is one
+//!   fsync without two thread wake-ups. That blocks the calling thread (a
+//!   tokio worker) for the commit, and only then; a write that meets any
+//!   other goes to the writer thread.
 //!   [`SqliteStoreBuilder::caller_commits`] turns it off.
 //! - Reads use a small pool of separate connections on tokio's blocking pool.
 //!
@@ -130,10 +131,12 @@ impl SqliteStoreBuilder {
 
     /// Whether a write made at low load may be committed by its caller, on
     /// the caller's thread, instead of by the writer thread (default
-    /// `true`; the module's docs say when). Such a commit blocks the
-    /// calling thread (a tokio worker) for one fsync: turn it off where
-    /// that thread must never wait on the disk, say a single-threaded
-    /// runtime that serves other work beside a disk that can stall.
+    /// `true`; the module's docs say when; never on a runtime of one
+    /// thread, where a burst of writes would then commit one by one).
+    /// Such a commit blocks the calling thread (a tokio worker) for one
+    /// fsync: turn it off where the workers must never wait on the disk,
+    /// say a server whose few workers answer requests that cannot wait,
+    /// beside a disk that can stall.
     pub fn caller_commits(mut self, on: bool) -> Self {
         self.caller_commits = on;
         self
@@ -475,8 +478,9 @@ impl SqliteStore {
     }
 
     /// Commits `w` on this thread when the load is low (`lone`: no other
-    /// write in flight, nor when the last [`LONE_STREAK`] began) and the
-    /// writer thread is idle (flat combining): that saves the
+    /// write in flight, nor when the last [`LONE_STREAK`] began), the
+    /// runtime has other workers ([`other_workers`]) and the writer thread
+    /// is idle (flat combining): that saves the
     /// two thread wake-ups of a hand-off (the tokio worker that waits for
     /// the writer thread parks on a virtual CPU that halts, and waking it
     /// took p50 31 µs a commit here; BENCHMARKS.md, twelfth session).
@@ -484,7 +488,11 @@ impl SqliteStore {
     /// share its batches and their fsyncs. The commit blocks this thread
     /// for one fsync; the lock is only tried, never waited for.
     fn commit_here(&self, w: Write, lone: bool) -> Option<Write> {
-        if !lone || !self.caller_commits || self.writer.capacity() < self.writer.max_capacity() {
+        if !lone
+            || !self.caller_commits
+            || self.writer.capacity() < self.writer.max_capacity()
+            || !other_workers()
+        {
             return Some(w);
         }
         let mut core = match self.core.try_lock() {
@@ -501,6 +509,20 @@ impl SqliteStore {
         self.commits_here.fetch_add(1, Ordering::Relaxed);
         None
     }
+}
+
+/// Whether the calling task runs on a runtime with other workers beside
+/// its own. On one thread (a current-thread runtime, or a multi-thread one
+/// with one worker, as tokio makes on a machine of one CPU), a caller that
+/// commits never yields, so the next task's write always finds itself
+/// alone and commits alone too: a burst of a thousand writes would take a
+/// thousand fsyncs instead of sharing one. With a second worker, writes
+/// made there meanwhile are seen in flight, and go to the writer thread.
+fn other_workers() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|h| {
+        h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            && h.metrics().num_workers() >= 2
+    })
 }
 
 /// A write is committed by its caller only when it and the
@@ -1748,7 +1770,7 @@ mod tests {
     /// At low load the caller commits its write itself, and what it wrote
     /// reads back: once [`LONE_STREAK`] writes in a row began alone, the
     /// next ones are committed here, not by the writer thread.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lone_writes_commit_on_their_callers_thread() {
         let (_dir, store, def, mut ex) = store_and_execution();
         let env = Env {
@@ -1782,7 +1804,7 @@ mod tests {
 
     /// With `caller_commits(false)` every write goes to the writer thread,
     /// however low the load.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_told_so_never_commits_on_the_callers_thread() {
         let dir = tempfile::tempdir().expect("dir");
         let store = SqliteStore::builder(dir.path().join("j.db"))
@@ -1807,7 +1829,7 @@ mod tests {
     /// A write that begins while another is in flight goes to the writer
     /// thread (so that under load writes share its batches), even if the
     /// connection is free, and so do the next [`LONE_STREAK`] lone ones.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_beside_another_in_flight_goes_to_the_writer_thread() {
         let (_dir, store, def, ex) = store_and_execution();
         let env = Env {
@@ -1829,6 +1851,101 @@ mod tests {
         assert_eq!(store.commits_here.load(Ordering::Relaxed), 1);
         store.append(&started(&def, env)).await.expect("a creation");
         assert_eq!(store.commits_here.load(Ordering::Relaxed), 2);
+    }
+
+    /// Writes from many tasks in bursts, and from one task in the lulls
+    /// between, on a runtime of two workers: every write lands with its
+    /// status, whichever path committed it, and both paths served (the
+    /// callers in the lulls, the writer thread in the bursts).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_in_bursts_and_lulls_all_land_by_either_path() {
+        let (_dir, store, def, _) = store_and_execution();
+        let def = Arc::new(def);
+        let env = Env {
+            now_ms: 1,
+            random01: 0.5,
+        };
+        let life = |store: Arc<SqliteStore>, def: Arc<SagaDefinition>| async move {
+            let mut ex = started(&def, env);
+            store.append(&ex).await.expect("the creation");
+            fail_first_step(
+                &mut ex,
+                &def,
+                Env {
+                    now_ms: 2,
+                    random01: 0.5,
+                },
+            );
+            ex.seq = 2;
+            store.append(&ex).await.expect("the failure");
+            ex
+        };
+        let mut all = Vec::new();
+        for _ in 0..6 {
+            let mut burst = tokio::task::JoinSet::new();
+            for _ in 0..64 {
+                burst.spawn(life(store.clone(), def.clone()));
+            }
+            while let Some(ex) = burst.join_next().await {
+                all.push(ex.expect("task"));
+            }
+            for _ in 0..3 * LONE_STREAK {
+                all.push(life(store.clone(), def.clone()).await);
+            }
+        }
+        let here = store.commits_by_callers() as usize;
+        let writes = 2 * all.len();
+        assert!(
+            here > 0 && here < writes,
+            "{here} of {writes} committed by their callers"
+        );
+        for ex in &all {
+            let back = store.load(ex.id).await.expect("load").expect("stored");
+            assert_eq!((back.seq, back.status), (2, ex.status), "{}", ex.id);
+        }
+        assert_eq!(store.load.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    /// On one thread (a current-thread runtime, or a multi-thread one with
+    /// one worker) no write is committed by its caller: there a committing
+    /// caller would keep every other task from running, so a burst of
+    /// writes would never be seen in flight together and would commit one
+    /// fsync each. They go to the writer thread and share its batches.
+    #[test]
+    fn on_one_thread_writes_go_to_the_writer_thread() {
+        let one_thread = [
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime"),
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime"),
+        ];
+        for rt in one_thread {
+            let (_dir, store, def, _) = store_and_execution();
+            let def = Arc::new(def);
+            let env = Env {
+                now_ms: 1,
+                random01: 0.5,
+            };
+            rt.block_on(async {
+                for _ in 0..2 * LONE_STREAK {
+                    store.append(&started(&def, env)).await.expect("a creation");
+                }
+                let mut burst = tokio::task::JoinSet::new();
+                for _ in 0..64 {
+                    let (store, def) = (store.clone(), def.clone());
+                    burst.spawn(async move { store.append(&started(&def, env)).await });
+                }
+                while let Some(done) = burst.join_next().await {
+                    done.expect("task").expect("a creation");
+                }
+            });
+            assert_eq!(store.commits_by_callers(), 0);
+        }
     }
 
     /// A lone write that finds the connection taken (the writer thread

@@ -1747,6 +1747,21 @@ mod tests {
     /// Threads of this process whose name starts like the checkpointer's
     /// (Linux keeps 15 bytes of a thread's name).
     #[cfg(target_os = "linux")]
+    /// Writes `ex` (new) and then its first step's failure: two writes.
+    async fn create_then_fail(store: &SqliteStore, def: &SagaDefinition, ex: &mut Execution) {
+        store.append(ex).await.expect("the creation");
+        fail_first_step(
+            ex,
+            def,
+            Env {
+                now_ms: 2,
+                random01: 0.5,
+            },
+        );
+        ex.seq = 2;
+        store.append(ex).await.expect("the failure");
+    }
+
     /// A store in a directory of its own, and an execution to write.
     fn store_and_execution() -> (
         tempfile::TempDir,
@@ -1781,17 +1796,7 @@ mod tests {
             store.append(&started(&def, env)).await.expect("a creation");
         }
         assert_eq!(store.commits_here.load(Ordering::Relaxed), 3);
-        store.append(&ex).await.expect("the creation");
-        fail_first_step(
-            &mut ex,
-            &def,
-            Env {
-                now_ms: 2,
-                random01: 0.5,
-            },
-        );
-        ex.seq = 2;
-        store.append(&ex).await.expect("the failure");
+        create_then_fail(&store, &def, &mut ex).await;
         assert_eq!(store.commits_here.load(Ordering::Relaxed), 5);
         let back = store.load(ex.id).await.expect("load").expect("stored");
         assert_eq!((back.seq, back.status), (2, ex.status));
@@ -1867,17 +1872,7 @@ mod tests {
         };
         let life = |store: Arc<SqliteStore>, def: Arc<SagaDefinition>| async move {
             let mut ex = started(&def, env);
-            store.append(&ex).await.expect("the creation");
-            fail_first_step(
-                &mut ex,
-                &def,
-                Env {
-                    now_ms: 2,
-                    random01: 0.5,
-                },
-            );
-            ex.seq = 2;
-            store.append(&ex).await.expect("the failure");
+            create_then_fail(&store, &def, &mut ex).await;
             ex
         };
         let mut all = Vec::new();

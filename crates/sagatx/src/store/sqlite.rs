@@ -204,9 +204,6 @@ impl Write {
 pub struct SqliteStore {
     path: PathBuf,
     secret: Mutex<[u8; 32]>,
-    /// An exclusive lock on `<file>.lock`, held while the store is open:
-    /// one process drives one journal.
-    _lock: std::fs::File,
     writer: mpsc::Sender<Write>,
     /// The write connection; the writer thread's, or a lone write's.
     core: Arc<Mutex<Core>>,
@@ -399,6 +396,7 @@ impl SqliteStore {
             failures: CommitFailures::new(path.display().to_string()),
             committed,
             path: path.clone(),
+            _lock: lock,
         }));
         let writer_core = core.clone();
         thread::Builder::new()
@@ -411,7 +409,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             path,
             secret: Mutex::new(secret),
-            _lock: lock,
             writer: tx,
             core,
             load: Load::default(),
@@ -619,6 +616,12 @@ struct Core {
     /// Signals the checkpointer after each commit.
     committed: std::sync::mpsc::SyncSender<()>,
     path: PathBuf,
+    /// An exclusive lock on `<file>.lock`: one process drives one journal.
+    /// Held by the connection's owners, not by the store handle alone: the
+    /// writer thread outlives a dropped store until it has committed what
+    /// was queued, and another process must not open the journal before
+    /// that last batch is in. Last, so that it goes after the connection.
+    _lock: std::fs::File,
 }
 
 impl Core {
@@ -1977,6 +1980,52 @@ mod tests {
         assert_eq!(store.commits_here.load(Ordering::Relaxed), 0);
         let back = store.load(ex.id).await.expect("load").expect("stored");
         assert_eq!(back.seq, 1);
+    }
+
+    /// Regression: the journal's lock went with the store handle, while
+    /// the writer thread went on to commit what was queued. A write whose
+    /// caller gave up (a cancelled task) could then land after another
+    /// process had opened the journal and loaded that execution. The lock
+    /// now stays until the writer's last batch is in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_journal_stays_locked_until_the_writers_last_batch_is_in() {
+        let (dir, store, _def, ex) = store_and_execution();
+        let path = dir.path().join("j.db");
+        let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+        let (give_back_tx, give_back_rx) = std::sync::mpsc::channel::<()>();
+        let core = store.core.clone();
+        let holder = thread::spawn(move || {
+            let _taken = core.lock().unwrap_or_else(|p| p.into_inner());
+            taken_tx.send(()).expect("tell");
+            let _ = give_back_rx.recv();
+        });
+        taken_rx.recv().expect("taken");
+        // Queued for the writer thread, which waits for the connection.
+        let write = tokio::spawn({
+            let (store, ex) = (store.clone(), ex.clone());
+            async move { store.append(&ex).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        write.abort();
+        assert!(write.await.is_err_and(|e| e.is_cancelled()));
+        drop(store);
+        match SqliteStore::open(&path) {
+            Err(StoreError::Open { reason, .. }) => {
+                assert!(reason.contains("has this journal open"), "{reason}")
+            }
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("opened while a write of the dropped store was queued"),
+        }
+        give_back_tx.send(()).expect("give back");
+        holder.join().expect("holder");
+        let mut reopened = None;
+        eventually("the journal opens once the writer is done", || {
+            reopened = SqliteStore::open(&path).ok();
+            reopened.is_some()
+        });
+        let reopened = reopened.expect("opened");
+        let back = reopened.load(ex.id).await.expect("load");
+        assert_eq!(back.map(|b| b.seq), Some(1), "the queued write is in");
     }
 
     fn checkpointers() -> usize {

@@ -824,7 +824,7 @@ impl Execution {
     pub fn results(&self) -> Map<String, Value> {
         self.steps
             .iter()
-            .filter_map(|s| Some((s.name.to_string(), s.result.clone()?)))
+            .filter_map(|s| Some((s.name.as_str().to_owned(), s.result.clone()?)))
             .collect()
     }
 
@@ -844,7 +844,7 @@ impl Execution {
                     )
             })
             .map(|s| CompensationOutcome {
-                step: s.name.to_string(),
+                step: s.name.as_str().to_owned(),
                 status: s.status,
                 error: s.compensation_error.clone(),
             })

@@ -297,7 +297,7 @@ impl Run<'_> {
         } else {
             let s = &self.ex.steps[i];
             let message = s.error.clone().unwrap_or_else(|| "failed".to_string());
-            let name = s.name.to_string();
+            let name = s.name.as_str().to_owned();
             self.begin_rollback(Some(name), message);
         }
     }
@@ -406,7 +406,7 @@ impl Run<'_> {
             if self.ex.failure.is_none() {
                 let msg = s.confirm_error.clone().unwrap_or_default();
                 self.ex.failure = Some(Failure {
-                    step: Some(s.name.to_string()),
+                    step: Some(s.name.as_str().to_owned()),
                     message: format!("confirm failed: {msg}"),
                 });
             }
@@ -468,7 +468,7 @@ impl Run<'_> {
     }
 
     fn on_reply(&mut self, i: usize, reply: Reply) -> Result<(), Conflict> {
-        let name = self.ex.steps[i].name.to_string();
+        let name = self.ex.steps[i].name.as_str().to_owned();
         if !self.is_callback(i) {
             return Err(Conflict::NotCallback { step: name });
         }

@@ -1357,7 +1357,7 @@ impl Driver {
             for s in self.ex.steps.iter() {
                 if let Some(r) = &s.result {
                     if !map.contains_key(s.name.as_str()) {
-                        map.insert(s.name.to_string(), r.clone());
+                        map.insert(s.name.as_str().to_owned(), r.clone());
                     }
                 }
             }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, CachedStatement, Connection, OpenFlags, OptionalExtension};
-use sagatx_core::{Execution, ExecutionId, SagaDefinition};
+use sagatx_core::{Execution, ExecutionId, Name, SagaDefinition};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -151,7 +151,8 @@ impl SqliteStoreBuilder {
 enum Write {
     Append {
         id: ExecutionId,
-        saga: String,
+        /// Shared with the execution's state (a count, not a copy).
+        saga: Name,
         status: &'static str,
         seq: u64,
         due_at: Option<u64>,
@@ -187,7 +188,7 @@ impl Write {
         let (reply, rx) = oneshot::channel();
         let w = Write::Append {
             id: ex.id,
-            saga: ex.saga.to_string(),
+            saga: ex.saga.clone(),
             status: ex.status.as_str(),
             seq: ex.seq,
             due_at: ex.next_due_ms(),
@@ -868,7 +869,7 @@ fn apply_batch(
                 if *seq == 1 {
                     let n = st.get(Sql::Insert)?.execute(params![
                         idb,
-                        saga,
+                        saga.as_str(),
                         status,
                         due,
                         *created_at as i64,
@@ -2092,7 +2093,7 @@ mod tests {
         let (wa, _ra) = write(&a);
         let (mut wb, _rb) = write(&b);
         if let Write::Append { saga, .. } = &mut wb {
-            *saga = "boom".to_string();
+            *saga = Name::from("boom");
         }
         let Err(err) = apply_batch(&conn, &mut [wa, wb], &mut rows) else {
             panic!("the trigger fails the batch");

@@ -70,7 +70,8 @@ fn write_bytes(pid: &str) -> Option<u64> {
     proc_field(&format!("/proc/{pid}/io"), "write_bytes:")
 }
 
-/// CPU seconds (user + system) of a process.
+/// CPU seconds (user + system) of a process (`pid`, or `self`), or of one
+/// thread (`self/task/TID`).
 fn cpu_seconds(pid: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
@@ -82,6 +83,25 @@ fn cpu_seconds(pid: &str) -> f64 {
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// CPU seconds (user + system) of this process's threads whose name
+/// starts with `name` (as the kernel keeps it: 15 bytes at most); `None`
+/// when there is none (or no `/proc`).
+fn threads_cpu_seconds(name: &str) -> Option<f64> {
+    let mut found = None;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with(name) {
+            let tid = task.file_name();
+            let cpu = cpu_seconds(&format!("self/task/{}", tid.to_string_lossy()));
+            *found.get_or_insert(0.0) += cpu;
+        }
+    }
+    found
+}
+
+/// The SQLite store's writer thread, as `/proc` names it.
+const SQLITE_WRITER_THREAD: &str = "sagatx-sqlite-w";
 
 /// How many sagas (or transactions) of a fast row share one latency
 /// measurement: a clock read costs 60-70 ns on this machine's VM, and two
@@ -544,8 +564,12 @@ async fn durable(
                 stage_sagas(n, c),
             );
             let before = caller_commits.map(|f| f());
+            let (writer0, all0) = (
+                threads_cpu_seconds(SQLITE_WRITER_THREAD),
+                cpu_seconds("self"),
+            );
             let s = measure(&engine, saga, n, c, expect, 1).await?;
-            let note = match (caller_commits, before) {
+            let mut note = match (caller_commits, before) {
                 (Some(f), Some(before)) => {
                     // The warm-up's sagas commit too.
                     let sagas = stage_sagas(n, c).max(1);
@@ -554,6 +578,15 @@ async fn durable(
                 }
                 _ => note.to_string(),
             };
+            // Where the CPU went: the writer thread applies every batch,
+            // the runtime's workers run the engine and encode the states.
+            let all = cpu_seconds("self") - all0;
+            if let (Some(w0), Some(w1)) = (writer0, threads_cpu_seconds(SQLITE_WRITER_THREAD)) {
+                if all > 0.0 {
+                    let share = ((w1 - w0) / all * 100.0).clamp(0.0, 100.0);
+                    note.push_str(&format!("; writer thread {share:.0} % of the CPU"));
+                }
+            }
             out.push(row(workload, variant, c, s, "self", &note));
         }
     }

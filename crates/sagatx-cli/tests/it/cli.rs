@@ -251,6 +251,17 @@ fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
     } else {
         assert_eq!(callers(1), 0.0);
     }
+    // And the writer thread's share of the process's CPU, a percentage.
+    for r in rows.iter().filter(|r| r["workload"] == "sqlite") {
+        let note = r["note"].as_str().unwrap_or("");
+        let share: f64 = note
+            .split("; ")
+            .find_map(|p| p.strip_prefix("writer thread "))
+            .and_then(|p| p.strip_suffix(" % of the CPU"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no writer thread's share in {note:?}"));
+        assert!((0.0..=100.0).contains(&share), "{note}");
+    }
     let out = run(&["bench", "--workload", "nope"], dir.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(

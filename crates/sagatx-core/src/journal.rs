@@ -241,7 +241,7 @@ fn attempt(out: &mut Vec<u8>, a: &Attempt, base_ms: u64) -> Result<(), serde_jso
     Ok(())
 }
 
-fn int(out: &mut Vec<u8>, n: u64) {
+pub(crate) fn int(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
@@ -268,7 +268,7 @@ fn optional_string(
 /// A JSON string: copied between quotes when nothing in it needs escaping
 /// (serde_json escapes exactly the control characters, `"` and `\`),
 /// otherwise written by serde_json.
-fn string(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
+pub(crate) fn string(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         out.reserve(s.len() + 2);
         out.push(b'"');
@@ -280,7 +280,7 @@ fn string(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
     }
 }
 
-fn value(out: &mut Vec<u8>, v: &Value) -> Result<(), serde_json::Error> {
+pub(crate) fn value(out: &mut Vec<u8>, v: &Value) -> Result<(), serde_json::Error> {
     match v {
         Value::Null => {
             out.extend_from_slice(b"null");

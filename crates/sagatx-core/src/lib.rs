@@ -43,6 +43,7 @@ mod journal;
 pub mod machine;
 mod name;
 pub mod retry;
+mod view;
 
 pub use definition::{
     DefinitionError, Endpoint, HttpEndpoint, Mode, Phase, ReplyMode, SagaDefinition, StepDefinition,

@@ -799,6 +799,13 @@ fn the_serializing_view_writes_what_the_json_tree_did() {
             reference.to_string(),
             "the same text, keys in the same order"
         );
+        let mut written = Vec::new();
+        ex.write_view(&mut written).expect("writes");
+        assert_eq!(
+            String::from_utf8_lossy(&written),
+            reference.to_string(),
+            "the hand-written view"
+        );
     }
 }
 
@@ -973,6 +980,14 @@ fn the_journal_encoder_writes_what_serde_writes() {
         assert_eq!(
             Execution::from_raw(&ours).ok().as_ref(),
             Execution::from_raw(&theirs).ok().as_ref()
+        );
+        // And the API's view, hand-written too, of the same state.
+        let mut view = b"[".to_vec();
+        ex.write_view(&mut view).expect("writes");
+        assert_eq!(
+            String::from_utf8_lossy(&view[1..]),
+            serde_json::to_string(&ex.view_ref()).expect("serde"),
+            "the view"
         );
     };
     compare(&ex);

@@ -667,6 +667,15 @@ async fn lists_page_newest_first_with_filters() {
         }
     }
     assert_eq!(seen, ids);
+    // Each item is the execution's view, as a GET of it answers it.
+    let (_, page) = c.get("/v1/executions?limit=4").await;
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(items.len(), 4);
+    for item in items {
+        let id = item["id"].as_str().expect("an id");
+        let (_, one) = c.get(&format!("/v1/executions/{id}")).await;
+        assert_eq!(item, &one);
+    }
     let (_, page) = c.get("/v1/executions?saga=bad&status=compensated").await;
     assert_eq!(page["items"].as_array().map(Vec::len), Some(3));
     for (q, field) in [

@@ -11,6 +11,7 @@
 
 use serde_json::Value;
 
+use crate::error::CompensationOutcome;
 use crate::execution::{rfc3339_ms, Attempt, Awaiting, Execution, StepState};
 use crate::journal::{int, string, value};
 
@@ -29,20 +30,9 @@ pub(crate) fn write(e: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json::
     match e.saga_error() {
         None => out.extend_from_slice(b"null"),
         Some(err) => {
-            out.extend_from_slice(b"{\"compensations\":[");
-            for (i, c) in err.compensations.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(b"{\"error\":");
-                optional_string(out, c.error.as_deref())?;
-                out.extend_from_slice(b",\"status\":");
-                string(out, c.status.as_str())?;
-                out.extend_from_slice(b",\"step\":");
-                string(out, &c.step)?;
-                out.push(b'}');
-            }
-            out.extend_from_slice(b"],\"message\":");
+            out.extend_from_slice(b"{\"compensations\":");
+            array(out, err.compensations.iter(), compensation)?;
+            out.extend_from_slice(b",\"message\":");
             string(out, &err.message)?;
             out.extend_from_slice(b",\"step\":");
             optional_string(out, err.step.as_deref())?;
@@ -79,17 +69,24 @@ pub(crate) fn write(e: &Execution, out: &mut Vec<u8>) -> Result<(), serde_json::
     int(out, u64::from(e.saga_version));
     out.extend_from_slice(b",\"status\":");
     string(out, e.status.as_str())?;
-    out.extend_from_slice(b",\"steps\":[");
-    for (i, s) in e.steps.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        step(out, s)?;
-    }
-    out.extend_from_slice(b"],\"updated_at\":");
+    out.extend_from_slice(b",\"steps\":");
+    array(out, e.steps.iter(), step)?;
+    out.extend_from_slice(b",\"updated_at\":");
     time(out, e.updated_at_ms);
     out.extend_from_slice(b",\"user\":");
     optional_string(out, e.user.as_deref())?;
+    out.push(b'}');
+    Ok(())
+}
+
+/// One compensation of a saga error's view.
+fn compensation(out: &mut Vec<u8>, c: &CompensationOutcome) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(b"{\"error\":");
+    optional_string(out, c.error.as_deref())?;
+    out.extend_from_slice(b",\"status\":");
+    string(out, c.status.as_str())?;
+    out.extend_from_slice(b",\"step\":");
+    string(out, &c.step)?;
     out.push(b'}');
     Ok(())
 }
@@ -108,14 +105,9 @@ fn step(out: &mut Vec<u8>, s: &StepState) -> Result<(), serde_json::Error> {
     optional_string(out, s.confirm_error.as_deref())?;
     out.extend_from_slice(b",\"error\":");
     optional_string(out, s.error.as_deref())?;
-    out.extend_from_slice(b",\"history\":[");
-    for (i, a) in s.history.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        attempt(out, a)?;
-    }
-    out.extend_from_slice(b"],\"name\":");
+    out.extend_from_slice(b",\"history\":");
+    array(out, s.history.iter(), attempt)?;
+    out.extend_from_slice(b",\"name\":");
     string(out, s.name.as_str())?;
     out.extend_from_slice(b",\"next_attempt_at\":");
     optional_time(out, s.due_at_ms);
@@ -153,6 +145,23 @@ fn attempt(out: &mut Vec<u8>, a: &Attempt) -> Result<(), serde_json::Error> {
     out.extend_from_slice(b",\"started_at\":");
     time(out, *started_at_ms);
     out.push(b'}');
+    Ok(())
+}
+
+/// A JSON array of `items`, each written by `item`.
+fn array<'a, T: 'a>(
+    out: &mut Vec<u8>,
+    items: impl Iterator<Item = &'a T>,
+    item: fn(&mut Vec<u8>, &T) -> Result<(), serde_json::Error>,
+) -> Result<(), serde_json::Error> {
+    out.push(b'[');
+    for (i, x) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        item(out, x)?;
+    }
+    out.push(b']');
     Ok(())
 }
 

@@ -1967,6 +1967,34 @@ mod tests {
         }
     }
 
+    /// The store's write connection, held by a thread of its own (as the
+    /// writer thread holds it while it commits a batch) until given back.
+    struct Held {
+        holder: thread::JoinHandle<()>,
+        give_back: std::sync::mpsc::Sender<()>,
+    }
+
+    impl Held {
+        /// Returns once the connection is taken.
+        fn take(store: &SqliteStore) -> Self {
+            let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+            let (give_back, give_back_rx) = std::sync::mpsc::channel::<()>();
+            let core = store.core.clone();
+            let holder = thread::spawn(move || {
+                let _taken = core.lock().unwrap_or_else(|p| p.into_inner());
+                taken_tx.send(()).expect("tell");
+                let _ = give_back_rx.recv();
+            });
+            taken_rx.recv().expect("taken");
+            Held { holder, give_back }
+        }
+
+        fn give_back(self) {
+            self.give_back.send(()).expect("give back");
+            self.holder.join().expect("holder");
+        }
+    }
+
     /// A lone write that finds the connection taken (the writer thread
     /// committing a batch) does not wait for it on the caller's thread: it
     /// queues, and the writer thread commits it once it has the connection.
@@ -1980,23 +2008,14 @@ mod tests {
         for _ in 0..LONE_STREAK {
             store.append(&started(&def, env)).await.expect("a creation");
         }
-        let (taken_tx, taken_rx) = std::sync::mpsc::channel();
-        let (give_back_tx, give_back_rx) = std::sync::mpsc::channel::<()>();
-        let core = store.core.clone();
-        let holder = thread::spawn(move || {
-            let _taken = core.lock().unwrap_or_else(|p| p.into_inner());
-            taken_tx.send(()).expect("tell");
-            let _ = give_back_rx.recv();
-        });
-        taken_rx.recv().expect("taken");
+        let held = Held::take(&store);
         let write = tokio::spawn({
             let (store, ex) = (store.clone(), ex.clone());
             async move { store.append(&ex).await }
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!write.is_finished(), "it committed without the connection");
-        give_back_tx.send(()).expect("give back");
-        holder.join().expect("holder");
+        held.give_back();
         write.await.expect("task").expect("append");
         assert_eq!(store.commits_here.load(Ordering::Relaxed), 0);
         let back = store.load(ex.id).await.expect("load").expect("stored");
@@ -2012,15 +2031,7 @@ mod tests {
     async fn the_journal_stays_locked_until_the_writers_last_batch_is_in() {
         let (dir, store, _def, ex) = store_and_execution();
         let path = dir.path().join("j.db");
-        let (taken_tx, taken_rx) = std::sync::mpsc::channel();
-        let (give_back_tx, give_back_rx) = std::sync::mpsc::channel::<()>();
-        let core = store.core.clone();
-        let holder = thread::spawn(move || {
-            let _taken = core.lock().unwrap_or_else(|p| p.into_inner());
-            taken_tx.send(()).expect("tell");
-            let _ = give_back_rx.recv();
-        });
-        taken_rx.recv().expect("taken");
+        let held = Held::take(&store);
         // Queued for the writer thread, which waits for the connection.
         let write = tokio::spawn({
             let (store, ex) = (store.clone(), ex.clone());
@@ -2044,8 +2055,7 @@ mod tests {
             Err(e) => panic!("another error: {e}"),
             Ok(_) => panic!("opened while a write of the dropped store was queued"),
         }
-        give_back_tx.send(()).expect("give back");
-        holder.join().expect("holder");
+        held.give_back();
         dropping.join().expect("dropped");
         let reopened = SqliteStore::open(&path).expect("open once the drop returned");
         let back = reopened.load(ex.id).await.expect("load");

@@ -1538,9 +1538,72 @@ pub fn table(rows: &[Row]) -> String {
     t.to_string()
 }
 
+/// The rows' notes, for below the table (what each row measured and how:
+/// the table has no room for them): one line per run of rows of one
+/// workload with the same note.
+pub fn notes(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let r = &rows[i];
+        let same = rows[i..]
+            .iter()
+            .take_while(|o| o.workload == r.workload && o.note == r.note)
+            .count();
+        if !r.note.is_empty() {
+            let which = match same {
+                1 => format!("{}, {}, c={}", r.workload, r.variant, r.concurrency),
+                n => format!("{} ({n} rows)", r.workload),
+            };
+            out.push_str(&format!("  {which}: {}\n", r.note));
+        }
+        i += same;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn noted(workload: &str, variant: &str, c: usize, note: &str) -> Row {
+        Row {
+            workload: workload.into(),
+            variant: variant.into(),
+            concurrency: c,
+            sagas: 1,
+            seconds: 1.0,
+            sagas_per_second: 1.0,
+            p50_us: 1.0,
+            p90_us: 1.0,
+            p99_us: 1.0,
+            max_us: 1.0,
+            latencies_timed: 1,
+            cpu_seconds_per_1000: 0.0,
+            peak_rss_mib: 0.0,
+            bytes_written_per_saga: None,
+            note: note.into(),
+        }
+    }
+
+    /// Rows of one workload that share a note share its line; a row with a
+    /// note of its own gets its own line, named; rows without a note none.
+    #[test]
+    fn notes_go_one_line_per_run_of_rows_with_the_same_note() {
+        let rows = [
+            noted("memory", "a", 1, "in-process"),
+            noted("memory", "a", 64, "in-process"),
+            noted("sqlite", "b", 1, "4.00 commits"),
+            noted("sqlite", "b", 64, "0.00 commits"),
+            noted("tx", "c", 1, ""),
+            noted("http", "d", 1, "in-process"),
+        ];
+        assert_eq!(
+            notes(&rows),
+            "  memory (2 rows): in-process\n  sqlite, b, c=1: 4.00 commits\n  \
+             sqlite, b, c=64: 0.00 commits\n  http, d, c=1: in-process\n"
+        );
+    }
 
     /// The sampler times about one saga in 16, and not in step with
     /// anything periodic: of sagas marked every 16th (as a caller that

@@ -323,6 +323,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", machine.line());
                 println!("{}", bench::table(&rows));
+                let notes = bench::notes(&rows);
+                if !notes.is_empty() {
+                    println!("\nNotes:\n{notes}");
+                }
                 if let Some(r) = bench::ratios(&rows) {
                     println!("\nSide by side, measured in this run (mean time per saga or transaction):\n{r}");
                 }

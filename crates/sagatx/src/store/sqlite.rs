@@ -638,10 +638,10 @@ struct Core {
     committed: std::sync::mpsc::SyncSender<()>,
     path: PathBuf,
     /// An exclusive lock on `<file>.lock`: one process drives one journal.
-    /// Held by the connection's owners, not by the store handle alone: the
-    /// writer thread outlives a dropped store until it has committed what
-    /// was queued, and another process must not open the journal before
-    /// that last batch is in. Last, so that it goes after the connection.
+    /// Held with the connection, so it goes with the last of its owners
+    /// (the store and the writer thread), after the writer's last batch:
+    /// another process must not open the journal before that batch is in.
+    /// Last, so that it goes after the connection.
     _lock: std::fs::File,
 }
 

@@ -22,6 +22,17 @@ pub(crate) fn encode(
     base_ms: u64,
     out: &mut Vec<u8>,
 ) -> Result<(), serde_json::Error> {
+    encode_with(ex, base_ms, true, out)
+}
+
+/// [`encode`], with the id's value written (`with_id`) or left empty
+/// (`"id":""`, for a store that keeps the id in a column of its own).
+pub(crate) fn encode_with(
+    ex: &Execution,
+    base_ms: u64,
+    with_id: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
     // Every field named, none left to `..`: a field added to the type does
     // not compile here until the encoder writes it.
     let Execution {
@@ -43,13 +54,15 @@ pub(crate) fn encode(
     out.extend_from_slice(b"{\"format_version\":");
     int(out, u64::from(ex.format_version));
     out.extend_from_slice(b",\"id\":\"");
-    out.extend_from_slice(
-        ex.id
-            .0
-            .hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer())
-            .as_bytes(),
-    );
+    if with_id {
+        out.extend_from_slice(
+            ex.id
+                .0
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+        );
+    }
     out.extend_from_slice(b"\",\"saga\":");
     string(out, ex.saga.as_str())?;
     out.extend_from_slice(b",\"saga_version\":");

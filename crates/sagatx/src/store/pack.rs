@@ -73,18 +73,25 @@ pub(crate) fn pack(ex: &Execution) -> Result<Vec<u8>, DecodeError> {
 
 /// [`pack`], compressing only entries of at most `max` bytes.
 fn pack_within(ex: &Execution, max: usize) -> Result<Vec<u8>, DecodeError> {
-    let relative = ex.to_raw_relative(ex.created_at_ms)?;
-    match compress(relative, ex.id.0, LZ4_DICT_1_RELATIVE, max) {
-        Ok(packed) => Ok(packed),
+    // Written without the id's value: no id to write, find and cut.
+    let relative = ex.to_raw_relative_without_id(ex.created_at_ms)?;
+    match compress_cut(&relative, ID_BYTES, LZ4_DICT_1_RELATIVE, max) {
+        Some(packed) => Ok(packed),
         // Rare (an entry of incompressible results, or a huge one): the
         // format's own JSON, which needs no column to be read.
-        Err(_) => ex.to_raw(),
+        None => ex.to_raw(),
     }
 }
 
+/// The length of an id's value as the JSON holds it (hyphenated).
+const ID_BYTES: usize = uuid::fmt::Hyphenated::LENGTH;
+
 /// `json` (the entry of execution `id`) compressed with first byte `tag`;
 /// `Err` gives it back when it is over `max` bytes, does not hold the id
-/// where the encoder puts it, or would not shrink.
+/// where the encoder puts it, or would not shrink. What [`pack`] did before
+/// the entry was written without its id; kept for the tests, which make
+/// entries of every tag with it.
+#[cfg(test)]
 pub(super) fn compress(
     mut json: Vec<u8>,
     id: Uuid,
@@ -104,31 +111,37 @@ pub(super) fn compress(
         return Err(json);
     };
     json.drain(at..at + text.len());
-    let Ok(len) = u32::try_from(json.len()) else {
+    compress_cut(&json, text.len(), tag, max).ok_or_else(|| {
         json.splice(at..at, text.iter().copied());
-        return Err(json);
-    };
+        json
+    })
+}
+
+/// `cut`, an entry whose id's value (`cut_bytes` long) is cut out already,
+/// compressed with first byte `tag`; `None` when it is over `max` bytes or
+/// would not be smaller than the whole entry.
+fn compress_cut(cut: &[u8], cut_bytes: usize, tag: u8, max: usize) -> Option<Vec<u8>> {
+    if cut.len() + cut_bytes > max {
+        return None;
+    }
+    let len = u32::try_from(cut.len()).ok()?;
     // Compressed into a buffer kept by the thread, then copied out at its
     // size (a fresh buffer would be allocated at the worst case's size).
     thread_local! {
         static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let packed = OUT.with_borrow_mut(|out| {
+    OUT.with_borrow_mut(|out| {
         out.clear();
         out.push(tag);
         out.extend_from_slice(&len.to_le_bytes());
-        DICT_1_PREPARED.compress(&json, out);
-        let packed = (out.len() < json.len() + text.len()).then(|| out.to_vec());
+        DICT_1_PREPARED.compress(cut, out);
+        let packed = (out.len() < cut.len() + cut_bytes).then(|| out.to_vec());
         // A large entry's buffer is not kept: a thread keeps at most
         // `KEPT_BYTES`, however large the entries it once compressed.
         if out.capacity() > KEPT_BYTES {
             *out = Vec::new();
         }
         packed
-    });
-    packed.ok_or_else(|| {
-        json.splice(at..at, text.iter().copied());
-        json
     })
 }
 
@@ -226,6 +239,25 @@ mod tests {
             unpack_execution(&absolute, ID, 12_345).expect("unpacks"),
             ex
         );
+    }
+
+    /// Writing the entry without its id gives the bytes that cutting the
+    /// id out of the whole entry gave (what `pack` did before): the stored
+    /// format did not change.
+    #[test]
+    fn an_entry_written_without_its_id_packs_to_the_same_bytes() {
+        let mut ex = entry();
+        for round in 0..3 {
+            let whole = ex.to_raw_relative(ex.created_at_ms).expect("encodes");
+            let cut_from_whole =
+                compress(whole, ex.id.0, LZ4_DICT_1_RELATIVE, MAX_ENTRY_BYTES).expect("packs");
+            assert_eq!(pack(&ex).expect("packs"), cut_from_whole, "round {round}");
+            // Another id, and a user whose name needs escaping.
+            ex.id = sagatx_core::ExecutionId(Uuid::from_u128(
+                0x0193_c7e2_0000_7000_8000_0000_0000_0001 + round,
+            ));
+            ex.user = Some(format!("\"user\" {round}"));
+        }
     }
 
     #[test]

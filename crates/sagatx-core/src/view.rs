@@ -1,13 +1,14 @@
 //! The API's JSON of an execution (API.md §3) written by hand: the same
-//! bytes as serde writes for [`ExecutionView`](crate::execution::ExecutionView),
-//! which stays the definition, written through serde's map machinery entry
-//! by entry (about 24,000 instructions for a three-step execution, a
-//! twentieth of what the coordinator does per HTTP saga). Keys are the
-//! constant bytes they are, in serde's (sorted) order; strings and values
-//! go through the journal encoder's writers, which escape as serde_json
-//! does. A field added to a view must be added here too: debug builds
-//! compare the two writers at every call (`Execution::write_view`), so any
-//! test that reads an execution through the API finds a difference.
+//! bytes as serde writes for [`ExecutionView`](crate::execution::ExecutionView).
+//! That implementation stays the definition; it writes through serde's map
+//! machinery entry by entry, about 24,000 instructions for a three-step
+//! execution (a twentieth of what the coordinator does per HTTP saga),
+//! this a third of that. Keys are the constant bytes they are, in serde's
+//! (sorted) order; strings and values go through the journal encoder's
+//! writers, which escape as serde_json does. A field added to a view must
+//! be added here too: debug builds compare the two writers at every call
+//! (`Execution::write_view`), so any test that reads an execution through
+//! the API would show the difference.
 
 use serde_json::Value;
 

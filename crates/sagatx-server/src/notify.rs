@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sagatx::{Execution, Status, StatusHook};
-use serde_json::json;
 use tokio::sync::mpsc;
 
 /// Notifications waiting at most.
@@ -74,13 +73,16 @@ async fn sender(
     mut rx: mpsc::Receiver<Execution>,
 ) {
     while let Some(ex) = rx.recv().await {
-        let body = json!({
-            "event": "execution.status",
-            "status": ex.status.as_str(),
-            "execution": ex.view(),
-        });
+        let body = match body(&ex) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(execution = %ex.id, error = %e, "cannot write a notification");
+                continue;
+            }
+        };
         let key = format!("{}:{}:{}", ex.id, ex.status.as_str(), ex.seq);
         for url in urls.iter() {
+            // The body is written once and shared by every URL and retry.
             let (client, url, body, key) = (client.clone(), url.clone(), body.clone(), key.clone());
             // Each delivery retries on its own, so one slow receiver does
             // not hold the others up.
@@ -90,7 +92,8 @@ async fn sender(
                     let sent = client
                         .post(&url)
                         .header("Idempotency-Key", &key)
-                        .json(&body)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body.clone())
                         .send()
                         .await;
                     match sent {
@@ -113,4 +116,17 @@ async fn sender(
             });
         }
     }
+}
+
+/// A notification's body: `{"event", "execution", "status"}`, the keys in
+/// the order serde_json sorts them, the execution's view written once by
+/// `Execution::write_view` (no JSON tree of it).
+fn body(ex: &Execution) -> Result<bytes::Bytes, serde_json::Error> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(br#"{"event":"execution.status","execution":"#);
+    ex.write_view(&mut out)?;
+    out.extend_from_slice(br#","status":""#);
+    out.extend_from_slice(ex.status.as_str().as_bytes());
+    out.extend_from_slice(br#""}"#);
+    Ok(out.into())
 }

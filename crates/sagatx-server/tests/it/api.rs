@@ -1087,6 +1087,10 @@ async fn status_changes_are_notified_with_retries_and_filters() {
         assert_eq!(body["event"], "execution.status");
         let id = body["execution"]["id"].as_str().expect("execution id");
         assert!(key.starts_with(id), "{key}");
+        // The view notified is the execution's, as a GET of it answers.
+        let (_, now) = c.get(&format!("/v1/executions/{id}")).await;
+        assert_eq!(body["execution"], now);
+        assert_eq!(body["status"], now["status"]);
     }
 }
 

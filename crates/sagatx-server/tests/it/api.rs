@@ -627,6 +627,9 @@ async fn an_idempotency_key_makes_a_start_safe_to_repeat() {
 async fn lists_page_newest_first_with_filters() {
     let svc = Services::start().await;
     let c = Coordinator::start(None).await;
+    let (s, empty) = c.get("/v1/executions").await;
+    assert_eq!(s, 200);
+    assert_eq!(empty, json!({"items": [], "next_cursor": null}));
     svc.script("bad", vec![answer(400, Value::Null); 3]);
     let good = saga(&svc, "good", &[("a", false)]);
     let bad = saga(&svc, "bad", &[("bad", false)]);

@@ -400,6 +400,9 @@ impl IntoResponse for ViewPage {
 
 /// Paused for longer than this needs attention.
 const LONG_PAUSE_MS: u64 = 60_000;
+/// The summary lists at most this many failed and this many long-paused
+/// executions.
+const ATTENTION_EACH: usize = 20;
 
 #[utoipa::path(get, path = "/v1/summary", tag = "executions", responses((status = 200, description = "counts by saga and status (computed by the store), and the executions that need attention: failed, or paused for more than a minute", body = Object), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn summary(State(state): State<AppState>) -> ApiResult<Json<Value>> {
@@ -418,25 +421,29 @@ pub(crate) async fn summary(State(state): State<AppState>) -> ApiResult<Json<Val
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let mut attention = Vec::new();
-    for status in [Status::Failed, Status::Paused] {
-        let page = state
-            .engine
-            .list(ListQuery {
-                status: Some(status),
-                limit: 20,
-                ..Default::default()
-            })
-            .await?;
-        attention.extend(
-            page.items
-                .iter()
-                .filter(|e| {
-                    status == Status::Failed || now.saturating_sub(e.updated_at_ms) > LONG_PAUSE_MS
-                })
-                .map(|e| e.view()),
-        );
-    }
+    // The newest failures, and the executions paused longest (asked of the
+    // store by how long they have waited: among the newest paused, a busy
+    // saga's fresh pauses would hide them).
+    let failed = state
+        .engine
+        .list(ListQuery {
+            status: Some(Status::Failed),
+            limit: ATTENTION_EACH,
+            ..Default::default()
+        })
+        .await?;
+    let paused = state
+        .engine
+        .store()
+        .paused_before(now.saturating_sub(LONG_PAUSE_MS + 1), ATTENTION_EACH)
+        .await
+        .map_err(EngineError::from)?;
+    let attention: Vec<Value> = failed
+        .items
+        .iter()
+        .chain(&paused)
+        .map(|e| e.view())
+        .collect();
     Ok(Json(json!({"counts": counts, "attention": attention})))
 }
 

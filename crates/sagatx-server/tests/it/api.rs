@@ -1161,6 +1161,50 @@ async fn a_notification_answered_with_a_redirect_is_not_followed() {
     );
 }
 
+/// Regression: the summary took the twenty newest paused executions and
+/// kept those paused for over a minute, so twenty executions paused in the
+/// last minute hid one paused for ten.
+#[tokio::test]
+async fn a_long_pause_needs_attention_however_many_paused_since() {
+    let svc = Services::start().await;
+    let c = Coordinator::start(None).await;
+    let mut def = saga(&svc, "waits", &[("ask", false)]);
+    def["steps"][0]["reply"] = json!("callback");
+    let first = c.run(def.clone(), json!(0)).await;
+    assert_eq!(first["status"], "paused", "{first}");
+    // The same execution, as if it had paused ten minutes ago.
+    let id: sagatx::ExecutionId = first["id"].as_str().expect("id").parse().expect("uuid");
+    let mut old = c.store.load(id).await.expect("load").expect("stored");
+    let ten_minutes = 600_000;
+    old.id = sagatx::ExecutionId(uuid::Uuid::now_v7());
+    old.created_at_ms -= ten_minutes;
+    old.updated_at_ms -= ten_minutes;
+    for step in &mut old.steps {
+        for a in &mut step.history {
+            a.started_at_ms -= ten_minutes;
+            a.ended_at_ms = a.ended_at_ms.map(|e| e - ten_minutes);
+        }
+    }
+    c.store.import(&old).await.expect("import");
+    for i in 1..=21 {
+        let ex = c.run(def.clone(), json!(i)).await;
+        assert_eq!(ex["status"], "paused", "{ex}");
+    }
+    let (s, v) = c.get("/v1/summary").await;
+    assert_eq!(s, 200, "{v}");
+    let ids: Vec<&str> = v["attention"]
+        .as_array()
+        .expect("attention")
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [old.id.to_string()],
+        "the one paused for ten minutes, not those paused just now"
+    );
+}
+
 #[tokio::test]
 async fn the_dashboard_is_served_offline_with_summary_and_diagram() {
     let svc = Services::start().await;

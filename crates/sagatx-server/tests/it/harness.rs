@@ -133,6 +133,8 @@ pub struct Coordinator {
     pub base: String,
     pub http: reqwest::Client,
     pub token: Option<String>,
+    /// The coordinator's store, for setting up what the API cannot make.
+    pub store: std::sync::Arc<dyn sagatx::Store>,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -159,6 +161,7 @@ impl Coordinator {
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let kept = store.clone();
         tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
@@ -171,6 +174,7 @@ impl Coordinator {
             base,
             http: reqwest::Client::new(),
             token: token.map(str::to_string),
+            store: kept,
             _dir: dir,
             stop: Some(tx),
         }

@@ -96,6 +96,7 @@ pub async fn run(store: Arc<dyn Store>) -> R {
     list_and_page(&*store, &tag).await?;
     due_and_unfinished(&*store, &tag).await?;
     due_in_order(&*store, &tag).await?;
+    paused_longest_first(&*store, &tag).await?;
     concurrent_writers(store.clone(), &tag).await?;
     long_execution(&*store, &tag).await?;
     secret(&*store).await?;
@@ -692,6 +693,182 @@ async fn due_in_order(store: &dyn Store, tag: &str) -> R {
             &times[..k]
         );
     }
+    Ok(())
+}
+
+/// `paused_before`: paused executions only, those paused at or before the
+/// time asked, the longest paused first, within the limit; one that goes
+/// on leaves the list. (Other checks' executions share the store: the
+/// checks on order and status hold for every item, those on membership
+/// for this check's own.)
+async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
+    let d = def(&format!("conf-paused-{tag}"), 2, true);
+    // Twelve executions paused on their first step's callback at times
+    // 7 ms apart, made in a shuffled order; the newest made first.
+    let base = 2_000_000;
+    let mut mine: Vec<(u64, Execution)> = Vec::new();
+    for k in 0..12u64 {
+        let paused_at = base + (k * 5 % 12) * 7;
+        let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
+        store.append(&ex).await.map_err(e("create"))?;
+        let called = Event::Outcome {
+            step: 0,
+            phase: Phase::Action,
+            attempt: ex.steps[0].attempts,
+            outcome: Ok(json!(null)),
+        };
+        let env = Env {
+            now_ms: paused_at,
+            random01: 0.5,
+        };
+        ex.handle(&d, called, env).map_err(e("pause"))?;
+        ex.seq += 1;
+        ensure!(ex.status == Status::Paused, "paused on the callback");
+        ensure!(ex.updated_at_ms == paused_at, "paused at {paused_at}");
+        store.append(&ex).await.map_err(e("pause"))?;
+        mine.push((paused_at, ex));
+    }
+    // A running execution, last written long before: never listed.
+    let running = started(&d, ExecutionId(Uuid::now_v7()));
+    store.append(&running).await.map_err(e("running"))?;
+    mine.sort_by_key(|(at, _)| *at);
+    let every: Vec<ExecutionId> = mine.iter().map(|(_, x)| x.id).collect();
+    let ours = |items: &[Execution]| -> Vec<ExecutionId> {
+        items
+            .iter()
+            .filter(|x| every.contains(&x.id))
+            .map(|x| x.id)
+            .collect()
+    };
+    // Every item is paused (the order is checked on this check's own, whose
+    // one write in `paused` gives the time they paused).
+    let check = |items: &[Execution], before: u64| -> R {
+        ensure!(
+            items.iter().all(|x| x.status == Status::Paused),
+            "paused executions only"
+        );
+        ensure!(
+            items
+                .iter()
+                .filter(|x| every.contains(&x.id))
+                .all(|x| x.updated_at_ms <= before),
+            "paused at or before {before} only"
+        );
+        ensure!(
+            !items.iter().any(|x| x.id == running.id),
+            "a running execution is not listed"
+        );
+        Ok(())
+    };
+    let before = base + 6 * 7;
+    let got = store
+        .paused_before(before, 100_000)
+        .await
+        .map_err(e("paused_before"))?;
+    check(&got, before)?;
+    let expected = every[..7].to_vec();
+    ensure!(
+        ours(&got) == expected,
+        "the seven paused at or before {before}, in the order they paused"
+    );
+    let all = store
+        .paused_before(u64::MAX / 2, 100_000)
+        .await
+        .map_err(e("paused_before all"))?;
+    check(&all, u64::MAX / 2)?;
+    ensure!(ours(&all) == every, "all twelve, in the order they paused");
+    for k in [1, 3] {
+        let first = store
+            .paused_before(u64::MAX / 2, k)
+            .await
+            .map_err(e("paused_before with a limit"))?;
+        ensure!(
+            first.iter().map(|x| x.id).collect::<Vec<_>>()
+                == all[..k].iter().map(|x| x.id).collect::<Vec<_>>(),
+            "a limit of {k} gives the {k} paused longest"
+        );
+    }
+    // The one paused longest is cancelled: it goes on, and is not listed.
+    let (at, mut gone) = mine[0].clone();
+    let env = Env {
+        now_ms: at + 1,
+        random01: 0.5,
+    };
+    let t = gone.handle(&d, Event::Cancel, env).map_err(e("cancel"))?;
+    ensure!(t.changed && gone.status != Status::Paused, "cancelled");
+    gone.seq += 1;
+    store.append(&gone).await.map_err(e("cancel"))?;
+    let got = store
+        .paused_before(before, 100_000)
+        .await
+        .map_err(e("paused_before after a cancel"))?;
+    check(&got, before)?;
+    ensure!(
+        !got.iter().any(|x| x.id == gone.id),
+        "a cancelled execution is no longer paused"
+    );
+    ensure!(ours(&got) == expected[1..], "the other six as before");
+
+    // Paused since its pause, not its last write: two callback steps at
+    // once; it pauses when both calls are in, at `paused_at`, and a reply
+    // to one later keeps it paused.
+    let both = SagaDefinition::from_json(
+        format!(
+            r#"{{"name":"conf-paused-both-{tag}","mode":"concurrent","steps":[
+                {{"name":"s0","action":"local","reply":"callback"}},
+                {{"name":"s1","action":"local","reply":"callback"}}]}}"#
+        )
+        .as_bytes(),
+    )
+    .map_err(e("definition"))?;
+    let mut two = started(&both, ExecutionId(Uuid::now_v7()));
+    store.append(&two).await.map_err(e("two"))?;
+    let paused_at = base + 3 * 7 + 1;
+    for (i, at) in [(0, paused_at - 1), (1, paused_at)] {
+        let called = Event::Outcome {
+            step: i,
+            phase: Phase::Action,
+            attempt: two.steps[i].attempts,
+            outcome: Ok(json!(null)),
+        };
+        let env = Env {
+            now_ms: at,
+            random01: 0.5,
+        };
+        two.handle(&both, called, env).map_err(e("call"))?;
+        two.seq += 1;
+        store.append(&two).await.map_err(e("call"))?;
+    }
+    ensure!(
+        two.status == Status::Paused && two.updated_at_ms == paused_at,
+        "paused when both calls are in"
+    );
+    let reply = Event::Reply {
+        step: 0,
+        reply: sagatx_core::Reply::Ok(json!(1)),
+    };
+    let env = Env {
+        now_ms: base + 1_000,
+        random01: 0.5,
+    };
+    two.handle(&both, reply, env).map_err(e("reply"))?;
+    two.seq += 1;
+    ensure!(
+        two.status == Status::Paused,
+        "still paused on the other step"
+    );
+    store.append(&two).await.map_err(e("reply"))?;
+    let got = store
+        .paused_before(before, 100_000)
+        .await
+        .map_err(e("paused_before after a reply"))?;
+    let at = got.iter().position(|x| x.id == two.id);
+    let after = got.iter().position(|x| x.id == every[4]);
+    let before_it = got.iter().position(|x| x.id == every[3]);
+    ensure!(
+        at.is_some() && before_it < at && at < after,
+        "listed by the time it paused, between those paused before and after it"
+    );
     Ok(())
 }
 

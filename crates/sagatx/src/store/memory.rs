@@ -26,6 +26,8 @@ struct Shard {
     by_id: crate::idmap::IdMap<u64>,
     /// (due time, insertion number) of every execution with a due time.
     due: BTreeSet<(u64, u64)>,
+    /// Insertion number → the time it paused, of every paused execution.
+    paused: BTreeMap<u64, u64>,
 }
 
 impl Shard {
@@ -34,6 +36,9 @@ impl Shard {
         self.by_id.insert(ex.id, n);
         if let Some(d) = ex.next_due_ms() {
             self.due.insert((d, n));
+        }
+        if ex.status == Status::Paused {
+            self.paused.insert(n, ex.updated_at_ms);
         }
         self.executions.insert(n, ex.clone());
     }
@@ -258,14 +263,15 @@ impl Store for MemoryStore {
                 found: None,
             });
         };
-        let (old_due, finishing) = match shard.executions.get_mut(&n) {
+        let (old_due, was, finishing) = match shard.executions.get_mut(&n) {
             Some(cur) if cur.seq + 1 == ex.seq => {
                 let old_due = cur.next_due_ms();
+                let was = cur.status;
                 let finishing = ex.status.is_terminal() && !cur.status.is_terminal();
                 // Overwritten in place: the copy's allocations are reused
                 // (the steps themselves are shared with the writer's state).
                 cur.clone_from(ex);
-                (old_due, finishing)
+                (old_due, was, finishing)
             }
             other => {
                 return Err(StoreError::Conflict {
@@ -280,6 +286,13 @@ impl Store for MemoryStore {
         }
         if let Some(d) = ex.next_due_ms() {
             shard.due.insert((d, n));
+        }
+        if was != ex.status {
+            if ex.status == Status::Paused {
+                shard.paused.insert(n, ex.updated_at_ms);
+            } else if was == Status::Paused {
+                shard.paused.remove(&n);
+            }
         }
         drop(shard);
         if finishing {
@@ -342,6 +355,32 @@ impl Store for MemoryStore {
 
     async fn secret(&self) -> Result<[u8; 32], StoreError> {
         Ok(*lock(&self.secret))
+    }
+
+    async fn paused_before(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Execution>, StoreError> {
+        // Every shard's paused executions by the time they paused (a walk
+        // of the paused alone), then the first `limit` of those.
+        let mut paused: Vec<(u64, u64, usize)> = Vec::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let shard = lock(shard);
+            paused.extend(
+                shard
+                    .paused
+                    .iter()
+                    .filter(|&(_, &since)| since <= before_ms)
+                    .map(|(&n, &since)| (since, n, i)),
+            );
+        }
+        paused.sort_unstable();
+        paused.truncate(limit);
+        Ok(paused
+            .into_iter()
+            .filter_map(|(_, n, i)| lock(&self.shards[i]).executions.get(&n).cloned())
+            .collect())
     }
 
     async fn summary(&self) -> Result<super::Summary, StoreError> {

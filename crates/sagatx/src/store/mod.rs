@@ -184,6 +184,18 @@ pub trait Store: Send + Sync + 'static {
     /// How many executions of each saga are in each status.
     async fn summary(&self) -> Result<Summary, StoreError>;
 
+    /// Paused executions that paused at or before `before_ms` (the
+    /// `updated_at_ms` of the write that made them `paused`; later writes
+    /// that keep them paused do not move it), the longest paused first,
+    /// at most `limit`: the executions waiting too long on a reply or a
+    /// commit, for the dashboard. The durable stores answer from an index
+    /// of the paused executions alone, however many others they hold.
+    async fn paused_before(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Execution>, StoreError>;
+
     /// Every execution, oldest first, after `cursor` (for copying a store).
     async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError>;
 

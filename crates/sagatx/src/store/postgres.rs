@@ -62,6 +62,11 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
         name: "counts",
         sql: include_str!("migrations/postgres/0004_counts.sql"),
     },
+    super::migrations::Migration {
+        version: 5,
+        name: "paused_at",
+        sql: include_str!("migrations/postgres/0005_paused_at.sql"),
+    },
 ];
 
 /// How long a lease lasts unless renewed, by default.
@@ -501,8 +506,12 @@ async fn writer(
         }
         let started = std::time::Instant::now();
         let n = batch.len();
+        let mut unprepared = None;
         if statements.is_none() {
-            statements = prepare(&client).await.ok();
+            match prepare(&client).await {
+                Ok(s) => statements = Some(s),
+                Err(e) => unprepared = Some(describe(&e)),
+            }
         }
         let span = tracing::debug_span!("store_commit", store = "postgres", batch = n);
         let result: Result<Vec<Done>, String> = match &statements {
@@ -511,7 +520,10 @@ async fn writer(
                     .await
                     .map_err(|e| describe(&e))
             }
-            None => Err("cannot prepare the journal's statements".into()),
+            None => Err(format!(
+                "cannot prepare the journal's statements: {}",
+                unprepared.unwrap_or_default()
+            )),
         };
         match result {
             Ok(results) => {
@@ -614,8 +626,9 @@ async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         insert: client
             .prepare(
                 "INSERT INTO sagatx_executions
-                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch)
-                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8::UUID, 1)
+                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch,
+                    paused_at)
+                 VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8::UUID, 1, CASE WHEN $3::TEXT = 'paused' THEN $6::BIGINT END)
                  ON CONFLICT (id) DO NOTHING",
             )
             .await?,
@@ -625,6 +638,7 @@ async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         update: client
             .prepare(
                 "UPDATE sagatx_executions SET status = $2, seq = $3, due_at = $4, updated_at = $5, state = $6,
+                   paused_at = CASE WHEN $2::TEXT = 'paused' THEN COALESCE(paused_at, $5::BIGINT) END,
                    lease_owner = CASE WHEN $11 THEN lease_owner ELSE $8::UUID END
                  WHERE id = $1 AND seq = $7
                    AND ((lease_owner = $9 AND lease_epoch = $10)
@@ -642,8 +656,10 @@ async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         insert_many: client
             .prepare(
                 "INSERT INTO sagatx_executions
-                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch)
-                 SELECT u.id, u.saga, u.status, 1, u.due_at, u.created_at, u.updated_at, u.state, u.owner, 1
+                   (id, saga, status, seq, due_at, created_at, updated_at, state, lease_owner, lease_epoch,
+                    paused_at)
+                 SELECT u.id, u.saga, u.status, 1, u.due_at, u.created_at, u.updated_at, u.state, u.owner, 1,
+                   CASE WHEN u.status = 'paused' THEN u.updated_at END
                  FROM unnest($1::UUID[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[],
                              $6::BIGINT[], $7::BYTEA[], $8::UUID[])
                       AS u(id, saga, status, due_at, created_at, updated_at, state, owner)
@@ -655,6 +671,7 @@ async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
             .prepare(
                 "UPDATE sagatx_executions t SET status = u.status, seq = u.seq, due_at = u.due_at,
                    updated_at = u.updated_at, state = u.state,
+                   paused_at = CASE WHEN u.status = 'paused' THEN COALESCE(t.paused_at, u.updated_at) END,
                    lease_owner = CASE WHEN u.keep THEN t.lease_owner ELSE u.owner END
                  FROM unnest($1::UUID[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[],
                              $6::BYTEA[], $7::UUID[], $8::BIGINT[], $9::BOOL[])
@@ -1080,6 +1097,23 @@ impl Store for PostgresStore {
         Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    async fn paused_before(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Execution>, StoreError> {
+        let c = self.read().await?;
+        let rows = c
+            .query(
+                "SELECT n, id, state FROM sagatx_executions
+                 WHERE paused_at IS NOT NULL AND paused_at <= $1 ORDER BY paused_at, n LIMIT $2",
+                &[&clamp_ms(before_ms), &(limit as i64)],
+            )
+            .await
+            .map_err(io)?;
+        Ok(page_of(rows, limit, false).items)
+    }
+
     async fn summary(&self) -> Result<super::Summary, StoreError> {
         let c = self.read().await?;
         let rows = c
@@ -1146,8 +1180,10 @@ impl Store for PostgresStore {
         let c = self.read().await?;
         let n = c
             .execute(
-                "INSERT INTO sagatx_executions (id, saga, status, seq, due_at, created_at, updated_at, state)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO sagatx_executions
+                   (id, saga, status, seq, due_at, created_at, updated_at, state, paused_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $3::TEXT = 'paused' THEN $7::BIGINT END)
+                 ON CONFLICT (id) DO NOTHING",
                 &[
                     &ex.id.0,
                     &ex.saga.as_str(),

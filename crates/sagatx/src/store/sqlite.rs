@@ -49,8 +49,19 @@ pub const APPLICATION_ID: i32 = 0x5367_5478;
 /// compressed states and lost at high concurrency.
 pub const PAGE_SIZE_BYTES: u32 = 2048;
 
+/// `Store::paused_before`: the executions paused at or before `?1`,
+/// longest paused first, from the `paused` table's index (`CROSS JOIN`
+/// keeps SQLite to that order of the tables; a test checks the plan).
+const PAUSED_BEFORE: &str = "SELECT e.n, e.id, e.created_at, e.state
+     FROM paused p CROSS JOIN executions e ON e.n = p.n
+     WHERE p.since <= ?1 ORDER BY p.since, p.n LIMIT ?2";
+/// Execution `?1` paused at `?2` / is paused no more (written only when
+/// its status changes to or from `paused`).
+const PAUSE: &str = "INSERT OR REPLACE INTO paused (n, since) VALUES (?1, ?2)";
+const UNPAUSE: &str = "DELETE FROM paused WHERE n = ?1";
+
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 /// Writes applied in one transaction at most. A batch is what is queued
 /// when the writer gets to it, so this only counts when more writes wait
 /// than that: recovery resuming thousands of executions at once, or more
@@ -100,6 +111,11 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
         version: 7,
         name: "relative_times",
         sql: include_str!("migrations/sqlite/0007_relative_times.sql"),
+    },
+    super::migrations::Migration {
+        version: 8,
+        name: "paused",
+        sql: include_str!("migrations/sqlite/0008_paused.sql"),
     },
 ];
 
@@ -897,8 +913,13 @@ fn apply_batch(
                         state
                     ])?;
                     out.push(Done::Appended(if n == 1 {
-                        rows.note(*id, tx.last_insert_rowid(), status);
+                        let row = tx.last_insert_rowid();
+                        rows.note(*id, row, status);
                         counts.add(saga, status, 1);
+                        if *status == PAUSED {
+                            tx.prepare_cached(PAUSE)?
+                                .execute(params![row, *updated_at as i64])?;
+                        }
                         Ok(())
                     } else {
                         Err(StoreError::Exists(*id))
@@ -951,6 +972,12 @@ fn apply_batch(
                         if was != *status {
                             counts.add(saga, &was, -1);
                             counts.add(saga, status, 1);
+                            if *status == PAUSED {
+                                tx.prepare_cached(PAUSE)?
+                                    .execute(params![row, *updated_at as i64])?;
+                            } else if was == PAUSED {
+                                tx.prepare_cached(UNPAUSE)?.execute([row])?;
+                            }
                         }
                         rows.note(*id, row, status);
                         out.push(Done::Appended(Ok(())));
@@ -1150,6 +1177,9 @@ const UPDATE_NEW_STATUS_BY_ROW: &str =
      WHERE n = ?1 AND seq = ?2 - 1 AND status = ?7";
 
 const FIND_ROW: &str = "SELECT n, status FROM executions WHERE id = ?1";
+
+/// `Status::Paused` as the `status` column holds it.
+const PAUSED: &str = "paused";
 
 /// The statements of nearly every batch.
 #[derive(Clone, Copy)]
@@ -1450,6 +1480,21 @@ impl Store for SqliteStore {
         Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    async fn paused_before(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Execution>, StoreError> {
+        self.read(move |c| {
+            let mut s = c.prepare_cached(PAUSED_BEFORE).map_err(io)?;
+            let mut rows = s
+                .query(params![before_ms.min(i64::MAX as u64) as i64, limit as i64])
+                .map_err(io)?;
+            Ok(page_of(&mut rows, limit, Cursor::From, Damaged::Skip)?.items)
+        })
+        .await
+    }
+
     async fn summary(&self) -> Result<super::Summary, StoreError> {
         self.read(|c| {
             let mut s = c
@@ -1537,8 +1582,13 @@ impl Store for SqliteStore {
             if n != 1 {
                 return Err(StoreError::Exists(ex.id));
             }
+            let row = tx.last_insert_rowid();
             tx.execute(ADD_TO_COUNT, params![ex.saga.as_str(), ex.status.as_str(), 1])
                 .map_err(io)?;
+            if ex.status.as_str() == PAUSED {
+                tx.execute(PAUSE, params![row, ex.updated_at_ms as i64])
+                    .map_err(io)?;
+            }
             tx.commit().map_err(io)
         })
         .await
@@ -2088,6 +2138,32 @@ mod tests {
         for id in ids {
             assert!(store.load(id).await.expect("load").is_some(), "{id} kept");
         }
+    }
+
+    /// The dashboard asks for the long-paused executions every two
+    /// seconds: SQLite answers from the index of the paused ones by the
+    /// time they paused, not by reading every execution (or every paused
+    /// one in the order they were made).
+    #[test]
+    fn the_long_paused_are_read_from_their_index() {
+        let (dir, store, _def, _ex) = store_and_execution();
+        drop(store);
+        let c = Connection::open(dir.path().join("j.db")).expect("open");
+        let plan: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {PAUSED_BEFORE}"))
+            .expect("explain")
+            .query_map(params![1_000, 20], |r| r.get::<_, String>(3))
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            plan,
+            [
+                "SEARCH p USING COVERING INDEX paused_since (since<?)",
+                "SEARCH e USING INTEGER PRIMARY KEY (rowid=?)"
+            ],
+            "{plan:?}"
+        );
     }
 
     fn checkpointers() -> usize {

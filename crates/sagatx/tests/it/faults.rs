@@ -114,6 +114,13 @@ impl Store for FaultyStore {
     async fn summary(&self) -> Result<Summary, StoreError> {
         self.inner.summary().await
     }
+    async fn paused_before(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<sagatx::Execution>, StoreError> {
+        self.inner.paused_before(before_ms, limit).await
+    }
     async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {
         self.inner.scan(cursor, limit).await
     }

@@ -1197,7 +1197,10 @@ async fn an_older_schema_is_counted_when_it_is_migrated() {
          INSERT INTO sagatx_executions (id, saga, status, seq, created_at, updated_at, state)
          SELECT gen_random_uuid(), CASE WHEN i % 2 = 0 THEN 'even' ELSE 'odd' END,
                 CASE WHEN i % 5 = 0 THEN 'failed' ELSE 'completed' END, 3, 0, 0, '\\x00'
-         FROM generate_series(1, 50) i;",
+         FROM generate_series(1, 50) i;
+         INSERT INTO sagatx_executions (id, saga, status, seq, created_at, updated_at, state)
+         SELECT gen_random_uuid(), 'waiting', 'paused', 2, 0, i, '\\x00'
+         FROM generate_series(1, 3) i;",
     ] {
         admin.batch_execute(sql).await.expect("the old schema");
     }
@@ -1208,6 +1211,7 @@ async fn an_older_schema_is_counted_when_it_is_migrated() {
             ("even".to_string(), Status::Failed, 5),
             ("odd".to_string(), Status::Completed, 20),
             ("odd".to_string(), Status::Failed, odd_failed),
+            ("waiting".to_string(), Status::Paused, 3),
         ]
     };
     assert_eq!(store.summary().await.expect("summary").counts, counts(5));
@@ -1216,7 +1220,17 @@ async fn an_older_schema_is_counted_when_it_is_migrated() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, sagatx::store::PG_SCHEMA_VERSION);
+    // Schema 5: the paused rows' `paused_at` is their `updated_at`.
+    let paused: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM sagatx_executions WHERE paused_at = updated_at",
+            &[],
+        )
+        .await
+        .expect("paused_at")
+        .get(0);
+    assert_eq!(paused, 3, "the paused rows are indexed by when they paused");
     admin
         .execute(
             "DELETE FROM sagatx_executions WHERE ctid IN

@@ -5,7 +5,7 @@
 -- the last minute hid every older one. A table of its own, written by the
 -- writer only when an execution's status changes to or from `paused`:
 -- an index on `executions` that every write touched (its `updated_at`
--- changes at every write) cost the writer about 2,000 instructions a
+-- changes at every write) cost the writer about 1,600 instructions a
 -- write, a column of it with a partial index about 500; this costs the
 -- writes that neither pause nor resume nothing.
 CREATE TABLE paused (

@@ -65,7 +65,16 @@ fn started(d: &SagaDefinition, id: ExecutionId) -> Execution {
 }
 
 fn step(ex: &mut Execution, d: &SagaDefinition, ev: Event) -> Result<(), String> {
-    let t = ex.handle(d, ev, ENV).map_err(e("suite transition"))?;
+    step_at(ex, d, ev, ENV.now_ms)
+}
+
+/// [`step`] at time `now_ms`.
+fn step_at(ex: &mut Execution, d: &SagaDefinition, ev: Event, now_ms: u64) -> Result<(), String> {
+    let env = Env {
+        now_ms,
+        random01: 0.5,
+    };
+    let t = ex.handle(d, ev, env).map_err(e("suite transition"))?;
     if t.changed {
         ex.seq += 1;
     }
@@ -79,13 +88,24 @@ fn act(
     i: usize,
     outcome: Result<serde_json::Value, StepError>,
 ) -> Result<(), String> {
+    act_at(ex, d, i, outcome, ENV.now_ms)
+}
+
+/// [`act`] at time `now_ms`.
+fn act_at(
+    ex: &mut Execution,
+    d: &SagaDefinition,
+    i: usize,
+    outcome: Result<serde_json::Value, StepError>,
+    now_ms: u64,
+) -> Result<(), String> {
     let ev = Event::Outcome {
         step: i,
         phase: Phase::Action,
         attempt: ex.steps[i].attempts,
         outcome,
     };
-    step(ex, d, ev)
+    step_at(ex, d, ev, now_ms)
 }
 
 /// Runs every check against `store`.
@@ -634,19 +654,9 @@ async fn due_in_order(store: &dyn Store, tag: &str) -> R {
         let failed_at = base + (k * 11 % 40) * 7;
         let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
         store.append(&ex).await.map_err(e("create"))?;
-        let failure = Event::Outcome {
-            step: 0,
-            phase: Phase::Action,
-            attempt: ex.steps[0].attempts,
-            outcome: Err(StepError::transient("503")),
-        };
-        let env = Env {
-            now_ms: failed_at,
-            random01: 0.5,
-        };
-        let t = ex.handle(&d, failure, env).map_err(e("failure"))?;
-        ensure!(t.changed, "a failure is a transition");
-        ex.seq += 1;
+        let seq = ex.seq;
+        act_at(&mut ex, &d, 0, Err(StepError::transient("503")), failed_at)?;
+        ensure!(ex.seq == seq + 1, "a failure is a transition");
         store.append(&ex).await.map_err(e("failure"))?;
         ensure!(
             ex.next_due_ms() == Some(failed_at + 100),
@@ -711,18 +721,7 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
         let paused_at = base + (k * 5 % 12) * 7;
         let mut ex = started(&d, ExecutionId(Uuid::now_v7()));
         store.append(&ex).await.map_err(e("create"))?;
-        let called = Event::Outcome {
-            step: 0,
-            phase: Phase::Action,
-            attempt: ex.steps[0].attempts,
-            outcome: Ok(json!(null)),
-        };
-        let env = Env {
-            now_ms: paused_at,
-            random01: 0.5,
-        };
-        ex.handle(&d, called, env).map_err(e("pause"))?;
-        ex.seq += 1;
+        act_at(&mut ex, &d, 0, Ok(json!(null)), paused_at)?;
         ensure!(ex.status == Status::Paused, "paused on the callback");
         ensure!(ex.updated_at_ms == paused_at, "paused at {paused_at}");
         store.append(&ex).await.map_err(e("pause"))?;
@@ -790,13 +789,8 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
     }
     // The one paused longest is cancelled: it goes on, and is not listed.
     let (at, mut gone) = mine[0].clone();
-    let env = Env {
-        now_ms: at + 1,
-        random01: 0.5,
-    };
-    let t = gone.handle(&d, Event::Cancel, env).map_err(e("cancel"))?;
-    ensure!(t.changed && gone.status != Status::Paused, "cancelled");
-    gone.seq += 1;
+    step_at(&mut gone, &d, Event::Cancel, at + 1)?;
+    ensure!(gone.status != Status::Paused, "cancelled");
     store.append(&gone).await.map_err(e("cancel"))?;
     let got = store
         .paused_before(before, 100_000)
@@ -825,18 +819,7 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
     store.append(&two).await.map_err(e("two"))?;
     let paused_at = base + 3 * 7 + 1;
     for (i, at) in [(0, paused_at - 1), (1, paused_at)] {
-        let called = Event::Outcome {
-            step: i,
-            phase: Phase::Action,
-            attempt: two.steps[i].attempts,
-            outcome: Ok(json!(null)),
-        };
-        let env = Env {
-            now_ms: at,
-            random01: 0.5,
-        };
-        two.handle(&both, called, env).map_err(e("call"))?;
-        two.seq += 1;
+        act_at(&mut two, &both, i, Ok(json!(null)), at)?;
         store.append(&two).await.map_err(e("call"))?;
     }
     ensure!(
@@ -847,12 +830,7 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
         step: 0,
         reply: sagatx_core::Reply::Ok(json!(1)),
     };
-    let env = Env {
-        now_ms: base + 1_000,
-        random01: 0.5,
-    };
-    two.handle(&both, reply, env).map_err(e("reply"))?;
-    two.seq += 1;
+    step_at(&mut two, &both, reply, base + 1_000)?;
     ensure!(
         two.status == Status::Paused,
         "still paused on the other step"

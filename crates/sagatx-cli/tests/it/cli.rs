@@ -566,3 +566,53 @@ fn serve_logs_json_lines_when_asked() {
     let _ = child.wait();
     assert_eq!(json_lines, 2, "the log lines are JSON");
 }
+
+/// `--sqlite-caller-commits off` keeps every commit on the writer thread;
+/// by default a lone write (one saga at a time) is committed by its
+/// caller. The commits' histogram says which, by its `by` label.
+#[test]
+fn serve_commits_on_the_writer_thread_when_asked() {
+    let commits = |metrics: &str, by: &str| -> u64 {
+        let line = format!("sagatx_store_commit_seconds_count{{by=\"{by}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .map_or(0, |n| n.trim().parse().unwrap_or(0))
+    };
+    let svc = Services::start(0);
+    for (flag, caller_commits) in [("off", false), ("on", true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = Server::start_with(
+            dir.path(),
+            free_port(),
+            "sqlite://sagatx.db",
+            &["--sqlite-caller-commits", flag],
+        );
+        let order = svc.order_json(dir.path());
+        for i in 0..3 {
+            let ok = run(
+                &[
+                    "run",
+                    order.to_str().expect("path"),
+                    "--input",
+                    &format!(r#"{{"order_id": {i}}}"#),
+                    "--server",
+                    &server.url,
+                ],
+                dir.path(),
+            );
+            assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+        }
+        let metrics = crate::get_text(&format!("{}/metrics", server.url));
+        let (caller, writer) = (commits(&metrics, "caller"), commits(&metrics, "writer"));
+        if caller_commits {
+            assert!(
+                caller > 0,
+                "lone writes committed by their callers: {metrics}"
+            );
+        } else {
+            assert_eq!(caller, 0, "every commit on the writer thread: {metrics}");
+            assert!(writer > 0, "{metrics}");
+        }
+    }
+}

@@ -672,7 +672,11 @@ impl Core {
         let span = tracing::debug_span!("store_commit", store = "sqlite", batch = n, here);
         let outcome = span.in_scope(|| apply_batch(&self.conn, batch, &mut self.rows));
         let elapsed = started.elapsed();
-        metrics::histogram!("sagatx_store_commit_seconds").record(elapsed.as_secs_f64());
+        // Labelled by who committed: the writer thread, or a lone write's
+        // caller (`SqliteStoreBuilder::caller_commits`).
+        let by = if here { "caller" } else { "writer" };
+        metrics::histogram!("sagatx_store_commit_seconds", "by" => by)
+            .record(elapsed.as_secs_f64());
         metrics::histogram!("sagatx_store_batch_size").record(n as f64);
         tracing::trace!(
             batch = n,

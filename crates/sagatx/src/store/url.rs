@@ -45,11 +45,20 @@ pub struct OpenOptions {
     /// PostgreSQL: how long a process's leases last unless renewed (by
     /// default 10 s).
     pub lease: Option<std::time::Duration>,
+    /// SQLite: whether a lone write is committed by its caller
+    /// ([`SqliteStoreBuilder::caller_commits`](super::SqliteStoreBuilder::caller_commits);
+    /// by default yes).
+    pub sqlite_caller_commits: Option<bool>,
 }
 
 impl OpenOptions {
     pub fn lease(mut self, d: std::time::Duration) -> Self {
         self.lease = Some(d);
+        self
+    }
+
+    pub fn sqlite_caller_commits(mut self, on: bool) -> Self {
+        self.sqlite_caller_commits = Some(on);
         self
     }
 }
@@ -61,10 +70,14 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Opens the store a URL names, with options.
 pub async fn open_with(url: &str, options: OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
-    #[cfg(not(feature = "postgres"))]
-    let _ = &options;
     match url.parse::<StoreUrl>()? {
-        StoreUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        StoreUrl::Sqlite(path) => {
+            let mut b = SqliteStore::builder(path);
+            if let Some(on) = options.sqlite_caller_commits {
+                b = b.caller_commits(on);
+            }
+            Ok(Arc::new(b.open()?))
+        }
         #[cfg(feature = "postgres")]
         StoreUrl::Postgres(url) => {
             let mut o = super::PostgresOptions::default();

@@ -26,7 +26,9 @@ mod url;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresOptions, PostgresStore, DEFAULT_LEASE, PG_SCHEMA_VERSION};
+pub use postgres::{
+    PostgresOptions, PostgresStore, DEFAULT_LEASE, PG_PAUSED_BEFORE, PG_SCHEMA_VERSION,
+};
 pub use sqlite::{
     Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, MAX_BATCH, PAGE_SIZE_BYTES,
     SCHEMA_VERSION,

@@ -69,6 +69,13 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
     },
 ];
 
+/// `Store::paused_before`: the executions paused at or before `$1`,
+/// longest paused first, from the partial index `sagatx_executions_paused`
+/// (public for the test that checks PostgreSQL's plan uses it).
+#[doc(hidden)]
+pub const PG_PAUSED_BEFORE: &str = "SELECT n, id, state FROM sagatx_executions
+     WHERE paused_at IS NOT NULL AND paused_at <= $1 ORDER BY paused_at, n LIMIT $2";
+
 /// How long a lease lasts unless renewed, by default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
@@ -1104,11 +1111,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<Execution>, StoreError> {
         let c = self.read().await?;
         let rows = c
-            .query(
-                "SELECT n, id, state FROM sagatx_executions
-                 WHERE paused_at IS NOT NULL AND paused_at <= $1 ORDER BY paused_at, n LIMIT $2",
-                &[&clamp_ms(before_ms), &(limit as i64)],
-            )
+            .query(PG_PAUSED_BEFORE, &[&clamp_ms(before_ms), &(limit as i64)])
             .await
             .map_err(io)?;
         Ok(page_of(rows, limit, false).items)

@@ -1179,6 +1179,44 @@ async fn the_summary_stays_exact_while_processes_write_and_fold_together() {
     );
 }
 
+/// The dashboard asks for the long-paused executions every two seconds:
+/// PostgreSQL answers from the partial index of the paused ones, not by
+/// reading every execution, on a table of many executions and few paused.
+#[tokio::test]
+async fn the_long_paused_are_read_from_their_index() {
+    let url = fresh_db(&env_url("SAGATX_TEST_PG_URL")).await;
+    let _store = sagatx::store::PostgresStore::open(&url)
+        .await
+        .expect("migrate and open");
+    let c = client(&url).await;
+    c.batch_execute(
+        "INSERT INTO sagatx_executions (id, saga, status, seq, created_at, updated_at, state, paused_at)
+         SELECT gen_random_uuid(), 's', CASE WHEN i % 1000 = 0 THEN 'paused' ELSE 'running' END,
+                2, 0, i, '\\x00', CASE WHEN i % 1000 = 0 THEN i END
+         FROM generate_series(1, 20000) i;
+         ANALYZE sagatx_executions;",
+    )
+    .await
+    .expect("rows");
+    c.batch_execute(&format!(
+        "PREPARE q(BIGINT, BIGINT) AS {}",
+        sagatx::store::PG_PAUSED_BEFORE
+    ))
+    .await
+    .expect("prepare");
+    let plan: Vec<String> = c
+        .query("EXPLAIN EXECUTE q(100000, 20)", &[])
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("sagatx_executions_paused")),
+        "{plan:#?}"
+    );
+}
+
 /// A database made by an earlier version (schema 3, no counts) gets its
 /// counts from the executions it holds when it is migrated, and rows
 /// deleted by hand afterwards leave the counts.

@@ -673,10 +673,15 @@ impl Core {
         let outcome = span.in_scope(|| apply_batch(&self.conn, batch, &mut self.rows));
         let elapsed = started.elapsed();
         // Labelled by who committed: the writer thread, or a lone write's
-        // caller (`SqliteStoreBuilder::caller_commits`).
-        let by = if here { "caller" } else { "writer" };
-        metrics::histogram!("sagatx_store_commit_seconds", "by" => by)
-            .record(elapsed.as_secs_f64());
+        // caller (`SqliteStoreBuilder::caller_commits`). Each with its
+        // literal label, so that the macro's key is a constant (a label
+        // chosen at run time is a key built, and allocated, per commit).
+        let seconds = if here {
+            metrics::histogram!("sagatx_store_commit_seconds", "by" => "caller")
+        } else {
+            metrics::histogram!("sagatx_store_commit_seconds", "by" => "writer")
+        };
+        seconds.record(elapsed.as_secs_f64());
         metrics::histogram!("sagatx_store_batch_size").record(n as f64);
         tracing::trace!(
             batch = n,

@@ -1477,6 +1477,26 @@ pub fn machine(quick: bool) -> Result<Machine> {
     })
 }
 
+/// Adds to the note of each durable row at concurrency 1 its p50 counted
+/// in the machine's fsyncs (the probe's p50). A saga there is a few
+/// commits in a row, each with one fsync, so the count says how close the
+/// p50 is to what the disk of the hour allows, whatever that disk is (a
+/// 3-step saga is four commits: a p50 near 4 is all disk).
+pub fn relate_to_machine(rows: &mut [Row], m: &Machine) {
+    // No count without a probe that took time (a NaN or zero p50).
+    if m.fsync_p50_us.is_nan() || m.fsync_p50_us <= 0.0 {
+        return;
+    }
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.concurrency == 1 && matches!(r.workload.as_str(), "sqlite" | "postgres"))
+    {
+        let fsyncs = r.p50_us / m.fsync_p50_us;
+        r.note
+            .push_str(&format!("; p50 {fsyncs:.1} fsyncs of the machine's probe"));
+    }
+}
+
 /// Runs the chosen workloads.
 pub async fn run(o: &Options) -> Result<Vec<Row>> {
     let mut out = Vec::new();

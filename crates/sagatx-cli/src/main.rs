@@ -326,7 +326,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 // The table shows it on stdout.
                 eprintln!("sagatx bench: {}", machine.line());
             }
-            let rows = bench::run(&bench::Options { workloads, quick }).await?;
+            let mut rows = bench::run(&bench::Options { workloads, quick }).await?;
+            bench::relate_to_machine(&mut rows, &machine);
             if json {
                 println!(
                     "{}",

@@ -246,6 +246,24 @@ fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no count of callers' commits in {note:?}"))
     };
+    // The rows at concurrency 1 count their p50 in fsyncs of the probe
+    // (its p50), and only they.
+    let fsync_p50 = m["fsync_p50_us"].as_f64().unwrap_or(0.0);
+    for r in rows.iter().filter(|r| r["workload"] == "sqlite") {
+        let note = r["note"].as_str().unwrap_or("");
+        let fsyncs = note
+            .split("; ")
+            .find_map(|p| p.strip_prefix("p50 "))
+            .and_then(|p| p.strip_suffix(" fsyncs of the machine's probe"))
+            .map(|n| n.parse::<f64>().unwrap_or(f64::NAN));
+        if r["concurrency"] == 1 {
+            let want = r["p50_us"].as_f64().unwrap_or(0.0) / fsync_p50;
+            let got = fsyncs.unwrap_or_else(|| panic!("no count of fsyncs in {note:?}"));
+            assert!((got - want).abs() <= 0.051, "{got} vs {want} in {r}");
+        } else {
+            assert_eq!(fsyncs, None, "{r}");
+        }
+    }
     if m["cpus"].as_u64().unwrap_or(0) >= 2 {
         assert!(callers(1) > 3.0, "{}", callers(1));
     } else {

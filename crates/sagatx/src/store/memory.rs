@@ -15,7 +15,7 @@ use super::{may_have_work, same_definition, ListQuery, Page, Registered, Store, 
 /// it four times a saga, and each turn moved the maps' memory from one
 /// core's cache to the other's: at concurrency 64 a saga cost about 1.8x
 /// the CPU it cost at 1, and two cores gave no more sagas a second than
-/// one (BENCHMARKS.md, twelfth session).
+/// one (docs/benchmarks-log.md, twelfth session).
 const SHARDS: usize = 32;
 
 /// One shard's executions.

@@ -68,7 +68,7 @@ pub const SCHEMA_VERSION: i64 = 8;
 /// than a thousand callers. There a batch of 4,096 rewrites each page it
 /// touches once for up to four times as many writes, and shares one fsync
 /// among them: 100,000 executions recovered in 4.6-5.2 s against 5.6-5.9 s
-/// with batches of 1,024 (A/B, the same binary, BENCHMARKS.md).
+/// with batches of 1,024 (A/B, the same binary, docs/benchmarks-log.md, tenth session).
 pub const MAX_BATCH: usize = 4096;
 /// Writes queued for the writer thread at most (back-pressure beyond).
 pub const QUEUE_DEPTH: usize = 8192;
@@ -517,7 +517,7 @@ impl SqliteStore {
     /// is idle (flat combining): that saves the
     /// two thread wake-ups of a hand-off (the tokio worker that waits for
     /// the writer thread parks on a virtual CPU that halts, and waking it
-    /// took p50 31 µs a commit here; BENCHMARKS.md, twelfth session).
+    /// took p50 31 µs a commit here; docs/benchmarks-log.md, twelfth session).
     /// Otherwise gives `w` back, for the writer thread: under load, writes
     /// share its batches and their fsyncs. The commit blocks this thread
     /// for one fsync; the lock is only tried, never waited for.
@@ -564,7 +564,7 @@ fn other_workers() -> bool {
 /// sign of low load, not of a lull between busy moments. With no streak
 /// (any write alone), the coordinator at http concurrency 16 often met a
 /// write alone while its workers had requests to serve, and the worker
-/// blocked in the fsync served none (BENCHMARKS.md, fourteenth session).
+/// blocked in the fsync served none (docs/benchmarks-log.md, fourteenth session).
 const LONE_STREAK: u32 = 8;
 
 /// The store's write load, as [`InFlight`] counts it.

@@ -20,6 +20,67 @@ use serde_json::{json, Value};
 pub struct Options {
     pub workloads: Vec<String>,
     pub quick: bool,
+    /// Only the rows at these concurrencies, in the workloads that have
+    /// several (memory, sqlite, http, postgres); empty: every row. The
+    /// others (tx, recovery, idle, peers) run as they are.
+    pub concurrency: Vec<usize>,
+}
+
+/// The concurrencies of the memory workload's rows.
+const MEMORY_LEVELS: [usize; 2] = [1, 64];
+/// Of the sqlite workload's rows, and of postgres's in-process rows.
+const DURABLE_LEVELS: [usize; 3] = [1, 64, 1024];
+/// Of the http workload's rows, and of postgres's over HTTP.
+const HTTP_LEVELS: [usize; 4] = [1, 16, 64, 256];
+
+impl Options {
+    /// The concurrencies of `levels` this run measures.
+    fn levels(&self, levels: &[usize]) -> Vec<usize> {
+        levels
+            .iter()
+            .copied()
+            .filter(|c| self.concurrency.is_empty() || self.concurrency.contains(c))
+            .collect()
+    }
+
+    /// Fails, before anything runs, on an unknown workload, and on a
+    /// concurrency that none of the chosen workloads has a row at (a
+    /// filter that would leave nothing).
+    pub fn check(&self) -> Result<()> {
+        if let Some(other) = self
+            .workloads
+            .iter()
+            .find(|w| !ALL.contains(&w.as_str()) && !["postgres", "peers"].contains(&w.as_str()))
+        {
+            bail!(
+                "no workload {other:?}; choose from {}, postgres, peers",
+                ALL.join(", ")
+            );
+        }
+        let levels = |w: &str| -> &[usize] {
+            match w {
+                "memory" => &MEMORY_LEVELS,
+                "sqlite" => &DURABLE_LEVELS,
+                "http" => &HTTP_LEVELS,
+                "postgres" => &[1, 16, 64, 256, 1024],
+                _ => &[],
+            }
+        };
+        for &c in &self.concurrency {
+            if !self.workloads.iter().any(|w| levels(w).contains(&c)) {
+                bail!(
+                    "no row of the chosen workloads runs at concurrency {c}: memory has {:?}, sqlite {:?}, \
+                     http {:?}, postgres {:?} in-process and {:?} over HTTP",
+                    MEMORY_LEVELS,
+                    DURABLE_LEVELS,
+                    HTTP_LEVELS,
+                    DURABLE_LEVELS,
+                    HTTP_LEVELS
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One measured row.
@@ -364,7 +425,7 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         ("fail", "3rd rejected, 2 compensations", Status::Compensated),
         ("conc", "3 steps, concurrent", Status::Completed),
     ] {
-        for c in [1, 64] {
+        for c in o.levels(&MEMORY_LEVELS) {
             let _stage = stage(
                 &format!("memory: {variant}, {n} sagas, concurrency {c}"),
                 stage_sagas(n, c),
@@ -400,7 +461,7 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         ),
     ] {
         let saga = Arc::new(saga);
-        for c in [1, 64] {
+        for c in o.levels(&MEMORY_LEVELS) {
             let _stage = stage(
                 &format!("memory: {variant}, {n} sagas, concurrency {c}"),
                 stage_sagas(n, c),
@@ -552,7 +613,7 @@ async fn durable(
         ("ok", "3 steps, sequential", Status::Completed),
         ("fail", "3rd rejected, 2 compensations", Status::Compensated),
     ] {
-        for c in [1, 64, 1024] {
+        for c in o.levels(&DURABLE_LEVELS) {
             let n = match (o.quick, c) {
                 (true, 1) => 200,
                 (true, _) => 2_000,
@@ -827,7 +888,7 @@ async fn http_on(
         ("ok", "3 HTTP steps", "completed"),
         ("fail", "3rd rejected, 2 compensations", "compensated"),
     ] {
-        for c in [1, 16, 64, 256] {
+        for c in o.levels(&HTTP_LEVELS) {
             let n = match (o.quick, c) {
                 (true, _) => 100,
                 (false, 1) => 2_000,
@@ -1499,6 +1560,7 @@ pub fn relate_to_machine(rows: &mut [Row], m: &Machine) {
 
 /// Runs the chosen workloads.
 pub async fn run(o: &Options) -> Result<Vec<Row>> {
+    o.check()?;
     let mut out = Vec::new();
     for w in &o.workloads {
         match w.as_str() {

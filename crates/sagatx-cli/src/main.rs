@@ -168,6 +168,12 @@ enum Command {
         /// Print the rows as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only the rows at these concurrencies, comma-separated (memory:
+        /// 1, 64; sqlite: 1, 64, 1024; http: 1, 16, 64, 256; postgres: both
+        /// sets); tx, recovery, idle and peers run as they are. For
+        /// profiling one row.
+        #[arg(long, value_delimiter = ',')]
+        concurrency: Vec<usize>,
     },
     /// Copy every definition and execution from one store to another, empty
     /// one, and verify the copy. Stop the servers on both first.
@@ -307,15 +313,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             workload,
             quick,
             json,
+            concurrency,
         } => {
             let workloads = if workload.is_empty() {
                 bench::ALL.iter().map(|s| s.to_string()).collect()
             } else {
                 workload
             };
+            let options = bench::Options {
+                workloads,
+                quick,
+                concurrency,
+            };
+            options.check()?;
             eprintln!(
                 "sagatx bench: workloads {} ({}), on {} CPUs",
-                workloads.join(", "),
+                options.workloads.join(", "),
                 if quick { "quick sizes" } else { "full sizes" },
                 std::thread::available_parallelism()
                     .map(|n| n.get())
@@ -326,7 +339,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 // The table shows it on stdout.
                 eprintln!("sagatx bench: {}", machine.line());
             }
-            let mut rows = bench::run(&bench::Options { workloads, quick }).await?;
+            let mut rows = bench::run(&options).await?;
             bench::relate_to_machine(&mut rows, &machine);
             if json {
                 println!(

@@ -280,10 +280,58 @@ fn bench_runs_at_a_tiny_size_and_prints_well_formed_json() {
             .unwrap_or_else(|| panic!("no writer thread's share in {note:?}"));
         assert!((0.0..=100.0).contains(&share), "{note}");
     }
-    let out = run(&["bench", "--workload", "nope"], dir.path());
+    // A name it does not know fails before anything runs (memory first
+    // would otherwise run in full).
+    let out = run(&["bench", "--workload", "memory,nope"], dir.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out).contains("no workload \"nope\""),
+        text(&out).contains("no workload \"nope\"") && !text(&out).contains("machine:"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `--concurrency` keeps the rows at those concurrencies in the workloads
+/// that have several, and runs the others as they are; one that no chosen
+/// workload has is an error before anything runs.
+#[test]
+fn bench_runs_only_the_concurrencies_asked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(
+        &[
+            "bench",
+            "--quick",
+            "--json",
+            "--workload",
+            "memory,sqlite,tx",
+            "--concurrency",
+            "64,1024",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output is JSON");
+    let rows = v["rows"].as_array().expect("rows");
+    let seen = |w: &str| -> std::collections::BTreeSet<u64> {
+        rows.iter()
+            .filter(|r| r["workload"] == w)
+            .filter_map(|r| r["concurrency"].as_u64())
+            .collect()
+    };
+    assert_eq!(seen("memory").into_iter().collect::<Vec<_>>(), [64]);
+    assert_eq!(seen("sqlite").into_iter().collect::<Vec<_>>(), [64, 1024]);
+    // Both sagas of each, at each concurrency kept.
+    assert_eq!(rows.iter().filter(|r| r["workload"] == "sqlite").count(), 4);
+    assert_eq!(rows.iter().filter(|r| r["workload"] == "tx").count(), 3);
+
+    let out = run(
+        &["bench", "--workload", "memory,tx", "--concurrency", "1024"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("no row of the chosen workloads runs at concurrency 1024")
+            && !text(&out).contains("machine:"),
         "{}",
         text(&out)
     );

@@ -409,6 +409,9 @@ async fn measure_local(saga: &Arc<Saga>, n: usize, c: usize, ok: bool) -> Result
 const MEMORY_RETENTION: usize = 10_000;
 
 async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    if o.levels(&MEMORY_LEVELS).is_empty() {
+        return Ok(());
+    }
     let n = if o.quick { 2_000 } else { 200_000 };
     // The store keeps the last 10,000 finished executions (as a long-lived
     // process would), so that the figures are the engine's, not those of a
@@ -481,6 +484,9 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
 }
 
 async fn sqlite(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    if o.levels(&DURABLE_LEVELS).is_empty() {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(dir.path().join("bench.db"))?);
     let callers = store.clone();
@@ -569,21 +575,26 @@ async fn pg_admin(url: &str, statement: &str) -> Result<()> {
 
 async fn postgres(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     let url = pg_url()?;
-    let db = PgDb::create(&url).await?;
-    let run = async {
-        let store = sagatx::store::open(&db.url).await?;
-        durable(
-            o,
-            out,
-            "postgres",
-            store,
-            "PostgreSQL, group commit, one process",
-            None,
-        )
-        .await
+    if !o.levels(&DURABLE_LEVELS).is_empty() {
+        let db = PgDb::create(&url).await?;
+        let run = async {
+            let store = sagatx::store::open(&db.url).await?;
+            durable(
+                o,
+                out,
+                "postgres",
+                store,
+                "PostgreSQL, group commit, one process",
+                None,
+            )
+            .await
+        }
+        .await;
+        db.remove(run).await?;
     }
-    .await;
-    db.remove(run).await?;
+    if o.levels(&HTTP_LEVELS).is_empty() {
+        return Ok(());
+    }
     let db = PgDb::create(&url).await?;
     let run = http_on(o, out, "postgres-http", &db.url, 1).await;
     db.remove(run).await?;
@@ -820,6 +831,9 @@ async fn http_on(
     store: &str,
     servers: usize,
 ) -> Result<()> {
+    if o.levels(&HTTP_LEVELS).is_empty() {
+        return Ok(());
+    }
     sagatx_server::install_crypto();
     let dir = tempfile::tempdir()?;
     let vp = free_port()?;

@@ -324,6 +324,37 @@ fn bench_runs_only_the_concurrencies_asked_for() {
     assert_eq!(rows.iter().filter(|r| r["workload"] == "sqlite").count(), 4);
     assert_eq!(rows.iter().filter(|r| r["workload"] == "tx").count(), 3);
 
+    // A workload without a row at the concurrency asked for gives none.
+    let out = run(
+        &[
+            "bench",
+            "--quick",
+            "--json",
+            "--workload",
+            "memory,sqlite",
+            "--concurrency",
+            "1024",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output is JSON");
+    let rows: Vec<(String, u64)> = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["workload"].as_str().unwrap_or("").to_owned(),
+                r["concurrency"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [("sqlite".to_owned(), 1024), ("sqlite".to_owned(), 1024)]
+    );
+
     let out = run(
         &["bench", "--workload", "memory,tx", "--concurrency", "1024"],
         dir.path(),

@@ -438,11 +438,23 @@ pub(crate) async fn summary(State(state): State<AppState>) -> ApiResult<Json<Val
         .paused_before(now.saturating_sub(LONG_PAUSE_MS + 1), ATTENTION_EACH)
         .await
         .map_err(EngineError::from)?;
+    // Each paused one also says since when it has waited: its
+    // `updated_at` is its last write, which may be later (a reply to one of
+    // two callback steps).
     let attention: Vec<Value> = failed
         .items
         .iter()
-        .chain(&paused)
         .map(|e| e.view())
+        .chain(paused.iter().map(|p| {
+            let mut v = p.execution.view();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "paused_since".into(),
+                    json!(sagatx_core::execution::format_ms(p.since_ms)),
+                );
+            }
+            v
+        }))
         .collect();
     Ok(Json(json!({"counts": counts, "attention": attention})))
 }

@@ -65,7 +65,7 @@ pub use sagatx_core::{
     self as core, Awaiting, CompensationOutcome, ErrorClass, Execution, ExecutionId, Mode, Phase,
     Reply, RetryPolicy, SagaDefinition, SagaError, Status, StepError, StepStatus,
 };
-pub use store::{ListQuery, MemoryStore, Page, SqliteStore, Store, StoreError};
+pub use store::{ListQuery, MemoryStore, Page, Paused, SqliteStore, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch, for records (the engine's
 /// timers use tokio's clock).

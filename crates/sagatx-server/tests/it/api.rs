@@ -1203,6 +1203,12 @@ async fn a_long_pause_needs_attention_however_many_paused_since() {
         [old.id.to_string()],
         "the one paused for ten minutes, not those paused just now"
     );
+    // With the time it paused, as the store keeps it.
+    assert_eq!(
+        v["attention"][0]["paused_since"],
+        sagatx_core::execution::format_ms(old.updated_at_ms),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -1250,6 +1256,8 @@ async fn the_dashboard_is_served_offline_with_summary_and_diagram() {
     assert_eq!(count("good", "completed"), 3);
     assert_eq!(count("bad", "failed"), 1);
     assert_eq!(v["attention"][0]["id"], failed["id"]);
+    // A failed one has no pause to tell of.
+    assert!(v["attention"][0].get("paused_since").is_none(), "{v}");
     // The diagram, drawn by the server.
     let (s, svg) = c.get("/v1/sagas/bad/diagram.svg").await;
     assert_eq!(s, 200);

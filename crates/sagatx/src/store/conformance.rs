@@ -11,7 +11,7 @@ use sagatx_core::{Env, Event, Execution, ExecutionId, Phase, SagaDefinition, Sta
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{ListQuery, Store, StoreError};
+use super::{ListQuery, Paused, Store, StoreError};
 
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
@@ -707,10 +707,10 @@ async fn due_in_order(store: &dyn Store, tag: &str) -> R {
 }
 
 /// `paused_before`: paused executions only, those paused at or before the
-/// time asked, the longest paused first, within the limit; one that goes
-/// on leaves the list. (Other checks' executions share the store: the
-/// checks on order and status hold for every item, those on membership
-/// for this check's own.)
+/// time asked, each with the time it paused, the longest paused first,
+/// within the limit; one that goes on leaves the list. (Other checks'
+/// executions share the store: the checks on order, times and status hold
+/// for every item, those on membership for this check's own.)
 async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
     let d = def(&format!("conf-paused-{tag}"), 2, true);
     // Twelve executions paused on their first step's callback at times
@@ -732,29 +732,39 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
     store.append(&running).await.map_err(e("running"))?;
     mine.sort_by_key(|(at, _)| *at);
     let every: Vec<ExecutionId> = mine.iter().map(|(_, x)| x.id).collect();
-    let ours = |items: &[Execution]| -> Vec<ExecutionId> {
+    let ours = |items: &[Paused]| -> Vec<ExecutionId> {
         items
             .iter()
-            .filter(|x| every.contains(&x.id))
-            .map(|x| x.id)
+            .map(|p| p.execution.id)
+            .filter(|id| every.contains(id))
             .collect()
     };
-    // Every item is paused (the order is checked on this check's own, whose
-    // one write in `paused` gives the time they paused).
-    let check = |items: &[Execution], before: u64| -> R {
+    // Every item is paused, since a time at or before the one asked, in
+    // the order of those times; this check's own since the time they paused.
+    let check = |items: &[Paused], before: u64| -> R {
         ensure!(
-            items.iter().all(|x| x.status == Status::Paused),
+            items.iter().all(|p| p.execution.status == Status::Paused),
             "paused executions only"
         );
         ensure!(
-            items
-                .iter()
-                .filter(|x| every.contains(&x.id))
-                .all(|x| x.updated_at_ms <= before),
+            items.iter().all(|p| p.since_ms <= before),
             "paused at or before {before} only"
         );
         ensure!(
-            !items.iter().any(|x| x.id == running.id),
+            items.windows(2).all(|w| w[0].since_ms <= w[1].since_ms),
+            "the longest paused first"
+        );
+        for p in items {
+            if let Some((at, _)) = mine.iter().find(|(_, x)| x.id == p.execution.id) {
+                ensure!(p.since_ms == *at, "paused since {at}, not {}", p.since_ms);
+                ensure!(
+                    p.execution.updated_at_ms == *at,
+                    "the execution as it was written"
+                );
+            }
+        }
+        ensure!(
+            !items.iter().any(|p| p.execution.id == running.id),
             "a running execution is not listed"
         );
         Ok(())
@@ -781,9 +791,10 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
             .paused_before(u64::MAX / 2, k)
             .await
             .map_err(e("paused_before with a limit"))?;
+        let key = |p: &Paused| (p.execution.id, p.since_ms);
         ensure!(
-            first.iter().map(|x| x.id).collect::<Vec<_>>()
-                == all[..k].iter().map(|x| x.id).collect::<Vec<_>>(),
+            first.iter().map(key).collect::<Vec<_>>()
+                == all[..k].iter().map(key).collect::<Vec<_>>(),
             "a limit of {k} gives the {k} paused longest"
         );
     }
@@ -798,7 +809,7 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
         .map_err(e("paused_before after a cancel"))?;
     check(&got, before)?;
     ensure!(
-        !got.iter().any(|x| x.id == gone.id),
+        !got.iter().any(|p| p.execution.id == gone.id),
         "a cancelled execution is no longer paused"
     );
     ensure!(ours(&got) == expected[1..], "the other six as before");
@@ -840,9 +851,15 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
         .paused_before(before, 100_000)
         .await
         .map_err(e("paused_before after a reply"))?;
-    let at = got.iter().position(|x| x.id == two.id);
-    let after = got.iter().position(|x| x.id == every[4]);
-    let before_it = got.iter().position(|x| x.id == every[3]);
+    check(&got, before)?;
+    let listed = got.iter().find(|p| p.execution.id == two.id);
+    ensure!(
+        listed.is_some_and(|p| p.since_ms == paused_at && p.execution == two),
+        "listed since it paused ({paused_at}), as last written: {listed:?}"
+    );
+    let at = got.iter().position(|p| p.execution.id == two.id);
+    let after = got.iter().position(|p| p.execution.id == every[4]);
+    let before_it = got.iter().position(|p| p.execution.id == every[3]);
     ensure!(
         at.is_some() && before_it < at && at < after,
         "listed by the time it paused, between those paused before and after it"

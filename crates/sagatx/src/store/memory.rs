@@ -8,7 +8,9 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use sagatx_core::{Execution, ExecutionId, SagaDefinition, Status};
 
-use super::{may_have_work, same_definition, ListQuery, Page, Registered, Store, StoreError};
+use super::{
+    may_have_work, same_definition, ListQuery, Page, Paused, Registered, Store, StoreError,
+};
 
 /// The executions are spread over this many shards by id, each behind a
 /// lock of its own. With one lock, two cores running sagas took turns at
@@ -357,11 +359,7 @@ impl Store for MemoryStore {
         Ok(*lock(&self.secret))
     }
 
-    async fn paused_before(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Execution>, StoreError> {
+    async fn paused_before(&self, before_ms: u64, limit: usize) -> Result<Vec<Paused>, StoreError> {
         // Every shard's paused executions by the time they paused (a walk
         // of the paused alone), then the first `limit` of those.
         let mut paused: Vec<(u64, u64, usize)> = Vec::new();
@@ -379,7 +377,13 @@ impl Store for MemoryStore {
         paused.truncate(limit);
         Ok(paused
             .into_iter()
-            .filter_map(|(_, n, i)| lock(&self.shards[i]).executions.get(&n).cloned())
+            .filter_map(|(since_ms, n, i)| {
+                let execution = lock(&self.shards[i]).executions.get(&n).cloned()?;
+                Some(Paused {
+                    since_ms,
+                    execution,
+                })
+            })
             .collect())
     }
 

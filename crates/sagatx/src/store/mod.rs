@@ -124,6 +124,16 @@ pub struct Summary {
     pub counts: Vec<(String, Status, u64)>,
 }
 
+/// A paused execution and the time it paused, as
+/// [`Store::paused_before`] lists them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paused {
+    /// The `updated_at_ms` of the write that made it `paused`; later writes
+    /// that keep it paused (a reply to one of two callback steps) leave it.
+    pub since_ms: u64,
+    pub execution: Execution,
+}
+
 /// The journal of definitions and executions.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -188,15 +198,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Paused executions that paused at or before `before_ms` (the
     /// `updated_at_ms` of the write that made them `paused`; later writes
-    /// that keep them paused do not move it), the longest paused first,
-    /// at most `limit`: the executions waiting too long on a reply or a
-    /// commit, for the dashboard. The durable stores answer from an index
-    /// of the paused executions alone, however many others they hold.
-    async fn paused_before(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Execution>, StoreError>;
+    /// that keep them paused do not move it), each with that time, the
+    /// longest paused first, at most `limit`: the executions waiting too
+    /// long on a reply or a commit, for the dashboard. The durable stores
+    /// answer from an index of the paused executions alone, however many
+    /// others they hold.
+    async fn paused_before(&self, before_ms: u64, limit: usize) -> Result<Vec<Paused>, StoreError>;
 
     /// Every execution, oldest first, after `cursor` (for copying a store).
     async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError>;

@@ -36,8 +36,8 @@ use tokio_postgres::{Client, Config, NoTls};
 use uuid::Uuid;
 
 use super::{
-    Claim, Claimed, Command, Inboxed, Leases, ListQuery, OpRecord, Outcome, Page, Registered,
-    Store, StoreError,
+    Claim, Claimed, Command, Inboxed, Leases, ListQuery, OpRecord, Outcome, Page, Paused,
+    Registered, Store, StoreError,
 };
 
 /// Migrations (numbered SQL files under `migrations/postgres`).
@@ -73,7 +73,7 @@ pub(crate) const MIGRATIONS: &[super::migrations::Migration] = &[
 /// longest paused first, from the partial index `sagatx_executions_paused`
 /// (public for the test that checks PostgreSQL's plan uses it).
 #[doc(hidden)]
-pub const PG_PAUSED_BEFORE: &str = "SELECT n, id, state FROM sagatx_executions
+pub const PG_PAUSED_BEFORE: &str = "SELECT n, id, state, paused_at FROM sagatx_executions
      WHERE paused_at IS NOT NULL AND paused_at <= $1 ORDER BY paused_at, n LIMIT $2";
 
 /// How long a lease lasts unless renewed, by default.
@@ -1104,17 +1104,27 @@ impl Store for PostgresStore {
         Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    async fn paused_before(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Execution>, StoreError> {
+    async fn paused_before(&self, before_ms: u64, limit: usize) -> Result<Vec<Paused>, StoreError> {
         let c = self.read().await?;
         let rows = c
             .query(PG_PAUSED_BEFORE, &[&clamp_ms(before_ms), &(limit as i64)])
             .await
             .map_err(io)?;
-        Ok(page_of(rows, limit, false).items)
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: Uuid = r.get(1);
+            let state: Vec<u8> = r.get(2);
+            let since: i64 = r.get(3);
+            // A damaged entry hides nothing else (as in the lists).
+            match decode(id, &state) {
+                Ok(execution) => out.push(Paused {
+                    since_ms: since as u64,
+                    execution,
+                }),
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable journal entry"),
+            }
+        }
+        Ok(out)
     }
 
     async fn summary(&self) -> Result<super::Summary, StoreError> {

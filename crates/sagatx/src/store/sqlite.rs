@@ -34,7 +34,7 @@ use sagatx_core::{Execution, ExecutionId, Name, SagaDefinition};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{ListQuery, Page, Registered, Store, StoreError};
+use super::{ListQuery, Page, Paused, Registered, Store, StoreError};
 
 /// `PRAGMA application_id` of a sagatx journal: "SgTx".
 pub const APPLICATION_ID: i32 = 0x5367_5478;
@@ -52,7 +52,7 @@ pub const PAGE_SIZE_BYTES: u32 = 2048;
 /// `Store::paused_before`: the executions paused at or before `?1`,
 /// longest paused first, from the `paused` table's index (`CROSS JOIN`
 /// keeps SQLite to that order of the tables; a test checks the plan).
-const PAUSED_BEFORE: &str = "SELECT e.n, e.id, e.created_at, e.state
+const PAUSED_BEFORE: &str = "SELECT e.n, e.id, e.created_at, e.state, p.since
      FROM paused p CROSS JOIN executions e ON e.n = p.n
      WHERE p.since <= ?1 ORDER BY p.since, p.n LIMIT ?2";
 /// Execution `?1` paused at `?2` / is paused no more (written only when
@@ -1489,17 +1489,28 @@ impl Store for SqliteStore {
         Ok(*self.secret.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    async fn paused_before(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Execution>, StoreError> {
+    async fn paused_before(&self, before_ms: u64, limit: usize) -> Result<Vec<Paused>, StoreError> {
         self.read(move |c| {
             let mut s = c.prepare_cached(PAUSED_BEFORE).map_err(io)?;
             let mut rows = s
                 .query(params![before_ms.min(i64::MAX as u64) as i64, limit as i64])
                 .map_err(io)?;
-            Ok(page_of(&mut rows, limit, Cursor::From, Damaged::Skip)?.items)
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(io)? {
+                let id: Vec<u8> = r.get(1).map_err(io)?;
+                let created_at: i64 = r.get(2).map_err(io)?;
+                let state: Vec<u8> = r.get(3).map_err(io)?;
+                let since: i64 = r.get(4).map_err(io)?;
+                // A damaged entry hides nothing else (as in the lists).
+                match decode_row(&id, created_at, &state) {
+                    Ok(execution) => out.push(Paused {
+                        since_ms: since as u64,
+                        execution,
+                    }),
+                    Err(e) => tracing::error!(error = %e, "skipping an unreadable journal entry"),
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -118,7 +118,7 @@ impl Store for FaultyStore {
         &self,
         before_ms: u64,
         limit: usize,
-    ) -> Result<Vec<sagatx::Execution>, StoreError> {
+    ) -> Result<Vec<sagatx::Paused>, StoreError> {
         self.inner.paused_before(before_ms, limit).await
     }
     async fn scan(&self, cursor: Option<u64>, limit: usize) -> Result<Page, StoreError> {

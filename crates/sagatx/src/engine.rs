@@ -22,7 +22,7 @@ use sagatx_core::{
     Reply, SagaDefinition, Status, StepError,
 };
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -183,6 +183,7 @@ impl EngineBuilder {
             definitions: RwLock::new(HashMap::new()),
             latest: RwLock::new(HashMap::new()),
             active: Mutex::new(id_map()),
+            inboxes: std::sync::atomic::AtomicU64::new(0),
             waiters: Mutex::new(id_map()),
             remote: self.remote,
             on_status: self.on_status,
@@ -247,12 +248,113 @@ struct Msg {
     reply: Option<Reply_>,
 }
 
+/// The messages for one execution's driver, in [`Inner::active`] while
+/// the driver runs, with the waker of the driver waiting for one. Under
+/// the map's lock rather than a channel of its own: most executions never
+/// get a message, and a channel was two allocations (one of them 128-byte
+/// aligned, a slow path of the allocator) for each.
+struct Inbox {
+    /// Which driver it belongs to ([`Mailbox::token`]).
+    token: u64,
+    queue: std::collections::VecDeque<Box<Msg>>,
+    waker: Option<std::task::Waker>,
+}
+
+/// A driver's end of its [`Inbox`]. Dropped without having left (a
+/// driver dropped at shutdown, or that panicked), it takes the inbox out
+/// of the map, so that no inbox stays with nobody to read it: its queued
+/// requests are answered "shutting down" (their reply senders go), and a
+/// later message starts a new driver.
+struct Mailbox {
+    inner: Arc<Inner>,
+    id: ExecutionId,
+    token: u64,
+    /// Taken out of the map already.
+    left: bool,
+}
+
+impl Mailbox {
+    /// The next message; waits for one. `None` if the inbox is gone (not
+    /// expected while this end lives).
+    async fn recv(&mut self) -> Option<Box<Msg>> {
+        std::future::poll_fn(|cx| {
+            let mut active = lock(&self.inner.active);
+            let Some(inbox) = active.get_mut(&self.id).filter(|i| i.token == self.token) else {
+                return std::task::Poll::Ready(None);
+            };
+            match inbox.queue.pop_front() {
+                Some(m) => std::task::Poll::Ready(Some(m)),
+                None => {
+                    // The task polling may change (a driver started in its
+                    // caller's task moves to a task of its own).
+                    match &mut inbox.waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        w => *w = Some(cx.waker().clone()),
+                    }
+                    std::task::Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// Every message queued now.
+    fn take_all(&mut self) -> std::collections::VecDeque<Box<Msg>> {
+        let mut active = lock(&self.inner.active);
+        match active.get_mut(&self.id).filter(|i| i.token == self.token) {
+            Some(inbox) => std::mem::take(&mut inbox.queue),
+            None => Default::default(),
+        }
+    }
+
+    /// Takes the inbox out of the map if no message waits in it (in one
+    /// step under the lock: a message is either in it now or, sent after,
+    /// starts a new driver). Returns whether it left.
+    fn leave_if_empty(&mut self) -> bool {
+        if self.left {
+            return true;
+        }
+        let mut active = lock(&self.inner.active);
+        match active.get(&self.id) {
+            Some(i) if i.token == self.token && !i.queue.is_empty() => false,
+            Some(i) if i.token == self.token => {
+                active.remove(&self.id);
+                self.left = true;
+                true
+            }
+            // Not ours (cannot happen while this end lives): nothing to leave.
+            _ => {
+                self.left = true;
+                true
+            }
+        }
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        let mut active = lock(&self.inner.active);
+        if active.get(&self.id).is_some_and(|i| i.token == self.token) {
+            // Dropped after the lock: a queued message's reply sender may
+            // wake a task.
+            let gone = active.remove(&self.id);
+            drop(active);
+            drop(gone);
+        }
+    }
+}
+
 struct Inner {
     store: Arc<dyn Store>,
     handlers: RwLock<HashMap<String, Arc<HashMap<String, Handlers>>>>,
     definitions: RwLock<HashMap<(String, u32), Arc<Plan>>>,
     latest: RwLock<HashMap<String, (u32, Arc<Plan>)>>,
-    active: Mutex<IdMap<mpsc::UnboundedSender<Box<Msg>>>>,
+    active: Mutex<IdMap<Inbox>>,
+    /// The token of the next [`Inbox`].
+    inboxes: std::sync::atomic::AtomicU64,
     waiters: Mutex<IdMap<Vec<oneshot::Sender<Execution>>>>,
     remote: Option<Arc<dyn RemoteCaller>>,
     on_status: Option<StatusHook>,
@@ -307,13 +409,26 @@ impl Inner {
 
     /// The mailbox of a new driver for `id`, registered; `None` when this
     /// process has a driver for it already.
-    fn mailbox(&self, id: ExecutionId) -> Option<mpsc::UnboundedReceiver<Box<Msg>>> {
-        match lock(&self.active).entry(id) {
+    fn mailbox(self: &Arc<Self>, id: ExecutionId) -> Option<Mailbox> {
+        let mut active = lock(&self.active);
+        match active.entry(id) {
             std::collections::hash_map::Entry::Occupied(_) => None,
             std::collections::hash_map::Entry::Vacant(v) => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                v.insert(tx);
-                Some(rx)
+                let token = self
+                    .inboxes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                v.insert(Inbox {
+                    token,
+                    queue: Default::default(),
+                    waker: None,
+                });
+                drop(active);
+                Some(Mailbox {
+                    inner: self.clone(),
+                    id,
+                    token,
+                    left: false,
+                })
             }
         }
     }
@@ -523,7 +638,6 @@ impl Engine {
         // this id that arrives meanwhile waits for this driver instead of
         // starting a second one.
         let mailbox = inner.mailbox(id);
-        let claimed = mailbox.is_some();
         let written = match mailbox {
             Some(rx) => match inner.store.leases() {
                 Some(leases) => leases.append_leased(&ex, 1).await,
@@ -534,10 +648,8 @@ impl Engine {
         };
         let rx = match written {
             Ok(rx) => rx,
+            // The mailbox, dropped, left the map.
             Err(e) => {
-                if claimed {
-                    lock(&inner.active).remove(&id);
-                }
                 if !matches!(e, StoreError::Exists(_)) {
                     return Err(e.into());
                 }
@@ -916,7 +1028,7 @@ enum Begun {
     /// The execution existed (an idempotent start).
     Found(ExecutionId),
     /// Created and journaled: its mailbox and the state its driver starts from.
-    New(ExecutionId, mpsc::UnboundedReceiver<Box<Msg>>, Loaded),
+    New(ExecutionId, Mailbox, Loaded),
 }
 
 type DriverFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Execution>> + Send>>;
@@ -970,22 +1082,37 @@ impl std::future::Future for InlineThenSpawn<'_> {
 /// Hands an event to the execution's driver, starting one (which loads the
 /// state from the store) when there is none.
 fn deliver(inner: &Arc<Inner>, id: ExecutionId, event: Event, reply: Option<Reply_>) {
-    let mut active = lock(&inner.active);
-    // Boxed: the channel allocates its slots in blocks of 32, which
-    // are small this way (most executions never get a message).
+    // Boxed: a queue's slots stay small (most executions never get a
+    // message, and those that do, few).
     let msg = Box::new(Msg { event, reply });
-    let msg = match active.get(&id) {
-        Some(tx) => match tx.send(msg) {
-            Ok(()) => return,
-            Err(mpsc::error::SendError(m)) => m,
+    let mut active = lock(&inner.active);
+    if let Some(inbox) = active.get_mut(&id) {
+        inbox.queue.push_back(msg);
+        let waker = inbox.waker.take();
+        drop(active);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        return;
+    }
+    let token = inner
+        .inboxes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    active.insert(
+        id,
+        Inbox {
+            token,
+            queue: std::collections::VecDeque::from([msg]),
+            waker: None,
         },
-        None => msg,
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    // The receiver is alive: it is right here.
-    let _ = tx.send(msg);
-    active.insert(id, tx);
+    );
     drop(active);
+    let rx = Mailbox {
+        inner: inner.clone(),
+        id,
+        token,
+        left: false,
+    };
     tokio::spawn(drive(inner.clone(), id, rx, None));
 }
 
@@ -1040,7 +1167,7 @@ struct Driver {
 async fn drive(
     inner: Arc<Inner>,
     id: ExecutionId,
-    rx: mpsc::UnboundedReceiver<Box<Msg>>,
+    rx: Mailbox,
     loaded: Option<Loaded>,
 ) -> Option<Execution> {
     use tracing::Instrument;
@@ -1051,7 +1178,7 @@ async fn drive(
 async fn drive_inner(
     inner: Arc<Inner>,
     id: ExecutionId,
-    mut rx: mpsc::UnboundedReceiver<Box<Msg>>,
+    mut rx: Mailbox,
     loaded: Option<Loaded>,
 ) -> Option<Execution> {
     let (mut d, calls, _permit) = match loaded {
@@ -1078,7 +1205,7 @@ async fn drive_inner(
                 }
                 Ok(Taken::Elsewhere) => {
                     // Another process drives it: hand the requests over.
-                    drain(&inner, id, &mut rx, |m| {
+                    drain(&mut rx, |m| {
                         if let (Some(reply), Some(cmd)) = (m.reply, command_of(&m.event)) {
                             let inner = inner.clone();
                             tokio::spawn(async move {
@@ -1091,7 +1218,7 @@ async fn drive_inner(
                 Err(e) => {
                     // Answer everything queued, then leave.
                     let msg = e.to_string();
-                    drain(&inner, id, &mut rx, |m| {
+                    drain(&mut rx, |m| {
                         if let Some(r) = m.reply {
                             let _ = r.send(Err(match &e {
                                 EngineError::NotFound(id) => EngineError::NotFound(*id),
@@ -1117,7 +1244,7 @@ async fn drive_inner(
             if let Some(calls) = &mut d.calls {
                 calls.abort_all();
             }
-            drain(&inner, id, &mut rx, |m| {
+            drain(&mut rx, |m| {
                 if let Some(r) = m.reply {
                     let _ = r.send(Err(EngineError::Store(StoreError::LeaseLost(id))));
                 }
@@ -1133,12 +1260,8 @@ async fn drive_inner(
         let due = d.ex.next_due_ms();
         let sleep_to = due.filter(|&t| t <= now + inner.idle_horizon_ms);
         let busy = d.has_calls() || !d.ready.is_empty() || sleep_to.is_some();
-        if !busy {
-            let mut active = lock(&inner.active);
-            if rx.is_empty() {
-                active.remove(&id);
-                break;
-            }
+        if !busy && rx.leave_if_empty() {
+            break;
         }
         let deadline = inner.clock.instant_at(sleep_to.unwrap_or(now + 3_600_000));
         tokio::select! {
@@ -1184,19 +1307,12 @@ async fn next_call(
 
 /// Answers every message queued for a driver that is leaving, and takes it
 /// out of the active map once none is left.
-fn drain(
-    inner: &Inner,
-    id: ExecutionId,
-    rx: &mut mpsc::UnboundedReceiver<Box<Msg>>,
-    mut each: impl FnMut(Box<Msg>),
-) {
+fn drain(rx: &mut Mailbox, mut each: impl FnMut(Box<Msg>)) {
     loop {
-        while let Ok(m) = rx.try_recv() {
+        for m in rx.take_all() {
             each(m);
         }
-        let mut active = lock(&inner.active);
-        if rx.is_empty() {
-            active.remove(&id);
+        if rx.leave_if_empty() {
             return;
         }
     }

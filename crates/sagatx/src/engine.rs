@@ -1139,7 +1139,6 @@ struct Driver {
     inner: Arc<Inner>,
     ex: Execution,
     def: Arc<Plan>,
-    handlers: Option<Arc<HashMap<String, Handlers>>>,
     input: Arc<Value>,
     /// Calls under way in tasks of their own (made on the first).
     calls: Option<JoinSet<CallResult>>,
@@ -1439,13 +1438,11 @@ async fn load(inner: &Arc<Inner>, id: ExecutionId) -> Result<(Execution, Arc<Pla
 
 impl Driver {
     fn new(inner: Arc<Inner>, ex: Execution, def: Arc<Plan>) -> Self {
-        let handlers = read(&inner.handlers).get(ex.saga.as_str()).cloned();
         let input = ex.input.clone();
         Driver {
             inner,
             ex,
             def,
-            handlers,
             input,
             calls: None,
             stale: false,
@@ -1658,10 +1655,14 @@ impl Driver {
         let local = matches!(step.endpoint(call.phase), Some(Endpoint::Local));
         let fut: crate::saga::StepFuture = match step.endpoint(call.phase) {
             Some(Endpoint::Local) => {
-                match self
-                    .handlers
-                    .as_ref()
-                    .and_then(|h| h.get(&step.name))
+                let functions = self.def.local(|| {
+                    read(&self.inner.handlers)
+                        .get(self.ex.saga.as_str())
+                        .cloned()
+                });
+                match functions
+                    .get(call.step)
+                    .and_then(Option::as_ref)
                     .and_then(|h| h.get(call.phase))
                 {
                     Some(f) => f(ctx),

@@ -8,11 +8,14 @@
 //! later (or a thread's local recorder in a test) gets handles of its own,
 //! so no count is ever sent to a recorder that is gone.
 
+use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use metrics::{Counter, Histogram, Label};
 use sagatx_core::{ErrorClass, Name, Phase, SagaDefinition, Status};
+
+use crate::saga::Handlers;
 
 pub(crate) struct Plan {
     def: SagaDefinition,
@@ -22,6 +25,8 @@ pub(crate) struct Plan {
     pub(crate) step_names: Box<[Name]>,
     first: OnceLock<Handles>,
     later: RwLock<Option<Arc<Handles>>>,
+    /// This process's functions for each step, by index.
+    local: OnceLock<Box<[Option<Handlers>]>>,
 }
 
 impl Deref for Plan {
@@ -78,7 +83,26 @@ impl Plan {
             def,
             first: OnceLock::new(),
             later: RwLock::new(None),
+            local: OnceLock::new(),
         }
+    }
+
+    /// This process's functions for each step, by index, found once in
+    /// `by_name` (the functions registered for the saga, by step name)
+    /// rather than by hashing the step's name at every call. The functions
+    /// are registered when the engine is built, before any plan is used.
+    pub(crate) fn local(
+        &self,
+        by_name: impl FnOnce() -> Option<Arc<HashMap<String, Handlers>>>,
+    ) -> &[Option<Handlers>] {
+        self.local.get_or_init(|| {
+            let by_name = by_name();
+            self.def
+                .steps
+                .iter()
+                .map(|s| by_name.as_ref().and_then(|m| m.get(&s.name)).cloned())
+                .collect()
+        })
     }
 
     /// Runs `f` with the handles of the recorder in use. Those of the

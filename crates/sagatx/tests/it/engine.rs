@@ -849,3 +849,57 @@ async fn a_run_given_up_while_a_step_waits_still_finishes() {
     }
     assert_eq!(engine.active(), 0, "its driver ended");
 }
+
+/// A local step whose function this process does not have (a saga
+/// registered by another process, or by an earlier build): each call fails
+/// as a passing failure naming the step and what to do, is retried, and
+/// the saga ends by its rules; the process's functions are found by step
+/// once per saga version, so a missing one stays missing, and those it
+/// has are called (here: a saga it has, run by the same engine).
+#[tokio::test(start_paused = true)]
+async fn a_local_step_without_its_function_here_fails_as_a_passing_failure() {
+    let store: Arc<dyn sagatx::Store> = Arc::new(MemoryStore::new());
+    let def = sagatx::SagaDefinition::from_json(
+        br#"{"name":"elsewhere","retry":{"max_attempts":2,"initial_backoff_ms":10},
+             "steps":[{"name":"reserve","action":"local","compensation":"local"}]}"#,
+    )
+    .expect("definition");
+    store.put_definition(&def).await.expect("put");
+    let rec = Recorder::default();
+    let engine = Engine::builder()
+        .store_arc(store)
+        .saga(three(&rec, "order"))
+        .build()
+        .await
+        .expect("engine");
+    let ex = engine.run("elsewhere", json!({})).await.expect("run");
+    assert_eq!(ex.status, Status::Failed, "{ex:?}");
+    let step = &ex.steps[0];
+    let actions: Vec<_> = step
+        .history
+        .iter()
+        .filter(|a| a.phase == Phase::Action)
+        .collect();
+    assert_eq!(actions.len(), 2, "retried as a passing failure: {step:?}");
+    for a in actions {
+        let error = a.error.as_deref().unwrap_or("");
+        assert!(
+            error.contains(
+                "no function is registered for the action of step \"reserve\" of saga \"elsewhere\""
+            ) && error.contains("Engine::builder().saga(...)"),
+            "{error}"
+        );
+    }
+    // Its outcome unknown, its compensation is owed, and missing too.
+    assert!(
+        step.history.iter().any(|a| a.phase == Phase::Compensation),
+        "{step:?}"
+    );
+    // The saga this process has runs with its functions.
+    let ok = engine.run("order", json!({})).await.expect("run");
+    assert_eq!(ok.status, Status::Completed);
+    assert_eq!(
+        rec.trail(),
+        ["reserve/action", "charge/action", "ship/action"]
+    );
+}

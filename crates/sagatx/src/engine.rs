@@ -198,9 +198,10 @@ impl EngineBuilder {
         });
         for saga in self.sagas {
             let reg = inner.store.put_definition(&saga.definition).await?;
+            // The functions first: a plan finds them at its first call.
+            write(&inner.handlers).insert(saga.definition.name.clone(), Arc::new(saga.handlers));
             let def = Arc::new(Plan::new(saga.definition));
-            inner.remember(reg.version, def.clone(), true);
-            write(&inner.handlers).insert(def.name.clone(), Arc::new(saga.handlers));
+            inner.remember(reg.version, def, true);
         }
         if let Some(leases) = inner.store.leases() {
             leases.subscribe(inner.wake.clone());

@@ -769,22 +769,24 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
         );
         Ok(())
     };
+    // Every one paused at or before `before`, checked as above.
+    let check = &check;
+    let listed = |before: u64, what: &'static str| async move {
+        let got = store
+            .paused_before(before, 100_000)
+            .await
+            .map_err(e(what))?;
+        check(&got, before)?;
+        Ok::<_, String>(got)
+    };
     let before = base + 6 * 7;
-    let got = store
-        .paused_before(before, 100_000)
-        .await
-        .map_err(e("paused_before"))?;
-    check(&got, before)?;
+    let got = listed(before, "paused_before").await?;
     let expected = every[..7].to_vec();
     ensure!(
         ours(&got) == expected,
         "the seven paused at or before {before}, in the order they paused"
     );
-    let all = store
-        .paused_before(u64::MAX / 2, 100_000)
-        .await
-        .map_err(e("paused_before all"))?;
-    check(&all, u64::MAX / 2)?;
+    let all = listed(u64::MAX / 2, "paused_before all").await?;
     ensure!(ours(&all) == every, "all twelve, in the order they paused");
     for k in [1, 3] {
         let first = store
@@ -803,11 +805,7 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
     step_at(&mut gone, &d, Event::Cancel, at + 1)?;
     ensure!(gone.status != Status::Paused, "cancelled");
     store.append(&gone).await.map_err(e("cancel"))?;
-    let got = store
-        .paused_before(before, 100_000)
-        .await
-        .map_err(e("paused_before after a cancel"))?;
-    check(&got, before)?;
+    let got = listed(before, "paused_before after a cancel").await?;
     ensure!(
         !got.iter().any(|p| p.execution.id == gone.id),
         "a cancelled execution is no longer paused"
@@ -847,11 +845,7 @@ async fn paused_longest_first(store: &dyn Store, tag: &str) -> R {
         "still paused on the other step"
     );
     store.append(&two).await.map_err(e("reply"))?;
-    let got = store
-        .paused_before(before, 100_000)
-        .await
-        .map_err(e("paused_before after a reply"))?;
-    check(&got, before)?;
+    let got = listed(before, "paused_before after a reply").await?;
     let listed = got.iter().find(|p| p.execution.id == two.id);
     ensure!(
         listed.is_some_and(|p| p.since_ms == paused_at && p.execution == two),

@@ -903,3 +903,36 @@ async fn a_local_step_without_its_function_here_fails_as_a_passing_failure() {
         ["reserve/action", "charge/action", "ship/action"]
     );
 }
+
+/// A driver dropped where it stands (its runtime shut down while a step
+/// was under way) takes its inbox out of the engine's map of active
+/// drivers: none is left that nothing reads (a later message for the
+/// execution starts a new driver instead of waiting in it).
+#[test]
+fn a_driver_dropped_with_its_runtime_leaves_no_inbox_behind() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (started, mut called) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let saga = Saga::builder("slow")
+        .step("wait", move |_ctx: StepContext| {
+            let started = started.clone();
+            async move {
+                let _ = started.send(());
+                std::future::pending::<Result<(), StepError>>().await
+            }
+        })
+        .build()
+        .expect("valid");
+    let engine = rt.block_on(async {
+        let engine = memory_engine(vec![saga]).await;
+        engine.start("slow", json!({})).await.expect("start");
+        called.recv().await.expect("the step was called");
+        engine
+    });
+    assert_eq!(engine.active(), 1, "its driver runs");
+    drop(rt);
+    assert_eq!(engine.active(), 0, "no inbox left behind");
+}

@@ -1641,10 +1641,10 @@ impl Driver {
                 input: self.input.clone(),
                 saga: self.ex.saga.clone(),
                 step: self.ex.steps[call.step].name.clone(),
+                results,
             },
             phase: call.phase,
             attempt: call.attempt,
-            results,
             user: self.ex.user.as_deref().map(Arc::from),
             callback: call.phase == sagatx_core::Phase::Action
                 && step.reply == sagatx_core::ReplyMode::Callback,

@@ -41,7 +41,6 @@ pub struct StepContext {
     pub(crate) origin: Origin,
     pub(crate) phase: Phase,
     pub(crate) attempt: u32,
-    pub(crate) results: Arc<Map<String, Value>>,
     pub(crate) user: Option<Arc<str>>,
     pub(crate) callback: bool,
 }
@@ -55,24 +54,61 @@ pub(crate) enum Origin {
         input: Arc<Value>,
         saga: Name,
         step: Name,
+        /// The results the call sees.
+        results: Arc<Map<String, Value>>,
     },
     /// A run of [`Saga::execute`](crate::Saga::execute), and the step's
     /// index. The names are reached through the run: a context costs no
     /// reference count that every run of the saga shares (on two cores,
     /// such counts pass between the cores at every call, and were why a
     /// second core added little).
-    Local { run: Arc<LocalRun>, step: usize },
+    Local {
+        run: Arc<LocalRun>,
+        step: usize,
+        /// The results the call sees when they are not the run's own
+        /// (`None`): an action of a concurrent run sees those of the
+        /// moment it was called.
+        results: Option<Arc<Map<String, Value>>>,
+    },
 }
 
-/// One run of [`Saga::execute`]: its input, its saga's names, and its id.
-/// The id is made when a step first asks for it: reading the wall clock
-/// for it cost more than a no-op step (60-70 ns on a VM), and most steps
-/// never ask.
+/// One run of [`Saga::execute`]: its input, its saga's names, its id, and
+/// the results of its steps so far. The id is made when a step first asks
+/// for it: reading the wall clock for it cost more than a no-op step (60-70
+/// ns on a VM), and most steps never ask. The results are here rather than
+/// behind an `Arc` of their own so that a call's context costs one
+/// reference count, not two: each is an atomic operation, and they were a
+/// good part of a no-op step's time.
 #[derive(Debug)]
 pub(crate) struct LocalRun {
     pub(crate) input: Value,
     pub(crate) names: Arc<Names>,
     pub(crate) id: std::sync::OnceLock<ExecutionId>,
+    pub(crate) results: Map<String, Value>,
+}
+
+impl LocalRun {
+    /// The run's id, made at the first call.
+    fn id(&self) -> ExecutionId {
+        *self
+            .id
+            .get_or_init(|| ExecutionId(crate::engine::new_id(crate::engine::wall_ms())))
+    }
+}
+
+/// A copy is made only when a step's context outlives its call (a step
+/// kept a clone) and the run must then change its results: the copy takes
+/// the run's id, made now if no step asked for it yet, so that the kept
+/// context and the run's later steps see the same id.
+impl Clone for LocalRun {
+    fn clone(&self) -> Self {
+        LocalRun {
+            input: self.input.clone(),
+            names: self.names.clone(),
+            id: std::sync::OnceLock::from(self.id()),
+            results: self.results.clone(),
+        }
+    }
 }
 
 /// A saga's name and its steps' names, in step order.
@@ -86,9 +122,7 @@ impl StepContext {
     pub fn execution_id(&self) -> ExecutionId {
         match &self.origin {
             Origin::Journaled { id, .. } => *id,
-            Origin::Local { run, .. } => *run
-                .id
-                .get_or_init(|| ExecutionId(crate::engine::new_id(crate::engine::wall_ms()))),
+            Origin::Local { run, .. } => run.id(),
         }
     }
     pub fn saga(&self) -> &str {
@@ -101,7 +135,7 @@ impl StepContext {
         match &self.origin {
             Origin::Journaled { step, .. } => step,
             // `step` is an index of the run's own saga (execute.rs).
-            Origin::Local { run, step } => run.names.steps.get(*step).map_or("", |n| n),
+            Origin::Local { run, step, .. } => run.names.steps.get(*step).map_or("", |n| n),
         }
     }
     /// `action`, `compensation` or `confirm`.
@@ -122,7 +156,14 @@ impl StepContext {
     /// The results of every step that succeeded so far (py-api-saga's
     /// `saga_results`). A compensation sees its own step's result here.
     pub fn results(&self) -> &Map<String, Value> {
-        &self.results
+        match &self.origin {
+            Origin::Journaled { results, .. } => results,
+            Origin::Local {
+                results: Some(results),
+                ..
+            } => results,
+            Origin::Local { run, .. } => &run.results,
+        }
     }
     /// The user recorded on the execution, if any.
     pub fn user(&self) -> Option<&str> {

@@ -325,6 +325,56 @@ async fn execute_context_names_the_run_and_keeps_its_id() {
     assert!(seen.iter().all(|s| s.4 == "1"));
 }
 
+/// A step may keep a clone of its context past its call: the kept one
+/// goes on showing what the call saw (the results of the steps before it,
+/// not those after) and the run's one id, made after the copy was kept,
+/// the same the later steps see.
+#[tokio::test]
+async fn a_kept_context_keeps_what_its_call_saw_and_the_runs_id() {
+    /// What the later steps saw: the execution id and the results' names.
+    type Later = Arc<Mutex<Vec<(String, Vec<String>)>>>;
+    let kept: Arc<Mutex<Vec<StepContext>>> = Arc::default();
+    let later: Later = Arc::default();
+    let keep = {
+        let kept = kept.clone();
+        move |ctx: StepContext| {
+            // Not asking for the id: it is made at a later step.
+            kept.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(ctx.clone());
+            async { Ok::<_, StepError>(json!("a's result")) }
+        }
+    };
+    let look = {
+        let later = later.clone();
+        move |ctx: StepContext| {
+            later.lock().unwrap_or_else(|e| e.into_inner()).push((
+                ctx.execution_id().to_string(),
+                ctx.results().keys().cloned().collect(),
+            ));
+            async { Ok::<(), StepError>(()) }
+        }
+    };
+    let saga = Saga::builder("keep")
+        .step("a", keep)
+        .step("b", look.clone())
+        .step("c", look)
+        .build()
+        .expect("saga");
+    let results = saga.execute(Value::Null).await.expect("completes");
+    assert_eq!(results.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(results["a"], json!("a's result"));
+    let later = later.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(later[0].1, ["a"]);
+    assert_eq!(later[1].1, ["a", "b"]);
+    assert_eq!(later[0].0, later[1].0, "one id for the run");
+    let kept = kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].results().is_empty(), "{:?}", kept[0].results());
+    assert_eq!(kept[0].step(), "a");
+    assert_eq!(kept[0].execution_id().to_string(), later[0].0);
+}
+
 /// A saga that must wait for something cannot run unjournaled: refused,
 /// nothing called.
 #[tokio::test]

@@ -617,6 +617,20 @@ fn a_journal_round_trips_through_postgres_and_the_copy_finishes_the_work() {
     });
 }
 
+/// A port for a server of a test's own, free when asked for and below
+/// the system's range of ephemeral ports (Linux's default starts at
+/// 32768): a port in that range may be taken at any moment as the local
+/// end of some other test's connection, or by a connection to it that
+/// finds no listener (a TCP self-connect), and the server then cannot
+/// bind it. The fixed port 55434 failed so, once, under the full suite.
+fn free_port_for_a_server() -> u16 {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    (0..10_000u16)
+        .map(|i| 20_000 + (start - 20_000 + i) % 10_000)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .unwrap_or_else(|| panic!("no free port in 20000-29999"))
+}
+
 /// A PostgreSQL restart in the middle of a load: the store reconnects,
 /// nothing is lost, every saga completes. Uses a server of its own, since
 /// it restarts it.
@@ -625,10 +639,12 @@ async fn a_postgres_restart_mid_load_loses_nothing() {
     use sagatx::store::PostgresStore;
     use sagatx::{Engine, Saga, Status, StepContext, StepError};
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/test-postgres");
-    let pg = |cmd: &str| {
+    let port = free_port_for_a_server().to_string();
+    let pg = move |cmd: &str| {
         let out = std::process::Command::new(script)
             .arg(cmd)
-            .env("SAGATX_TEST_PG_PORT", "55434")
+            .env("SAGATX_TEST_PG_PORT", &port)
+            .env("SAGATX_TEST_PG_DATA", "/tmp/sagatx-test-pg-restart")
             .output()
             .expect("scripts/test-postgres");
         assert!(
@@ -645,7 +661,7 @@ async fn a_postgres_restart_mid_load_loses_nothing() {
             (self.0)("stop");
         }
     }
-    let _stop = Stop(pg);
+    let stop = Stop(pg);
     let store = PostgresStore::open(&url).await.expect("open");
     let step = |_c: StepContext| async {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -672,12 +688,9 @@ async fn a_postgres_restart_mid_load_loses_nothing() {
                 .expect("start"),
         );
     }
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(script)
-            .arg("restart")
-            .env("SAGATX_TEST_PG_PORT", "55434")
-            .status()
-            .expect("restart")
+    let stop = tokio::task::spawn_blocking(move || {
+        (stop.0)("restart");
+        stop
     })
     .await
     .expect("restart task");
@@ -693,6 +706,7 @@ async fn a_postgres_restart_mid_load_loses_nothing() {
             "{id}: no call made twice"
         );
     }
+    drop(stop);
 }
 
 /// Two processes on one database (two stores, two owners): a claim takes

@@ -14,10 +14,15 @@ import sys
 import time
 
 SECONDS = float(os.environ.get("PEERS_SECONDS", "2"))
+# Only this workload (e.g. "memory: 3 steps, sequential"), when set: what
+# `sagatx bench` asks for in the rounds it alternates with its own.
+ONLY = os.environ.get("PEERS_ONLY")
 
 
 def timed(peer, workload, once, note=""):
     """Calls `once` in a loop: a warm-up, then for SECONDS."""
+    if ONLY and workload != ONLY:
+        return
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < SECONDS / 4:
         once()

@@ -1349,13 +1349,29 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// The Python peers (bench/peers), run as a child process in this run.
-async fn peers(o: &Options, out: &mut Vec<Row>) -> Result<()> {
-    let script = std::env::var("SAGATX_PEERS")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/peers/run").into());
-    progress("peers: py-api-saga, minos-microservice-saga, transaction, nti.transactions");
+/// The script that runs the Python peers.
+fn peers_script() -> String {
+    std::env::var("SAGATX_PEERS")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/peers/run").into())
+}
+
+/// One figure the peers' script printed.
+struct PeerFigure {
+    peer: String,
+    workload: String,
+    n: u64,
+    per_second: f64,
+    us_each: f64,
+    note: String,
+}
+
+/// Runs the peers' script with `env` (`PEERS_SECONDS`, `PEERS_ONLY`) and
+/// `args` (which peers), and reads the figures it prints.
+async fn run_peers(env: &[(&str, &str)], args: &[&str]) -> Result<Vec<PeerFigure>> {
+    let script = peers_script();
     let output = tokio::process::Command::new(&script)
-        .env("PEERS_SECONDS", if o.quick { "0.2" } else { "3" })
+        .envs(env.iter().copied())
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
         .await
@@ -1363,10 +1379,11 @@ async fn peers(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     if !output.status.success() {
         bail!("{script} failed ({})", output.status);
     }
+    let mut figures = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let v: Value = serde_json::from_str(line)
             .with_context(|| format!("{script} printed something that is not JSON: {line}"))?;
-        let (Some(peer), Some(workload), Some(per_s), Some(us), Some(n)) = (
+        let (Some(peer), Some(workload), Some(per_second), Some(us_each), Some(n)) = (
             v["peer"].as_str(),
             v["workload"].as_str(),
             v["per_second"].as_f64(),
@@ -1375,23 +1392,186 @@ async fn peers(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         ) else {
             bail!("{script} printed an incomplete row: {line}");
         };
-        out.push(Row {
-            workload: "peers".into(),
-            variant: format!("{peer}: {workload}"),
-            concurrency: 1,
-            sagas: n as usize,
-            seconds: n as f64 / per_s,
-            sagas_per_second: per_s,
-            p50_us: us,
-            p90_us: f64::NAN,
-            p99_us: f64::NAN,
-            max_us: f64::NAN,
-            latencies_timed: 0,
-            cpu_seconds_per_1000: f64::NAN,
-            peak_rss_mib: f64::NAN,
-            bytes_written_per_saga: None,
-            note: format!("mean µs in p50; {}", v["note"].as_str().unwrap_or("")),
+        figures.push(PeerFigure {
+            peer: peer.into(),
+            workload: workload.into(),
+            n,
+            per_second,
+            us_each,
+            note: v["note"].as_str().unwrap_or("").into(),
         });
+    }
+    Ok(figures)
+}
+
+/// A row of a figure measured by the peers' script (or by sagatx in
+/// rounds): the mean time in the p50 column.
+fn mean_row(workload: &str, variant: String, n: u64, per_second: f64, note: String) -> Row {
+    Row {
+        workload: workload.into(),
+        variant,
+        concurrency: 1,
+        sagas: n as usize,
+        seconds: n as f64 / per_second,
+        sagas_per_second: per_second,
+        p50_us: 1e6 / per_second,
+        p90_us: f64::NAN,
+        p99_us: f64::NAN,
+        max_us: f64::NAN,
+        latencies_timed: 0,
+        cpu_seconds_per_1000: f64::NAN,
+        peak_rss_mib: f64::NAN,
+        bytes_written_per_saga: None,
+        note,
+    }
+}
+
+/// The Python peers (bench/peers), run as a child process in this run;
+/// then the two targets that the issue states as ratios measured again in
+/// alternated rounds ([`paired`]).
+async fn peers(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    progress("peers: py-api-saga, minos-microservice-saga, transaction, nti.transactions");
+    let seconds = if o.quick { "0.2" } else { "3" };
+    for f in run_peers(&[("PEERS_SECONDS", seconds)], &[]).await? {
+        let mut row = mean_row(
+            "peers",
+            format!("{}: {}", f.peer, f.workload),
+            f.n,
+            f.per_second,
+            format!("mean µs in p50; {}", f.note),
+        );
+        row.p50_us = f.us_each;
+        out.push(row);
+    }
+    paired(o, out).await
+}
+
+/// Rounds of the peers' alternation.
+const PAIRED_ROUNDS: usize = 7;
+
+/// The memory and tx targets are ratios to a Python peer, and this
+/// machine's speed moves by up to 1.5x from one minute to the next, the
+/// peers' too: a peer measured a minute after sagatx gave ratios from 7x
+/// to 20x within one hour. So these two pairs are measured again in
+/// alternated rounds, sagatx then the peer, about half a second each,
+/// and each round's ratio is of two figures a second apart. The rows give
+/// the medians; their notes the rounds' ratios, lowest, median, highest.
+async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
+    use sagatx::transaction::{DataManager, Transaction};
+    let (rounds, seconds) = if o.quick {
+        (1, 0.05)
+    } else {
+        (PAIRED_ROUNDS, 0.5)
+    };
+    let saga = three("paired", false, Mode::Sequential)?;
+    let dm: Arc<dyn DataManager> = Arc::new(NoopDm("a"));
+    struct Pair {
+        ours: &'static str,
+        peer_args: &'static str,
+        peer_workload: &'static str,
+        us: Vec<(f64, f64)>,
+        counts: (usize, u64),
+        peer_name: String,
+    }
+    let mut pairs = [
+        Pair {
+            ours: "Saga::execute, 3 steps, sequential",
+            peer_args: "py_api_saga",
+            peer_workload: "memory: 3 steps, sequential",
+            us: Vec::new(),
+            counts: (0, 0),
+            peer_name: String::new(),
+        },
+        Pair {
+            ours: "tx: begin, join 1, commit",
+            peer_args: "transaction_pkg",
+            peer_workload: "tx: begin, join 1, commit",
+            us: Vec::new(),
+            counts: (0, 0),
+            peer_name: String::new(),
+        },
+    ];
+    // A warm-up of ours (the peers' script warms up in each run).
+    for _ in 0..10_000 {
+        saga.execute(Value::Null)
+            .await
+            .map_err(|e| anyhow!("a saga of the alternated rounds failed: {e:?}"))?;
+    }
+    for round in 0..rounds {
+        progress(&format!(
+            "peers: alternated rounds with Saga::execute and tx, {}/{rounds}",
+            round + 1
+        ));
+        for (k, pair) in pairs.iter_mut().enumerate() {
+            let t = Instant::now();
+            let mut n = 0usize;
+            while t.elapsed().as_secs_f64() < seconds {
+                for _ in 0..1_000 {
+                    if k == 0 {
+                        saga.execute(Value::Null).await.map_err(|e| {
+                            anyhow!("a saga of the alternated rounds failed: {e:?}")
+                        })?;
+                    } else {
+                        let tx = Transaction::new();
+                        tx.join(dm.clone()).map_err(|e| anyhow!("{e}"))?;
+                        tx.commit().await.map_err(|e| anyhow!("{e}"))?;
+                    }
+                }
+                n += 1_000;
+            }
+            let ours_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+            let figures = run_peers(
+                &[
+                    ("PEERS_SECONDS", &seconds.to_string()),
+                    ("PEERS_ONLY", pair.peer_workload),
+                ],
+                &[pair.peer_args],
+            )
+            .await?;
+            let [f] = figures.as_slice() else {
+                bail!(
+                    "the peers' script printed {} figures for {:?}, not one",
+                    figures.len(),
+                    pair.peer_workload
+                );
+            };
+            pair.peer_name = f.peer.clone();
+            pair.us.push((ours_us, f.us_each));
+            pair.counts.0 += n;
+            pair.counts.1 += f.n;
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for pair in pairs {
+        let ratios: Vec<f64> = pair.us.iter().map(|(a, b)| b / a).collect();
+        let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = ratios.iter().copied().fold(0.0, f64::max);
+        let ratio = median(ratios);
+        let note = format!(
+            "{} alternated with {} ({}) in rounds of {seconds} s ({rounds}); the median µs of \
+             the rounds in p50; the rounds' ratios {lowest:.1}x lowest, {ratio:.1}x median, \
+             {highest:.1}x highest",
+            pair.ours, pair.peer_name, pair.peer_workload
+        );
+        let ours = median(pair.us.iter().map(|u| u.0).collect());
+        let theirs = median(pair.us.iter().map(|u| u.1).collect());
+        out.push(mean_row(
+            "paired",
+            pair.ours.into(),
+            pair.counts.0 as u64,
+            1e6 / ours,
+            note.clone(),
+        ));
+        out.push(mean_row(
+            "paired",
+            format!("{}: {}", pair.peer_name, pair.peer_workload),
+            pair.counts.1,
+            1e6 / theirs,
+            note,
+        ));
     }
     Ok(())
 }
@@ -1454,6 +1634,18 @@ pub fn ratios(rows: &[Row]) -> Option<String> {
             format!("{b:.2}"),
             format!("{a:.2}"),
             format!("{:.2}×", b / a),
+        ]);
+        any = true;
+    }
+    // The alternated rounds: sagatx's row, then the peer's.
+    let paired: Vec<&Row> = rows.iter().filter(|r| r.workload == "paired").collect();
+    for pair in paired.chunks_exact(2) {
+        let (ours, theirs) = (pair[0], pair[1]);
+        t.add_row([
+            format!("{} (alternated rounds, medians)", theirs.variant),
+            format!("{:.2}", theirs.p50_us),
+            format!("{:.2}", ours.p50_us),
+            format!("{:.2}× (of the medians)", theirs.p50_us / ours.p50_us),
         ]);
         any = true;
     }

@@ -399,12 +399,49 @@ fn bench_runs_the_python_peers_side_by_side() {
     for r in peers {
         assert!(r["sagas_per_second"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
     }
+    // The two targets stated as ratios, measured again in rounds that
+    // alternate sagatx and the peer: sagatx's row, then the peer's.
+    let paired: Vec<&serde_json::Value> = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["workload"] == "paired")
+        .collect();
+    let names: Vec<&str> = paired
+        .iter()
+        .filter_map(|r| r["variant"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "Saga::execute, 3 steps, sequential",
+            "py-api-saga 0.0.3: memory: 3 steps, sequential",
+            "tx: begin, join 1, commit",
+            "transaction 5.1: tx: begin, join 1, commit",
+        ]
+    );
+    for r in &paired {
+        let (per_s, us) = (
+            r["sagas_per_second"].as_f64().unwrap_or(0.0),
+            r["p50_us"].as_f64().unwrap_or(0.0),
+        );
+        assert!(per_s > 0.0 && (us * per_s / 1e6 - 1.0).abs() < 1e-9, "{r}");
+        let note = r["note"].as_str().unwrap_or("");
+        assert!(
+            note.contains("alternated with") && note.contains("x median"),
+            "{r}"
+        );
+    }
     let table = run(&["bench", "--quick", "--workload", "tx,peers"], dir.path());
     assert!(table.status.success(), "{}", text(&table));
     let t = text(&table);
     assert!(t.contains("Side by side, measured in this run"), "{t}");
     assert!(
         t.contains("transaction 5.1: tx: begin, join 1, commit"),
+        "{t}"
+    );
+    assert!(
+        t.contains("py-api-saga 0.0.3: memory: 3 steps, sequential (alternated rounds, medians)"),
         "{t}"
     );
 }

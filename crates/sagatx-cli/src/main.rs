@@ -158,8 +158,9 @@ enum Command {
     Bench {
         /// Workloads to run, comma-separated: memory, tx, sqlite, http,
         /// recovery, idle (the default: these six); also postgres (on the
-        /// server of SAGATX_BENCH_PG_URL, in databases it creates and drops) and peers (the Python peers side by side,
-        /// bench/peers/run).
+        /// server of SAGATX_BENCH_PG_URL, in databases it creates and
+        /// drops) and peers (the Python peers side by side, bench/peers/run,
+        /// then Saga::execute and tx in rounds alternated with their peer).
         #[arg(long, value_delimiter = ',')]
         workload: Vec<String>,
         /// Tiny sizes: checks that the benchmark works, measures nothing.

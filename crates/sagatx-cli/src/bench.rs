@@ -1541,9 +1541,10 @@ async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
             pair.counts.1 += f.n;
         }
     }
+    // Each pair has one figure a round, and there is at least one round.
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     for pair in pairs {
         let ratios: Vec<f64> = pair.us.iter().map(|(a, b)| b / a).collect();

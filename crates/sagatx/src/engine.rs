@@ -1141,6 +1141,9 @@ struct Driver {
     ex: Execution,
     def: Arc<Plan>,
     input: Arc<Value>,
+    /// Who started the execution (set at its start, never changed), made
+    /// once for every call's context rather than copied at each call.
+    user: Option<Arc<str>>,
     /// Calls under way in tasks of their own (made on the first).
     calls: Option<JoinSet<CallResult>>,
     /// The state in memory may differ from the journaled one (a write
@@ -1440,11 +1443,13 @@ async fn load(inner: &Arc<Inner>, id: ExecutionId) -> Result<(Execution, Arc<Pla
 impl Driver {
     fn new(inner: Arc<Inner>, ex: Execution, def: Arc<Plan>) -> Self {
         let input = ex.input.clone();
+        let user = ex.user.as_deref().map(Arc::from);
         Driver {
             inner,
             ex,
             def,
             input,
+            user,
             calls: None,
             stale: false,
             unconfirmed: None,
@@ -1645,7 +1650,7 @@ impl Driver {
             },
             phase: call.phase,
             attempt: call.attempt,
-            user: self.ex.user.as_deref().map(Arc::from),
+            user: self.user.clone(),
             callback: call.phase == sagatx_core::Phase::Action
                 && step.reply == sagatx_core::ReplyMode::Callback,
         };

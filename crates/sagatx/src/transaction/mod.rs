@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use sagatx_core::ErrorClass;
+use smallvec::SmallVec;
 
 mod hooks;
 mod looping;
@@ -231,7 +232,9 @@ struct Joined {
 
 struct State {
     status: TxStatus,
-    joined: Vec<Joined>,
+    /// Most transactions join one manager: it is kept inline, with no
+    /// allocation of its own.
+    joined: SmallVec<[Joined; 1]>,
     /// Incremented by every savepoint rollback and by the end of the
     /// transaction: savepoints of an older generation are invalid.
     generation: u64,
@@ -279,7 +282,7 @@ impl Transaction {
                 gid: std::sync::OnceLock::new(),
                 state: Mutex::new(State {
                     status: TxStatus::Active,
-                    joined: Vec::new(),
+                    joined: SmallVec::new(),
                     generation: 0,
                     read_only: false,
                     loop_controlled: false,
@@ -426,21 +429,24 @@ impl Transaction {
 
     /// Two-phase commit over every joined manager, in sort order.
     pub async fn commit(&self) -> Result<(), TransactionError> {
-        {
-            let st = lock(&self.inner.state);
-            if st.loop_controlled {
-                return Err(TransactionError::Lifecycle("commit()"));
-            }
-        }
-        self.commit_inner().await
+        self.commit_as(Caller::Application).await
     }
 
+    /// The commit of the loop that controls the transaction.
     pub(crate) async fn commit_inner(&self) -> Result<(), TransactionError> {
-        // One look at the state: the status, what the managers are told,
-        // the managers in commit order, the decision log. The managers no
-        // longer change once the commit began (joining needs `Active`).
+        self.commit_as(Caller::Loop).await
+    }
+
+    async fn commit_as(&self, caller: Caller) -> Result<(), TransactionError> {
+        // One look at the state: who may commit, the status, what the
+        // managers are told, the managers in commit order, the decision
+        // log. The managers no longer change once the commit began
+        // (joining needs `Active`).
         let (resuming, info, managers, log) = {
             let mut st = lock(&self.inner.state);
+            if caller == Caller::Application && st.loop_controlled {
+                return Err(TransactionError::Lifecycle("commit()"));
+            }
             let resuming = match st.status {
                 TxStatus::Active => {
                     st.status = TxStatus::Committing;
@@ -530,6 +536,14 @@ impl Transaction {
         }
         Ok(())
     }
+}
+
+/// Who commits a transaction: the application may not while a
+/// [`TransactionLoop`] controls it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Application,
+    Loop,
 }
 
 /// The managers of a transaction in commit order (by sort key, stable):
@@ -661,11 +675,7 @@ impl Savepoint {
             st.generation += 1;
             self.generation = st.generation;
             let keep = self.joined_at.min(st.joined.len());
-            st.joined
-                .split_off(keep)
-                .into_iter()
-                .map(|j| j.dm)
-                .collect()
+            st.joined.drain(keep..).map(|j| j.dm).collect()
         };
         for r in &mut self.rollbacks {
             r.rollback().map_err(|error| TransactionError::Aborted {

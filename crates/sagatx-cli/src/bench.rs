@@ -1267,7 +1267,7 @@ impl sagatx::transaction::DataManager for NoopDm {
 /// In-process two-phase commit: begin, join one or three no-op data
 /// managers, commit; and the retrying loop around one.
 async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
-    use sagatx::transaction::{DataManager, Transaction, TransactionLoop};
+    use sagatx::transaction::{DataManager, TransactionLoop, TransactionManager};
     let n: usize = if o.quick { 2_000 } else { 1_000_000 };
     let dms: Vec<Arc<dyn DataManager>> = vec![
         Arc::new(NoopDm("a")),
@@ -1283,9 +1283,12 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         let t = Instant::now();
         let mut lat = Vec::with_capacity(n.div_ceil(TIME_EVERY_FAST));
         let mut sampler = Sampler::new(TIME_EVERY_FAST, k as u64);
+        // Begun by a manager that holds the current transaction, as the
+        // peer's `tm.begin()` does.
+        let tm = TransactionManager::new();
         for _ in 0..n {
             let t1 = sampler.start();
-            let tx = Transaction::new();
+            let tx = tm.begin();
             for dm in &dms[..k] {
                 tx.join(dm.clone()).map_err(|e| anyhow!("{e}"))?;
             }
@@ -1307,7 +1310,7 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
             1,
             s,
             "self",
-            "no-op data managers, one task",
+            "begun by a TransactionManager (as the peer's tm.begin()), no-op data managers, one task",
         ));
     }
     progress(&format!("tx: the retrying loop, {n} transactions"));
@@ -1457,7 +1460,7 @@ const PAIRED_ROUNDS: usize = 7;
 /// and each round's ratio is of two figures a second apart. The rows give
 /// the medians; their notes the rounds' ratios, lowest, median, highest.
 async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
-    use sagatx::transaction::{DataManager, Transaction};
+    use sagatx::transaction::{DataManager, TransactionManager};
     let (rounds, seconds) = if o.quick {
         (1, 0.05)
     } else {
@@ -1465,6 +1468,7 @@ async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     };
     let saga = three("paired", false, Mode::Sequential)?;
     let dm: Arc<dyn DataManager> = Arc::new(NoopDm("a"));
+    let tm = TransactionManager::new();
     struct Pair {
         ours: &'static str,
         peer_args: &'static str,
@@ -1512,7 +1516,7 @@ async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
                             anyhow!("a saga of the alternated rounds failed: {e:?}")
                         })?;
                     } else {
-                        let tx = Transaction::new();
+                        let tx = tm.begin();
                         tx.join(dm.clone()).map_err(|e| anyhow!("{e}"))?;
                         tx.commit().await.map_err(|e| anyhow!("{e}"))?;
                     }

@@ -20,7 +20,7 @@ use sagatx::{MemoryStore, Store};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("SAGATX_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".into());
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:25432/postgres".into());
     let (setup, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .map_err(|e| format!("cannot connect to {url}: {e}; set SAGATX_PG_URL"))?;

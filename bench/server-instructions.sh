@@ -53,4 +53,7 @@ for f in "$dir"/cg.out.*; do
     awk '/:sagatx::store::sqlite::checkpointer( |$)/ { gsub(",", "", $1); if ($1 + 0 > m) m = $1 + 0 } END { print m + 0 }')"
   ck=$((ck + c))
 done
+if [ "$ck" = 0 ]; then
+  echo "warning: no instructions found under sagatx::store::sqlite::checkpointer: the figure below includes the checkpointer thread" >&2
+fi
 echo "$(basename "$bin"): $(((total - ck) / n)) instructions per saga without the checkpointer thread ($((total / n)) with it; $n sagas, total $total)"

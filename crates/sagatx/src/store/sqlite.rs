@@ -780,6 +780,10 @@ fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::SyncSender<()>, St
 /// 6,581-7,481 → 7,932-8,357 sagas/s; the sqlite workload unchanged.
 /// A checkpoint that fails (busy with the writer's own, a full disk) is
 /// only logged: the frames stay in the WAL, durable, for the next one.
+///
+/// Never inlined into its thread's closure: `bench/server-instructions.sh`
+/// finds the thread's instructions by this function's name.
+#[inline(never)]
 fn checkpointer(conn: Connection, commits: std::sync::mpsc::Receiver<()>, path: PathBuf) {
     // A checkpoint that keeps failing is reported once a minute, not after
     // every commit.

@@ -2,12 +2,16 @@
 //! 3-step saga of local no-op steps on a `MemoryStore` (keeping the last
 //! 1,000 finished executions), on a one-thread runtime, so that the figure
 //! is the engine's own cost per saga with nothing else in the way.
-//! `Saga::execute` of the same sagas beside it.
+//! `Saga::execute` of the same sagas beside it, and a two-phase commit
+//! over no-op data managers (`transaction`).
 //! `cargo bench -p sagatx --bench engine`; not run by the test suite.
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+
 use divan::Bencher;
+use sagatx::transaction::{DataManager, TransactionManager, TxError, TxInfo, TxStatus};
 use sagatx::{Engine, MemoryStore, Mode, Saga, Status, StepContext, StepError};
 use serde_json::Value;
 
@@ -86,5 +90,59 @@ fn execute(b: Bencher, which: &str) {
     b.bench_local(|| {
         let r = rt.block_on(s.execute(Value::Null));
         assert_eq!(r.is_ok(), which != "fail");
+    });
+}
+
+/// A data manager that does nothing: what is left is the transaction's
+/// own cost.
+struct NoopDm(&'static str);
+
+#[async_trait::async_trait]
+impl DataManager for NoopDm {
+    fn sort_key(&self) -> String {
+        self.0.to_string()
+    }
+    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+}
+
+/// Begin (through a manager, as `sagatx bench`'s tx rows and the
+/// `transaction` package do), join `managers` no-op data managers,
+/// commit.
+#[divan::bench(args = [1, 3], sample_count = 50, sample_size = 1000)]
+fn transaction(b: Bencher, managers: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dms: Vec<Arc<dyn DataManager>> = ["a", "b", "c"]
+        .into_iter()
+        .take(managers)
+        .map(|k| Arc::new(NoopDm(k)) as Arc<dyn DataManager>)
+        .collect();
+    let tm = TransactionManager::new();
+    b.bench_local(|| {
+        let tx = tm.begin();
+        for dm in &dms {
+            tx.join(dm.clone()).unwrap();
+        }
+        rt.block_on(tx.commit()).unwrap();
+        assert_eq!(tx.status(), TxStatus::Committed);
     });
 }

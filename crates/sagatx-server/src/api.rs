@@ -568,7 +568,12 @@ pub(crate) async fn start(
                 other => other.into(),
             })?;
             let name = def.name.clone();
-            let reg = state.engine.register(def).await?;
+            let reg = state.engine.register(def).await.map_err(|e| match e {
+                EngineError::Definition(DefinitionError::Invalid { field, message }) => {
+                    ApiError::invalid(format!("saga.{field}: {message}"))
+                }
+                other => other.into(),
+            })?;
             (name, Some(reg.version))
         }
         _ => {

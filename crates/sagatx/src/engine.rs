@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sagatx_core::{
     Call, Conflict, DefinitionError, Endpoint, Env, Event, Execution, ExecutionId, HttpEndpoint,
-    Reply, SagaDefinition, Status, StepError,
+    Phase, Reply, SagaDefinition, Status, StepError,
 };
 use serde_json::Value;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -566,13 +566,54 @@ impl Engine {
     }
 
     /// Registers a definition (one whose steps are HTTP calls, or local
-    /// steps of a saga registered with the builder).
+    /// steps of a saga registered with the builder). A `"local"` call that
+    /// this process has no function for is refused: nothing could run it
+    /// here, and a coordinator's user would only learn so from every
+    /// execution failing.
     pub async fn register(&self, def: SagaDefinition) -> Result<Registered, EngineError> {
         def.validate()?;
+        self.check_local_functions(&def)?;
         let reg = self.inner.store.put_definition(&def).await?;
         self.inner
             .remember(reg.version, Arc::new(Plan::new(def)), true);
         Ok(reg)
+    }
+
+    /// Every `"local"` call of `def` has a function in this process (one
+    /// registered with [`EngineBuilder::saga`] under the saga's and the
+    /// step's names).
+    fn check_local_functions(&self, def: &SagaDefinition) -> Result<(), EngineError> {
+        let functions = read(&self.inner.handlers).get(def.name.as_str()).cloned();
+        for (i, s) in def.steps.iter().enumerate() {
+            let calls = [
+                (Phase::Action, Some(&s.action)),
+                (Phase::Compensation, s.compensation.as_ref()),
+                (Phase::Confirm, s.confirm.as_ref()),
+            ];
+            for (phase, endpoint) in calls {
+                if !matches!(endpoint, Some(Endpoint::Local)) {
+                    continue;
+                }
+                let here = functions
+                    .as_ref()
+                    .and_then(|f| f.get(&s.name))
+                    .and_then(|h| h.get(phase))
+                    .is_some();
+                if !here {
+                    return Err(EngineError::Definition(DefinitionError::Invalid {
+                        field: format!("steps[{i}].{phase}"),
+                        message: format!(
+                            "is \"local\", but this process has no function for the {phase} \
+                             of step {:?} of saga {:?}: a local call runs a Rust function \
+                             registered with Engine::builder().saga(...); a coordinator's \
+                             calls are HTTP calls, {{\"url\": \"http://...\"}}",
+                            s.name, def.name
+                        ),
+                    }));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts an execution of the latest version of `saga`; returns once it

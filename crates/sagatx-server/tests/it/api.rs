@@ -808,6 +808,18 @@ async fn nonsense_gets_clear_errors() {
         ),
         ("/v1/sagas", json!({"name": "x", "steps": "many"}), "steps"),
         ("/v1/sagas", json!([1, 2]), "definition"),
+        // A Rust library's "local" call: nothing in the coordinator can
+        // run it (accepted, every execution failed after its retries).
+        (
+            "/v1/sagas",
+            json!({"name": "x", "steps": [{"name": "a", "action": {"url": "http://h/a"}, "compensation": "local"}]}),
+            "steps[0].compensation: is \"local\"",
+        ),
+        (
+            "/v1/executions",
+            json!({"saga": {"name": "x", "steps": [{"name": "a", "action": "local"}]}}),
+            "saga.steps[0].action: is \"local\"",
+        ),
     ] {
         let r = raw(path, body.to_string().into_bytes())
             .await

@@ -936,3 +936,76 @@ fn a_driver_dropped_with_its_runtime_leaves_no_inbox_behind() {
     drop(rt);
     assert_eq!(engine.active(), 0, "no inbox left behind");
 }
+
+/// `Engine::register` refuses a `"local"` call that this process has no
+/// function for (a coordinator's user registering one over HTTP would
+/// otherwise see every execution fail), naming the call; a new version of
+/// a saga whose functions are here registers.
+#[tokio::test]
+async fn registering_a_local_call_without_its_function_here_is_refused() {
+    let store: Arc<dyn sagatx::Store> = Arc::new(MemoryStore::new());
+    let rec = Recorder::default();
+    let engine = Engine::builder()
+        .store_arc(store.clone())
+        .saga(three(&rec, "order"))
+        .build()
+        .await
+        .expect("engine");
+    let def = |json: &str| sagatx::SagaDefinition::from_json(json.as_bytes()).expect("definition");
+    let refused = |r: Result<sagatx::store::Registered, EngineError>| match r {
+        Err(EngineError::Definition(sagatx::core::DefinitionError::Invalid { field, message })) => {
+            (field, message)
+        }
+        other => panic!("expected an invalid definition, got {other:?}"),
+    };
+    // A saga this process has no functions for.
+    let (field, message) = refused(
+        engine
+            .register(def(
+                r#"{"name":"elsewhere","steps":[{"name":"reserve","action":"local"}]}"#,
+            ))
+            .await,
+    );
+    assert_eq!(field, "steps[0].action");
+    assert!(
+        message.contains("no function for the action of step \"reserve\" of saga \"elsewhere\"")
+            && message.contains("Engine::builder().saga(...)")
+            && message.contains("url"),
+        "{message}"
+    );
+    assert!(
+        store
+            .get_definition("elsewhere", None)
+            .await
+            .expect("read")
+            .is_none(),
+        "nothing was stored"
+    );
+    // A step of a saga that is here, but a call it has no function for:
+    // "ship" has a compensation, "pack" does not exist here at all.
+    let (field, _) = refused(
+        engine
+            .register(def(r#"{"name":"order","steps":[
+                    {"name":"reserve","action":"local","compensation":"local"},
+                    {"name":"pack","action":"local"}]}"#))
+            .await,
+    );
+    assert_eq!(field, "steps[1].action");
+    let (field, _) = refused(
+        engine
+            .register(def(r#"{"name":"order","steps":[
+                    {"name":"ship","action":"local","confirm":"local"}]}"#))
+            .await,
+    );
+    assert_eq!(field, "steps[0].confirm");
+    // A new version of the saga whose functions are here, reordered and
+    // with an HTTP step added, registers and runs them.
+    let reg = engine
+        .register(def(r#"{"name":"order","steps":[
+                {"name":"charge","action":"local","compensation":"local"},
+                {"name":"reserve","action":"local"},
+                {"name":"notify","action":{"url":"http://127.0.0.1:9/notify"}}]}"#))
+        .await
+        .expect("registers");
+    assert_eq!(reg.version, 2);
+}

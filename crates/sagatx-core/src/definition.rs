@@ -140,7 +140,11 @@ pub struct StepDefinition {
     pub reply: ReplyMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "RetryOverride::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "object",
+        skip_serializing_if = "RetryOverride::is_empty"
+    )]
     pub retry: RetryOverride,
 }
 
@@ -176,13 +180,49 @@ pub struct SagaDefinition {
     pub mode: Mode,
     #[serde(default = "yes")]
     pub autocommit: bool,
-    #[serde(default, skip_serializing_if = "RetryOverride::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "object",
+        skip_serializing_if = "RetryOverride::is_empty"
+    )]
     pub retry: RetryOverride,
+    #[serde(deserialize_with = "steps")]
     pub steps: Vec<StepDefinition>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// Reads a `T` from a JSON object only. serde's derive also reads a
+/// struct from an array, its fields in order (`"retry": [5]` would be
+/// `max_attempts: 5`), which no definition means.
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    struct Object<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Object<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(Object(std::marker::PhantomData))
+}
+
+/// A definition's steps, each read as by [`object`].
+fn steps<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<StepDefinition>, D::Error> {
+    struct Step(StepDefinition);
+    impl<'de> Deserialize<'de> for Step {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            object(d).map(Step)
+        }
+    }
+    Ok(Vec::<Step>::deserialize(d)?
+        .into_iter()
+        .map(|s| s.0)
+        .collect())
 }
 
 /// Why a definition was refused.
@@ -566,6 +606,47 @@ mod tests {
             field_of(r#"{"name":"a","mode":"parallel","steps":[]}"#),
             "mode"
         );
+    }
+
+    /// serde's derive reads a struct from an array too, field by field in
+    /// order; a definition's objects are objects only, from JSON bytes and
+    /// from a JSON value (an inline definition) alike.
+    #[test]
+    fn arrays_in_place_of_objects_are_refused() {
+        let ok = r#"{"name":"s","action":{"url":"http://x"}}"#;
+        let cases = [
+            (
+                format!(r#"{{"name":"a","steps":[{ok}],"retry":[5]}}"#),
+                "retry",
+            ),
+            (
+                r#"{"name":"a","steps":[{"name":"s","action":{"url":"http://x"},"retry":[5,100]}]}"#
+                    .to_string(),
+                "steps[0].retry",
+            ),
+            (
+                format!(r#"{{"name":"a","steps":[{ok},["t",{{"url":"http://x"}}]]}}"#),
+                "steps[1]",
+            ),
+        ];
+        for (json, field) in cases {
+            assert_eq!(field_of(&json), field, "{json}");
+            let value: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+            match SagaDefinition::from_value(&value) {
+                Err(DefinitionError::Invalid { field: f, message }) => {
+                    assert_eq!(f, field, "{json}");
+                    assert!(message.contains("expected an object"), "{message}");
+                }
+                other => panic!("expected an invalid definition, got {other:?}"),
+            }
+        }
+        // Objects there still read as before.
+        let d = SagaDefinition::from_json(
+            br#"{"name":"a","retry":{"max_attempts":4},"steps":[{"name":"s","action":{"url":"http://x"},"retry":{"max_attempts":2}}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(d.retry.max_attempts, Some(4));
+        assert_eq!(d.action_policy(0).max_attempts, 2);
     }
 
     #[test]

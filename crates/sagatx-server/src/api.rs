@@ -169,6 +169,11 @@ fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
             ),
         )
     })?;
+    // Every body of the API is an object; serde's derive would also read
+    // one from an array, its fields in order.
+    if !value.is_object() {
+        return Err(ApiError::invalid("body: must be a JSON object"));
+    }
     serde_path_to_error::deserialize(&value).map_err(|e| {
         let path = e.path().to_string();
         let msg = strip_position(&e.into_inner().to_string());
@@ -311,7 +316,7 @@ pub(crate) struct VersionQuery {
     version: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/sagas/{name}/diagram.svg", tag = "sagas", params(("name" = String, Path, description = "saga name"), ("version" = Option<u32>, Query, description = "a version other than the latest")), responses((status = 200, description = "the saga drawn as SVG", content_type = "image/svg+xml"), (status = 404, description = "no such saga or version", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/sagas/{name}/diagram.svg", tag = "sagas", params(("name" = String, Path, description = "saga name"), ("version" = Option<u32>, Query, minimum = 1, description = "a version other than the latest")), responses((status = 200, description = "the saga drawn as SVG", content_type = "image/svg+xml"), (status = 404, description = "no such saga or version", body = crate::openapi::ErrorBody), (status = 422, description = "a version that is not a number", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn diagram(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -466,7 +471,7 @@ fn parse_id(id: &str) -> ApiResult<ExecutionId> {
 
 // ---- sagas
 
-#[utoipa::path(post, path = "/v1/sagas", tag = "sagas", request_body(content = Object, description = "A saga definition (API.md §1)"), responses((status = 201, description = "a new version", body = crate::openapi::SagaRef), (status = 200, description = "equal to the latest version", body = crate::openapi::SagaRef), (status = 400, description = "malformed JSON", body = crate::openapi::ErrorBody), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 413, description = "body over 1 MiB", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/sagas", tag = "sagas", request_body(content = crate::openapi::SagaDefinition, description = "A saga definition (API.md §1)"), responses((status = 201, description = "a new version", body = crate::openapi::SagaRef), (status = 200, description = "equal to the latest version", body = crate::openapi::SagaRef), (status = 400, description = "malformed JSON", body = crate::openapi::ErrorBody), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 413, description = "body over 1 MiB", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn register(
     State(state): State<AppState>,
     RawBody(body): RawBody,
@@ -550,7 +555,7 @@ fn wait_of(q: &WaitQuery) -> ApiResult<Option<Duration>> {
 const IDEMPOTENCY_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x5a6a_7478_0000_4000_8000_6964_656d_706f);
 
-#[utoipa::path(post, path = "/v1/executions", tag = "executions", params(("wait" = Option<f64>, Query, description = "seconds (at most 60) to wait for a terminal or paused status"), ("Idempotency-Key" = Option<String>, Header, description = "makes the request safe to retry")), request_body = crate::openapi::StartRequest, responses((status = 201, description = "started", body = crate::openapi::ExecutionView), (status = 200, description = "the same Idempotency-Key and body again", body = crate::openapi::ExecutionView), (status = 400, description = "malformed JSON", body = crate::openapi::ErrorBody), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody), (status = 413, description = "body over 1 MiB", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/executions", tag = "executions", params(("wait" = Option<f64>, Query, minimum = 0, maximum = 60, description = "seconds (at most 60) to wait for a terminal or paused status"), ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 256, pattern = "^[\\t\\x20-\\x7e]+$", description = "makes the request safe to retry")), request_body = crate::openapi::StartRequest, responses((status = 201, description = "started", body = crate::openapi::ExecutionView), (status = 200, description = "the same Idempotency-Key and body again", body = crate::openapi::ExecutionView), (status = 400, description = "malformed JSON", body = crate::openapi::ErrorBody), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "conflict", body = crate::openapi::ErrorBody), (status = 413, description = "body over 1 MiB", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn start(
     State(state): State<AppState>,
     Q(q): Q<WaitQuery>,
@@ -631,7 +636,7 @@ pub(crate) struct ListParams {
     cursor: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/executions", tag = "executions", params(("status" = Option<String>, Query, description = "filter by status"), ("saga" = Option<String>, Query, description = "filter by saga name"), ("limit" = Option<usize>, Query, description = "default 50, at most 1000"), ("cursor" = Option<String>, Query, description = "the previous page's next_cursor")), responses((status = 200, description = "newest first", body = crate::openapi::ExecutionPage), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/executions", tag = "executions", params(("status" = Option<crate::openapi::ExecutionStatus>, Query, description = "filter by status"), ("saga" = Option<String>, Query, description = "filter by saga name"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "default 50, at most 1000"), ("cursor" = Option<String>, Query, min_length = 1, description = "the previous page's next_cursor")), responses((status = 200, description = "newest first", body = crate::openapi::ExecutionPage), (status = 401, description = "no or wrong token", body = crate::openapi::ErrorBody), (status = 422, description = "invalid; the message names the field", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn list_executions(
     State(state): State<AppState>,
     Q(p): Q<ListParams>,

@@ -21,27 +21,180 @@ pub struct SagaList {
     pub next_cursor: Option<String>,
 }
 
+/// An HTTP call the coordinator makes: an action, compensation or confirm.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct HttpCall {
+    /// An `http://` or `https://` URL naming a host; at most 2048
+    /// characters, no spaces or control characters.
+    #[schema(
+        pattern = "^https?://[^\\s\\x00-\\x1f\\x7f-\\x9f/?#:][^\\s\\x00-\\x1f\\x7f-\\x9f/?#]*([/?#][^\\s\\x00-\\x1f\\x7f-\\x9f]*)?$",
+        max_length = 2048
+    )]
+    pub url: String,
+    /// Default `POST`.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Sent with every call: names of HTTP token characters, values
+    /// without line breaks.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The methods a call may use.
+#[derive(ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum HttpMethod {
+    POST,
+    PUT,
+    PATCH,
+    DELETE,
+    GET,
+}
+
+/// A retry policy: each field overrides the level above it (step over saga
+/// over the defaults: 3 attempts, 100 ms, 30000 ms, 2.0).
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct RetryPolicy {
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub max_attempts: Option<u32>,
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 86400000)]
+    pub initial_backoff_ms: Option<u64>,
+    /// At least `initial_backoff_ms`.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 86400000)]
+    pub max_backoff_ms: Option<u64>,
+    #[serde(default)]
+    #[schema(minimum = 1.0, maximum = 100.0)]
+    pub multiplier: Option<f64>,
+}
+
+/// How a saga's actions run.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum Mode {
+    Sequential,
+    Concurrent,
+}
+
+/// What an action's outcome is: its response (`sync`), or a reply posted
+/// later (`callback`).
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum ReplyMode {
+    Sync,
+    Callback,
+}
+
+/// One step of a definition.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct StepDefinition {
+    /// Unique within the saga.
+    #[schema(pattern = "^[a-z0-9_.-]{1,64}$")]
+    pub name: String,
+    pub action: HttpCall,
+    #[serde(default)]
+    pub compensation: Option<HttpCall>,
+    #[serde(default)]
+    pub confirm: Option<HttpCall>,
+    /// Default `sync`.
+    #[serde(default)]
+    pub reply: ReplyMode,
+    /// Per attempt for `sync` (default 10000); the wait for the reply for
+    /// `callback` (default none).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000000_u64)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// A saga definition (API.md §1).
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct SagaDefinition {
+    #[schema(pattern = "^[a-z0-9_.-]{1,64}$")]
+    pub name: String,
+    /// Default `sequential`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Default `true`; `false` stops a saga whose actions all succeeded in
+    /// `paused`, awaiting commit or reject.
+    #[serde(default)]
+    pub autocommit: bool,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// 1 to 256 steps with unique names.
+    #[schema(min_items = 1, max_items = 256)]
+    pub steps: Vec<StepDefinition>,
+}
+
+/// The name of a registered saga.
+#[derive(ToSchema)]
+#[schema(pattern = "^[a-z0-9_.-]{1,64}$")]
+#[allow(dead_code)]
+pub struct SagaName(String);
+
+/// A saga name, or an inline definition.
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum SagaOrDefinition {
+    Name(SagaName),
+    Definition(SagaDefinition),
+}
+
 /// `POST /v1/executions`.
 #[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct StartRequest {
     /// A saga name, or an inline definition (registered as by `POST /v1/sagas`).
-    pub saga: Value,
+    pub saga: SagaOrDefinition,
     /// Any JSON; given to every step.
+    #[serde(default)]
     pub input: Option<Value>,
     /// Recorded on the execution.
+    #[serde(default)]
     pub user: Option<String>,
 }
 
 /// A `callback` step's outcome.
 #[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct ReplyRequest {
     pub ok: bool,
     /// The step's result when `ok`.
+    #[serde(default)]
     pub result: Option<Value>,
     /// Why the step failed when not `ok`.
+    #[serde(default)]
     pub error: Option<String>,
+}
+
+/// The statuses of an execution (API.md §3).
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum ExecutionStatus {
+    Created,
+    Running,
+    Paused,
+    Compensating,
+    Completed,
+    Compensated,
+    Failed,
 }
 
 /// One step of an execution.
@@ -172,8 +325,18 @@ pub struct ErrorBody {
     components(schemas(
         SagaRef,
         SagaList,
+        HttpCall,
+        HttpMethod,
+        RetryPolicy,
+        Mode,
+        ReplyMode,
+        StepDefinition,
+        SagaDefinition,
+        SagaName,
+        SagaOrDefinition,
         StartRequest,
         ReplyRequest,
+        ExecutionStatus,
         StepView,
         AttemptView,
         CompensationView,

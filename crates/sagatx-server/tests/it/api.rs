@@ -808,6 +808,17 @@ async fn nonsense_gets_clear_errors() {
         ),
         ("/v1/sagas", json!({"name": "x", "steps": "many"}), "steps"),
         ("/v1/sagas", json!([1, 2]), "definition"),
+        // Read as its fields in order by serde's derive, once.
+        (
+            "/v1/executions",
+            json!(["x", 1]),
+            "body: must be a JSON object",
+        ),
+        (
+            "/v1/sagas",
+            json!({"name": "x", "steps": [{"name": "a", "action": {"url": "http://h/a"}, "retry": [5]}]}),
+            "steps[0].retry",
+        ),
         // A Rust library's "local" call: nothing in the coordinator can
         // run it (accepted, every execution failed after its retries).
         (
@@ -1020,6 +1031,84 @@ async fn the_openapi_document_covers_every_route() {
         );
     }
     assert!(doc["components"]["schemas"]["ExecutionView"]["properties"]["steps"].is_object());
+}
+
+/// The document states the limits the server enforces (so that a client
+/// generated from it, or a fuzzer reading it, sends what is accepted): the
+/// definition's shape with the core's limits, objects without unknown
+/// fields, the list's paging bounds. A limit changed in the core and not
+/// here fails this test.
+#[tokio::test]
+async fn the_openapi_document_states_the_limits_the_server_enforces() {
+    use sagatx_core::definition::{MAX_STEPS, MAX_TIMEOUT_MS};
+    use sagatx_core::retry::{BACKOFF_MS_LIMIT, MAX_ATTEMPTS_LIMIT};
+    let c = Coordinator::start(None).await;
+    let doc: Value = reqwest::get(format!("{}/openapi.json", c.base))
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let schemas = &doc["components"]["schemas"];
+    let def = &schemas["SagaDefinition"];
+    assert_eq!(def["additionalProperties"], false, "{def}");
+    assert_eq!(def["required"], json!(["name", "steps"]), "{def}");
+    assert_eq!(def["properties"]["steps"]["minItems"], 1);
+    assert_eq!(def["properties"]["steps"]["maxItems"], MAX_STEPS);
+    assert_eq!(def["properties"]["name"]["pattern"], "^[a-z0-9_.-]{1,64}$");
+    let step = &schemas["StepDefinition"];
+    assert_eq!(step["additionalProperties"], false);
+    assert_eq!(step["required"], json!(["name", "action"]));
+    assert_eq!(step["properties"]["timeout_ms"]["maximum"], MAX_TIMEOUT_MS);
+    let retry = &schemas["RetryPolicy"]["properties"];
+    assert_eq!(retry["max_attempts"]["maximum"], MAX_ATTEMPTS_LIMIT);
+    assert_eq!(retry["initial_backoff_ms"]["maximum"], BACKOFF_MS_LIMIT);
+    assert_eq!(retry["max_backoff_ms"]["maximum"], BACKOFF_MS_LIMIT);
+    let call = &schemas["HttpCall"];
+    assert_eq!(call["additionalProperties"], false);
+    assert_eq!(call["required"], json!(["url"]));
+    assert_eq!(
+        schemas["HttpMethod"]["enum"],
+        json!(["POST", "PUT", "PATCH", "DELETE", "GET"])
+    );
+    for name in ["StartRequest", "ReplyRequest"] {
+        assert_eq!(schemas[name]["additionalProperties"], false, "{name}");
+    }
+    assert_eq!(
+        doc["paths"]["/v1/sagas"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            ["$ref"],
+        "#/components/schemas/SagaDefinition"
+    );
+    let params = doc["paths"]["/v1/executions"]["get"]["parameters"]
+        .as_array()
+        .expect("parameters")
+        .clone();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["schema"].clone())
+            .unwrap_or_else(|| panic!("no parameter {name}"))
+    };
+    assert_eq!(param("limit")["minimum"], 1);
+    assert_eq!(param("limit")["maximum"], 1000);
+    assert_eq!(param("cursor")["minLength"], 1);
+    assert_eq!(
+        param("status")["$ref"],
+        "#/components/schemas/ExecutionStatus"
+    );
+    assert_eq!(
+        schemas["ExecutionStatus"]["enum"],
+        json!([
+            "created",
+            "running",
+            "paused",
+            "compensating",
+            "completed",
+            "compensated",
+            "failed"
+        ])
+    );
 }
 
 #[tokio::test]

@@ -660,10 +660,9 @@ async fn waits_that_time_out_leave_nothing_behind() {
         })
         .build()
         .expect("valid");
-    engine
-        .register(saga.definition().clone())
-        .await
-        .expect("register");
+    // A second engine on the same store, with the saga's function (its
+    // builder registers the definition; the first engine, which has no
+    // function for it, could not).
     let engine2 = Engine::builder()
         .store_arc(engine.store().clone())
         .saga(saga)

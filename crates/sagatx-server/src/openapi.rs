@@ -351,5 +351,52 @@ pub struct ApiDoc;
 
 /// The document as JSON.
 pub fn document() -> Value {
-    serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null)
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
+    add_links(&mut doc);
+    doc
+}
+
+/// OpenAPI links: what a response's id or name opens next (for a client,
+/// and for a stateful fuzzer that follows them). utoipa's annotations
+/// have no place for them.
+fn add_links(doc: &mut Value) {
+    let execution = ["get_execution", "cancel", "commit", "reject", "retry"]
+        .into_iter()
+        .map(|op| {
+            (
+                op.to_string(),
+                serde_json::json!({"operationId": op, "parameters": {"id": "$response.body#/id"}}),
+            )
+        })
+        .chain(std::iter::once((
+            "reply".to_string(),
+            serde_json::json!({"operationId": "reply", "parameters": {
+                "id": "$response.body#/id", "step": "$response.body#/steps/0/name"}}),
+        )))
+        .collect::<serde_json::Map<_, _>>();
+    let saga = ["get_saga", "diagram"]
+        .into_iter()
+        .map(|op| {
+            (
+                op.to_string(),
+                serde_json::json!({"operationId": op, "parameters": {"name": "$response.body#/name"}}),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>();
+    for (path, method, links) in [
+        ("/v1/executions", "post", &execution),
+        ("/v1/sagas", "post", &saga),
+    ] {
+        for status in ["200", "201"] {
+            if let Some(r) = doc
+                .pointer_mut(&format!(
+                    "/paths/{}/{method}/responses/{status}",
+                    path.replace('/', "~1")
+                ))
+                .and_then(Value::as_object_mut)
+            {
+                r.insert("links".into(), Value::Object(links.clone()));
+            }
+        }
+    }
 }

@@ -1097,6 +1097,24 @@ async fn the_openapi_document_states_the_limits_the_server_enforces() {
         param("status")["$ref"],
         "#/components/schemas/ExecutionStatus"
     );
+    // Links from what a start or a registration answers to what it opens.
+    let start = &doc["paths"]["/v1/executions"]["post"]["responses"];
+    for status in ["200", "201"] {
+        assert_eq!(
+            start[status]["links"]["cancel"],
+            json!({"operationId": "cancel", "parameters": {"id": "$response.body#/id"}}),
+            "{status}"
+        );
+        assert_eq!(
+            start[status]["links"]["reply"]["parameters"]["step"],
+            "$response.body#/steps/0/name"
+        );
+    }
+    assert_eq!(
+        doc["paths"]["/v1/sagas"]["post"]["responses"]["201"]["links"]["get_saga"]["parameters"]
+            ["name"],
+        "$response.body#/name"
+    );
     assert_eq!(
         schemas["ExecutionStatus"]["enum"],
         json!([

@@ -528,9 +528,16 @@ async fn serve(args: Serve) -> Result<ExitCode> {
     let store = sagatx::store::open_with(&store, options)
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
-        anyhow!("cannot listen on {listen}: {e}; is another server running there? choose another with --listen")
-    })?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => anyhow!(
+                "cannot listen on {listen}: {e}; is another server running there? choose another with --listen"
+            ),
+            _ => anyhow!(
+                "cannot listen on {listen}: {e}; give --listen an address this machine has and a port from 1 to 65535, as in 127.0.0.1:7700"
+            ),
+        })?;
     if token.as_deref().is_some_and(str::is_empty) {
         bail!("--token is empty; give a token or leave the option out");
     }

@@ -168,6 +168,36 @@ fn errors_say_what_to_do() {
 
     let out = run(&["run", "x.json", "--input", "{nope"], dir.path());
     assert_eq!(out.status.code(), Some(2));
+
+    // A port in use, and an address that cannot be one, each told apart.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let at = taken.local_addr().expect("addr").to_string();
+    let out = run(
+        &["serve", "--listen", &at, "--store", "sqlite://taken.db"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("is another server running there?"),
+        "{}",
+        text(&out)
+    );
+    let out = run(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:99999",
+            "--store",
+            "sqlite://port.db",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("a port from 1 to 65535") && !text(&out).contains("another server"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

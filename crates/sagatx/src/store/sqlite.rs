@@ -359,7 +359,7 @@ fn take_lock(path: &Path) -> Result<std::fs::File, StoreError> {
 /// the thread's connection, so once the drop returns the journal is
 /// closed, everything its callers were told is in, and it can be opened
 /// again at once (by this process or another). Waits at most for one
-/// queue's worth of writes ([`QUEUE_DEPTH`]).
+/// queue's worth of writes (`QUEUE_DEPTH`, 8,192).
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         let (closed, _) = mpsc::channel(1);

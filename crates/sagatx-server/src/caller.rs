@@ -110,7 +110,7 @@ struct Envelope<'a> {
     phase: &'a str,
     attempt: u32,
     input: &'a Value,
-    results: &'a serde_json::Map<String, Value>,
+    results: &'a sagatx::Results,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_url: Option<&'a str>,
 }

@@ -1204,7 +1204,7 @@ struct Driver {
     /// The results step contexts see, kept up to date as steps succeed
     /// (results are only ever added): shared by every call, and extended
     /// in place once the calls that saw the older map are done.
-    results: Arc<serde_json::Map<String, Value>>,
+    results: Option<Arc<crate::Results>>,
 }
 
 /// Drives one execution, in a `tracing` span that names it.
@@ -1497,7 +1497,7 @@ impl Driver {
             lease: None,
             lost: false,
             ready: std::collections::VecDeque::new(),
-            results: Arc::default(),
+            results: None,
         }
     }
 
@@ -1506,23 +1506,36 @@ impl Driver {
     }
 
     /// The results of the steps that succeeded so far.
-    fn results(&mut self) -> Arc<serde_json::Map<String, Value>> {
+    fn results(&mut self) -> Arc<crate::Results> {
         let succeeded = self.ex.steps.iter().filter(|s| s.result.is_some()).count();
-        if succeeded < self.results.len() {
-            // Not expected (a journaled result stays); start afresh.
-            self.results = Arc::default();
+        let stale = self
+            .results
+            .as_ref()
+            .is_some_and(|r| succeeded < r.len() || r.names().steps.len() != self.ex.steps.len());
+        if stale {
+            // Not expected (a journaled result went away): start afresh.
+            self.results = None;
         }
-        if succeeded != self.results.len() {
-            let map = Arc::make_mut(&mut self.results);
-            for s in self.ex.steps.iter() {
-                if let Some(r) = &s.result {
-                    if !map.contains_key(s.name.as_str()) {
-                        map.insert(s.name.as_str().to_owned(), r.clone());
+        let ex = &self.ex;
+        // The names are this execution's own, not the plan's (one count
+        // shared by every execution would bounce between cores).
+        let results = self.results.get_or_insert_with(|| {
+            Arc::new(crate::Results::new(Arc::new(crate::saga::Names {
+                saga: ex.saga.clone(),
+                steps: ex.steps.iter().map(|s| s.name.clone()).collect(),
+            })))
+        });
+        if succeeded != results.len() {
+            let r = Arc::make_mut(results);
+            for (i, s) in self.ex.steps.iter().enumerate() {
+                if let Some(v) = &s.result {
+                    if !r.has(i) {
+                        r.insert(i, v.clone());
                     }
                 }
             }
         }
-        self.results.clone()
+        results.clone()
     }
 
     /// Applies an event: the machine changes the state in place, the new

@@ -23,13 +23,10 @@ use sagatx_core::{
     CompensationOutcome, Mode, Phase, ReplyMode, RetryPolicy, SagaDefinition, SagaError, StepError,
     StepStatus,
 };
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use crate::results::Results;
 use crate::saga::{LocalRun, Origin, Saga, StepContext, StepFuture};
-
-/// The results of a saga run by [`Saga::execute`]: each step's result by
-/// step name.
-pub type Results = Map<String, Value>;
 
 impl Saga {
     /// Runs the saga in this task with nothing journaled (py-api-saga's
@@ -81,9 +78,8 @@ impl Saga {
             saga: self,
             local: Arc::new(LocalRun {
                 input,
-                names: self.names.clone(),
                 id: OnceLock::new(),
-                results: Map::new(),
+                results: Results::new(self.names.clone()),
             }),
         };
         let n = self.definition.steps.len();
@@ -101,11 +97,8 @@ impl Saga {
                 let mut failed = None;
                 for i in 0..n {
                     match run.phase(i, Phase::Action, Seen::Run).await {
-                        Ok(v) => {
-                            let name = self.definition.steps[i].name.clone();
-                            // The call's context is gone: no copy.
-                            run.results_mut().insert(name, v);
-                        }
+                        // The call's context is gone: no copy.
+                        Ok(v) => run.results_mut().insert(i, v),
                         Err(e) => {
                             failed = Some((i, e));
                             break;
@@ -124,7 +117,7 @@ impl Saga {
             }
             Mode::Concurrent => {
                 let shared = Shared {
-                    results: Mutex::new(Arc::new(Map::new())),
+                    results: Mutex::new(Arc::new(Results::new(self.names.clone()))),
                     rolling_back: AtomicBool::new(false),
                     first_failure: Mutex::new(None),
                 };
@@ -154,8 +147,12 @@ impl Saga {
                     return Err(err);
                 }
             }
-            // The calls are over: the map is the run's alone (no copy).
-            return Ok(std::mem::take(run.results_mut()));
+            // The calls are over: the results are the run's alone (no
+            // copy, unless a step kept a clone of its context).
+            return Ok(match Arc::try_unwrap(run.local) {
+                Ok(local) => local.results,
+                Err(shared) => shared.results.clone(),
+            });
         };
         // The rollback: the owed steps that have a compensation.
         let owed = owed
@@ -272,12 +269,11 @@ impl Run<'_> {
     async fn action(&self, i: usize, shared: &Shared) -> Result<(), bool> {
         match self.phase(i, Phase::Action, Seen::Shared(shared)).await {
             Ok(v) => {
-                let name = self.saga.definition.steps[i].name.clone();
                 let mut r = shared
                     .results
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                Arc::make_mut(&mut r).insert(name, v);
+                Arc::make_mut(&mut r).insert(i, v);
                 Ok(())
             }
             Err(e) => {

@@ -50,6 +50,7 @@ mod execute;
 mod idmap;
 pub mod oplog;
 mod plan;
+mod results;
 mod saga;
 pub mod store;
 mod throttle;
@@ -59,7 +60,7 @@ pub use engine::{
     Engine, EngineBuilder, EngineError, RecoveryReport, RemoteCaller, StartOptions, Started,
     StatusHook, DEFAULT_MAX_ACTIVE,
 };
-pub use execute::Results;
+pub use results::{Results, ResultsIter};
 pub use saga::{Saga, SagaBuilder, StepContext, StepFn, StepFuture};
 pub use sagatx_core::{
     self as core, Awaiting, CompensationOutcome, ErrorClass, Execution, ExecutionId, Mode, Phase,

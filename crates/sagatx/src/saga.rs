@@ -33,7 +33,9 @@ use sagatx_core::{
     RetryPolicy, SagaDefinition, StepDefinition, StepError,
 };
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::results::Results;
 
 /// What a step function receives.
 #[derive(Debug, Clone)]
@@ -55,7 +57,7 @@ pub(crate) enum Origin {
         saga: Name,
         step: Name,
         /// The results the call sees.
-        results: Arc<Map<String, Value>>,
+        results: Arc<Results>,
     },
     /// A run of [`Saga::execute`](crate::Saga::execute), and the step's
     /// index. The names are reached through the run: a context costs no
@@ -68,23 +70,22 @@ pub(crate) enum Origin {
         /// The results the call sees when they are not the run's own
         /// (`None`): an action of a concurrent run sees those of the
         /// moment it was called.
-        results: Option<Arc<Map<String, Value>>>,
+        results: Option<Arc<Results>>,
     },
 }
 
-/// One run of [`Saga::execute`]: its input, its saga's names, its id, and
-/// the results of its steps so far. The id is made when a step first asks
-/// for it: reading the wall clock for it cost more than a no-op step (60-70
-/// ns on a VM), and most steps never ask. The results are here rather than
-/// behind an `Arc` of their own so that a call's context costs one
-/// reference count, not two: each is an atomic operation, and they were a
-/// good part of a no-op step's time.
+/// One run of [`Saga::execute`]: its input, its id, and the results of its
+/// steps so far (which hold the saga's names). The id is made when a step
+/// first asks for it: reading the wall clock for it cost more than a no-op
+/// step (60-70 ns on a VM), and most steps never ask. The results are here
+/// rather than behind an `Arc` of their own so that a call's context costs
+/// one reference count, not two: each is an atomic operation, and they
+/// were a good part of a no-op step's time.
 #[derive(Debug)]
 pub(crate) struct LocalRun {
     pub(crate) input: Value,
-    pub(crate) names: Arc<Names>,
     pub(crate) id: std::sync::OnceLock<ExecutionId>,
-    pub(crate) results: Map<String, Value>,
+    pub(crate) results: Results,
 }
 
 impl LocalRun {
@@ -104,7 +105,6 @@ impl Clone for LocalRun {
     fn clone(&self) -> Self {
         LocalRun {
             input: self.input.clone(),
-            names: self.names.clone(),
             id: std::sync::OnceLock::from(self.id()),
             results: self.results.clone(),
         }
@@ -128,14 +128,16 @@ impl StepContext {
     pub fn saga(&self) -> &str {
         match &self.origin {
             Origin::Journaled { saga, .. } => saga,
-            Origin::Local { run, .. } => &run.names.saga,
+            Origin::Local { run, .. } => &run.results.names().saga,
         }
     }
     pub fn step(&self) -> &str {
         match &self.origin {
             Origin::Journaled { step, .. } => step,
             // `step` is an index of the run's own saga (execute.rs).
-            Origin::Local { run, step, .. } => run.names.steps.get(*step).map_or("", |n| n),
+            Origin::Local { run, step, .. } => {
+                run.results.names().steps.get(*step).map_or("", |n| n)
+            }
         }
     }
     /// `action`, `compensation` or `confirm`.
@@ -155,7 +157,7 @@ impl StepContext {
     }
     /// The results of every step that succeeded so far (py-api-saga's
     /// `saga_results`). A compensation sees its own step's result here.
-    pub fn results(&self) -> &Map<String, Value> {
+    pub fn results(&self) -> &Results {
         match &self.origin {
             Origin::Journaled { results, .. } => results,
             Origin::Local {

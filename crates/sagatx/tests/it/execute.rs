@@ -162,7 +162,7 @@ async fn both(case: Case) -> Result<(), TestCaseError> {
     prop_assert!(ex.status.is_terminal(), "the engine ended {}", ex.status);
     let local_log = Log::default();
     let local = build(&case, &local_log).execute(Value::Null).await;
-    let local = local.map(|m| m.into_iter().collect::<HashMap<_, _>>());
+    let local = local.map(|m| m.into_map().into_iter().collect::<HashMap<_, _>>());
     prop_assert_eq!(&local, &engine_end(&ex));
     let mut a = engine_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut b = local_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -350,7 +350,7 @@ async fn a_kept_context_keeps_what_its_call_saw_and_the_runs_id() {
         move |ctx: StepContext| {
             later.lock().unwrap_or_else(|e| e.into_inner()).push((
                 ctx.execution_id().to_string(),
-                ctx.results().keys().cloned().collect(),
+                ctx.results().keys().map(str::to_owned).collect(),
             ));
             async { Ok::<(), StepError>(()) }
         }

@@ -1588,35 +1588,55 @@ pub fn ratios(rows: &[Row]) -> Option<String> {
         rows.iter()
             .find(|r| r.workload == w && r.variant == v && r.concurrency == 1)
     };
+    // The peers journal nothing: each is set first against sagatx's run
+    // that journals nothing either (`Saga::execute`), then against the
+    // engine's, which writes every transition to a `MemoryStore`.
+    const EXECUTE: &str = "Saga::execute (nothing journaled)";
+    const ENGINE: &str = "Engine::run on a MemoryStore (journaled)";
     let pairs = [
         (
-            "memory",
-            "3 steps, sequential",
+            "3 steps, sequential, not journaled (Saga::execute)",
+            EXECUTE,
             "py-api-saga 0.0.3: memory: 3 steps, sequential",
         ),
         (
-            "memory",
-            "3rd rejected, 2 compensations",
+            "3 steps, sequential",
+            ENGINE,
+            "py-api-saga 0.0.3: memory: 3 steps, sequential",
+        ),
+        (
+            "3rd rejected, 2 compensations, not journaled (Saga::execute)",
+            EXECUTE,
             "py-api-saga 0.0.3: memory: 3rd rejected, 2 compensations",
         ),
         (
-            "memory",
-            "3 steps, sequential",
+            "3rd rejected, 2 compensations",
+            ENGINE,
+            "py-api-saga 0.0.3: memory: 3rd rejected, 2 compensations",
+        ),
+        (
+            "3 steps, sequential, not journaled (Saga::execute)",
+            EXECUTE,
             "minos-microservice-saga 0.7.0: memory: 3 steps, sequential",
         ),
         (
-            "tx",
+            "3 steps, sequential",
+            ENGINE,
+            "minos-microservice-saga 0.7.0: memory: 3 steps, sequential",
+        ),
+        (
             "begin, join 1, commit",
+            "TransactionManager",
             "transaction 5.1: tx: begin, join 1, commit",
         ),
         (
-            "tx",
             "begin, join 3, commit",
+            "TransactionManager",
             "transaction 5.1: tx: begin, join 3, commit",
         ),
         (
-            "tx",
             "TransactionLoop, join 1",
+            "TransactionLoop",
             "nti.transactions 5.2: tx: TransactionLoop, join 1",
         ),
     ];
@@ -1625,11 +1645,17 @@ pub fn ratios(rows: &[Row]) -> Option<String> {
     t.set_header([
         "peer and workload",
         "peer µs",
+        "sagatx",
         "sagatx µs",
         "sagatx is faster by",
     ]);
     let mut any = false;
-    for (w, v, peer) in pairs {
+    for (v, label, peer) in pairs {
+        let w = if label.starts_with("Transaction") {
+            "tx"
+        } else {
+            "memory"
+        };
         let (Some(ours), Some(theirs)) = (find(w, v), find("peers", peer)) else {
             continue;
         };
@@ -1637,6 +1663,7 @@ pub fn ratios(rows: &[Row]) -> Option<String> {
         t.add_row([
             peer.to_string(),
             format!("{b:.2}"),
+            label.to_string(),
             format!("{a:.2}"),
             format!("{:.2}×", b / a),
         ]);
@@ -1649,6 +1676,7 @@ pub fn ratios(rows: &[Row]) -> Option<String> {
         t.add_row([
             format!("{} (alternated rounds, medians)", theirs.variant),
             format!("{:.2}", theirs.p50_us),
+            ours.variant.clone(),
             format!("{:.2}", ours.p50_us),
             format!("{:.2}× (of the medians)", theirs.p50_us / ours.p50_us),
         ]);
@@ -1896,6 +1924,54 @@ mod tests {
             "  memory (2 rows): in-process\n  sqlite, b, c=1: 4.00 commits\n  \
              sqlite, b, c=64: 0.00 commits\n  http, d, c=1: in-process\n"
         );
+    }
+
+    /// Each peer is set against sagatx's run that journals nothing and,
+    /// on its own line, the journaled engine's, each labelled; a pair
+    /// with a row missing is left out.
+    #[test]
+    fn the_side_by_side_table_names_which_sagatx_run_each_peer_meets() {
+        let at = |workload: &str, variant: &str, per_second: f64| Row {
+            sagas_per_second: per_second,
+            ..noted(workload, variant, 1, "")
+        };
+        let rows = [
+            at(
+                "memory",
+                "3 steps, sequential, not journaled (Saga::execute)",
+                2_000_000.0,
+            ),
+            at("memory", "3 steps, sequential", 250_000.0),
+            at(
+                "peers",
+                "py-api-saga 0.0.3: memory: 3 steps, sequential",
+                200_000.0,
+            ),
+            at("tx", "begin, join 1, commit", 4_000_000.0),
+        ];
+        let table = ratios(&rows).expect("a table");
+        let line = |label: &str| {
+            table
+                .lines()
+                .find(|l| l.contains("py-api-saga") && l.contains(label))
+                .unwrap_or_else(|| panic!("no line for {label} in\n{table}"))
+                .to_string()
+        };
+        let execute = line("Saga::execute (nothing journaled)");
+        assert!(
+            execute.contains("5.00") && execute.contains("0.50") && execute.contains("10.00×"),
+            "{execute}"
+        );
+        let engine = line("Engine::run on a MemoryStore (journaled)");
+        assert!(
+            engine.contains("4.00") && engine.contains("1.25×"),
+            "{engine}"
+        );
+        assert!(
+            !table.contains("transaction 5.1"),
+            "no peer row for tx: {table}"
+        );
+        assert_eq!(ratios(&rows[..2]), None, "no peer at all");
     }
 
     /// The sampler times about one saga in 16, and not in step with

@@ -3,7 +3,8 @@
 //! - [`Saga`]: a saga of async step functions, built with
 //!   `Saga::builder("order").step("reserve", reserve).compensate(release)…`;
 //!   [`Saga::execute`] runs one here and now with nothing journaled
-//!   (py-api-saga's `execute()`).
+//!   (py-api-saga's `execute()`). A step reads the input and the
+//!   [`Results`] of the steps before it in its [`StepContext`].
 //! - [`Engine`]: runs executions of registered sagas on a [`Store`]:
 //!   [`start`](Engine::start), [`wait`](Engine::wait), [`reply`](Engine::reply)
 //!   to a step that waits for a remote reply, [`commit`](Engine::commit) /

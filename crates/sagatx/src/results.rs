@@ -300,6 +300,46 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Against a reference model (a map by name, visited in step
+        /// order): whatever results are recorded, in whatever order, the
+        /// reads, the iteration, the JSON and the map agree with it.
+        #[test]
+        fn reads_as_the_map_of_what_was_recorded(
+            steps in 1usize..12,
+            inserts in proptest::collection::vec((0usize..14, 0i64..5), 0..20),
+        ) {
+            let names: Vec<String> = (0..steps).map(|i| format!("s{i}")).collect();
+            let mut r = Results::new(Arc::new(Names {
+                saga: Name::from("p"),
+                steps: names.iter().map(|n| Name::from(n.as_str())).collect(),
+            }));
+            let mut model: std::collections::BTreeMap<usize, Value> = Default::default();
+            for (i, v) in inserts {
+                r.insert(i, json!(v));
+                if i < steps {
+                    model.insert(i, json!(v));
+                }
+            }
+            proptest::prop_assert_eq!(r.len(), model.len());
+            proptest::prop_assert_eq!(r.is_empty(), model.is_empty());
+            for (i, name) in names.iter().enumerate() {
+                proptest::prop_assert_eq!(r.get(name), model.get(&i));
+                proptest::prop_assert_eq!(&r[name.as_str()], model.get(&i).unwrap_or(&Value::Null));
+            }
+            let in_order: Vec<(String, Value)> =
+                model.iter().map(|(i, v)| (names[*i].clone(), v.clone())).collect();
+            let seen: Vec<(String, Value)> =
+                r.iter().map(|(k, v)| (k.to_owned(), v.clone())).collect();
+            proptest::prop_assert_eq!(&seen, &in_order);
+            proptest::prop_assert_eq!(r.iter().len(), model.len());
+            let map: Map<String, Value> = in_order.into_iter().collect();
+            proptest::prop_assert_eq!(serde_json::to_value(&r).expect("serializes"), Value::Object(map.clone()));
+            proptest::prop_assert_eq!(&r, &map);
+            proptest::prop_assert_eq!(r.into_map(), map);
+        }
+    }
+
     #[test]
     fn equal_when_the_same_steps_have_equal_results() {
         let mut a = Results::new(names(&["x", "y"]));

@@ -194,13 +194,19 @@ enum Command {
     },
 }
 
-/// mimalloc, not the system's: the coordinator allocates and frees small
+/// jemalloc, not the system's: the coordinator allocates and frees small
 /// objects on every request, transition and call, often on another thread
 /// than the one that allocated them, where glibc's malloc spent a quarter of
-/// the server's worker time (perf, `http` workload). The library leaves the
-/// choice to its users.
+/// the server's worker time (perf, `http` workload). jemalloc rather than
+/// mimalloc, which the binary had before: the server's RSS 14-20 MiB lower
+/// in every row (http at c=64 32 MiB against 46, idle 17 against 31) and
+/// throughput the same or better (BENCHMARKS.md, the log's twentieth
+/// session); the `mimalloc` crate sends every allocation through
+/// mimalloc's aligned entry point, whose slow path over-allocates any size
+/// that is not a power of two. The library leaves the choice to its users.
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

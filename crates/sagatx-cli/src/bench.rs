@@ -1218,45 +1218,39 @@ async fn idle(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// A data manager that does nothing, for the `tx` workload.
+/// A data manager that does nothing, for the `tx` workload: synchronous,
+/// as the `transaction` package's are.
 struct NoopDm(&'static str);
 
-#[async_trait::async_trait]
-impl sagatx::transaction::DataManager for NoopDm {
+impl sagatx::transaction::SyncDataManager for NoopDm {
     fn sort_key(&self) -> String {
         self.0.to_string()
     }
-    async fn abort(
+    fn abort(&self, _: &sagatx::transaction::TxInfo) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+    fn tpc_begin(
         &self,
         _: &sagatx::transaction::TxInfo,
     ) -> Result<(), sagatx::transaction::TxError> {
         Ok(())
     }
-    async fn tpc_begin(
+    fn commit(&self, _: &sagatx::transaction::TxInfo) -> Result<(), sagatx::transaction::TxError> {
+        Ok(())
+    }
+    fn tpc_vote(
         &self,
         _: &sagatx::transaction::TxInfo,
     ) -> Result<(), sagatx::transaction::TxError> {
         Ok(())
     }
-    async fn commit(
+    fn tpc_finish(
         &self,
         _: &sagatx::transaction::TxInfo,
     ) -> Result<(), sagatx::transaction::TxError> {
         Ok(())
     }
-    async fn tpc_vote(
-        &self,
-        _: &sagatx::transaction::TxInfo,
-    ) -> Result<(), sagatx::transaction::TxError> {
-        Ok(())
-    }
-    async fn tpc_finish(
-        &self,
-        _: &sagatx::transaction::TxInfo,
-    ) -> Result<(), sagatx::transaction::TxError> {
-        Ok(())
-    }
-    async fn tpc_abort(
+    fn tpc_abort(
         &self,
         _: &sagatx::transaction::TxInfo,
     ) -> Result<(), sagatx::transaction::TxError> {
@@ -1267,16 +1261,20 @@ impl sagatx::transaction::DataManager for NoopDm {
 /// In-process two-phase commit: begin, join one or three no-op data
 /// managers, commit; and the retrying loop around one.
 async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
-    use sagatx::transaction::{DataManager, TransactionLoop, TransactionManager};
+    use sagatx::transaction::{DataManager, SyncDataManager, TransactionLoop, TransactionManager};
     let n: usize = if o.quick { 2_000 } else { 1_000_000 };
-    let dms: Vec<Arc<dyn DataManager>> = vec![
+    let dms: Vec<Arc<dyn SyncDataManager>> = vec![
         Arc::new(NoopDm("a")),
         Arc::new(NoopDm("b")),
         Arc::new(NoopDm("c")),
     ];
-    for (variant, k) in [
-        ("begin, join 1, commit", 1usize),
-        ("begin, join 3, commit", 3),
+    // The same manager as a `DataManager`: each call boxes a future, as
+    // an `async_trait` manager's does.
+    let boxed: Arc<dyn DataManager> = Arc::new(NoopDm("a"));
+    for (variant, k, sync) in [
+        ("begin, join 1, commit", 1usize, true),
+        ("begin, join 3, commit", 3, true),
+        ("begin, join 1 (async DataManager), commit", 1, false),
     ] {
         progress(&format!("tx: {variant}, {n} transactions"));
         let cpu0 = cpu_seconds("self");
@@ -1289,8 +1287,12 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         for _ in 0..n {
             let t1 = sampler.start();
             let tx = tm.begin();
-            for dm in &dms[..k] {
-                tx.join(dm.clone()).map_err(|e| anyhow!("{e}"))?;
+            if sync {
+                for dm in &dms[..k] {
+                    tx.join_sync(dm.clone()).map_err(|e| anyhow!("{e}"))?;
+                }
+            } else {
+                tx.join(boxed.clone()).map_err(|e| anyhow!("{e}"))?;
             }
             tx.commit().await.map_err(|e| anyhow!("{e}"))?;
             if let Some(t1) = t1 {
@@ -1310,7 +1312,11 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
             1,
             s,
             "self",
-            "begun by a TransactionManager (as the peer's tm.begin()), no-op data managers, one task",
+            if sync {
+                "begun by a TransactionManager (as the peer's tm.begin()), no-op SyncDataManagers joined with join_sync (synchronous, as the peer's are), one task"
+            } else {
+                "begun by a TransactionManager, one no-op manager joined as a DataManager (join): four boxed futures a commit, as an async_trait manager makes; one task"
+            },
         ));
     }
     progress(&format!("tx: the retrying loop, {n} transactions"));
@@ -1324,7 +1330,7 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         let dm = dms[0].clone();
         lp.run(|tx| {
             let r = tx
-                .join(dm.clone())
+                .join_sync(dm.clone())
                 .map_err(|e| sagatx::transaction::TxError::permanent(e.to_string()));
             async move { r }
         })
@@ -1347,7 +1353,7 @@ async fn tx(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         1,
         s,
         "self",
-        "no-op data manager",
+        "no-op SyncDataManager",
     ));
     Ok(())
 }
@@ -1460,14 +1466,14 @@ const PAIRED_ROUNDS: usize = 7;
 /// and each round's ratio is of two figures a second apart. The rows give
 /// the medians; their notes the rounds' ratios, lowest, median, highest.
 async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
-    use sagatx::transaction::{DataManager, TransactionManager};
+    use sagatx::transaction::{SyncDataManager, TransactionManager};
     let (rounds, seconds) = if o.quick {
         (1, 0.05)
     } else {
         (PAIRED_ROUNDS, 0.5)
     };
     let saga = three("paired", false, Mode::Sequential)?;
-    let dm: Arc<dyn DataManager> = Arc::new(NoopDm("a"));
+    let dm: Arc<dyn SyncDataManager> = Arc::new(NoopDm("a"));
     let tm = TransactionManager::new();
     struct Pair {
         ours: &'static str,
@@ -1517,7 +1523,7 @@ async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
                         })?;
                     } else {
                         let tx = tm.begin();
-                        tx.join(dm.clone()).map_err(|e| anyhow!("{e}"))?;
+                        tx.join_sync(dm.clone()).map_err(|e| anyhow!("{e}"))?;
                         tx.commit().await.map_err(|e| anyhow!("{e}"))?;
                     }
                 }

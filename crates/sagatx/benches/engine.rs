@@ -11,7 +11,9 @@
 use std::sync::Arc;
 
 use divan::Bencher;
-use sagatx::transaction::{DataManager, TransactionManager, TxError, TxInfo, TxStatus};
+use sagatx::transaction::{
+    DataManager, SyncDataManager, TransactionManager, TxError, TxInfo, TxStatus,
+};
 use sagatx::{Engine, MemoryStore, Mode, Saga, Status, StepContext, StepError};
 use serde_json::Value;
 
@@ -94,54 +96,71 @@ fn execute(b: Bencher, which: &str) {
 }
 
 /// A data manager that does nothing: what is left is the transaction's
-/// own cost.
+/// own cost. Synchronous, as the `transaction` package's are.
 struct NoopDm(&'static str);
 
-#[async_trait::async_trait]
-impl DataManager for NoopDm {
+impl SyncDataManager for NoopDm {
     fn sort_key(&self) -> String {
         self.0.to_string()
     }
-    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
 }
 
 /// Begin (through a manager, as `sagatx bench`'s tx rows and the
-/// `transaction` package do), join `managers` no-op data managers,
-/// commit.
+/// `transaction` package do), join `managers` no-op data managers with
+/// `join_sync`, commit.
 #[divan::bench(args = [1, 3], sample_count = 50, sample_size = 1000)]
 fn transaction(b: Bencher, managers: usize) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let dms: Vec<Arc<dyn DataManager>> = ["a", "b", "c"]
+    let dms: Vec<Arc<dyn SyncDataManager>> = ["a", "b", "c"]
         .into_iter()
         .take(managers)
-        .map(|k| Arc::new(NoopDm(k)) as Arc<dyn DataManager>)
+        .map(|k| Arc::new(NoopDm(k)) as Arc<dyn SyncDataManager>)
         .collect();
     let tm = TransactionManager::new();
     b.bench_local(|| {
         let tx = tm.begin();
         for dm in &dms {
-            tx.join(dm.clone()).unwrap();
+            tx.join_sync(dm.clone()).unwrap();
         }
+        rt.block_on(tx.commit()).unwrap();
+        assert_eq!(tx.status(), TxStatus::Committed);
+    });
+}
+
+/// The same with one manager joined as a `DataManager` (`join`): each of
+/// its four calls makes a boxed future, as an `async_trait` manager's do.
+#[divan::bench(sample_count = 50, sample_size = 1000)]
+fn transaction_async_manager(b: Bencher) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dm: Arc<dyn DataManager> = Arc::new(NoopDm("a"));
+    let tm = TransactionManager::new();
+    b.bench_local(|| {
+        let tx = tm.begin();
+        tx.join(dm.clone()).unwrap();
         rt.block_on(tx.commit()).unwrap();
         assert_eq!(tx.status(), TxStatus::Committed);
     });

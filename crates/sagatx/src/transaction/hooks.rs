@@ -3,9 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
-
-use super::{DataManager, Transaction, TxError, TxInfo};
+use super::{SyncDataManager, Transaction, TxError, TxInfo};
 
 type Call = Box<dyn FnOnce() -> Result<(), TxError> + Send>;
 type Vote = Box<dyn Fn() -> Result<(), TxError> + Send + Sync>;
@@ -37,31 +35,30 @@ impl CallbackManager {
     }
 }
 
-#[async_trait]
-impl DataManager for CallbackManager {
+impl SyncDataManager for CallbackManager {
     fn sort_key(&self) -> String {
         self.key.clone()
     }
     fn name(&self) -> String {
         self.name.clone()
     }
-    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
         self.call.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(())
     }
-    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
         match &self.vote {
             Some(v) => v(),
             None => Ok(()),
         }
     }
-    async fn tpc_finish(&self, tx: &TxInfo) -> Result<(), TxError> {
+    fn tpc_finish(&self, tx: &TxInfo) -> Result<(), TxError> {
         let call = self.call.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(call) = call {
             if let Err(e) = call() {
@@ -71,7 +68,7 @@ impl DataManager for CallbackManager {
         }
         Ok(())
     }
-    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
         self.call.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(())
     }
@@ -89,7 +86,7 @@ fn join_call(tx: &Transaction, key: &str, name: &str, call: Call, vote: Option<V
         call: Mutex::new(Some(call)),
         vote,
     });
-    if let Err(e) = tx.join(dm) {
+    if let Err(e) = tx.join_sync(dm) {
         tracing::warn!(error = %e, "an after-commit call was not registered");
     }
 }
@@ -133,25 +130,24 @@ struct QueuePut<T: Send + 'static> {
     permit: Mutex<Option<tokio::sync::mpsc::OwnedPermit<T>>>,
 }
 
-#[async_trait]
-impl<T: Send + 'static> DataManager for QueuePut<T> {
+impl<T: Send + 'static> SyncDataManager for QueuePut<T> {
     fn sort_key(&self) -> String {
         AFTER_COMMIT_KEY.into()
     }
     fn name(&self) -> String {
         "queue put".into()
     }
-    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
         self.item.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(())
     }
-    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
         // Reserve the slot now, so that the put after commit cannot fail.
         match self.queue.clone().try_reserve_owned() {
             Ok(p) => {
@@ -166,7 +162,7 @@ impl<T: Send + 'static> DataManager for QueuePut<T> {
             }
         }
     }
-    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
         let permit = self.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
         let item = self.item.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let (Some(permit), Some(item)) = (permit, item) {
@@ -174,7 +170,7 @@ impl<T: Send + 'static> DataManager for QueuePut<T> {
         }
         Ok(())
     }
-    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
         self.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.item.lock().unwrap_or_else(|p| p.into_inner()).take();
         Ok(())
@@ -204,7 +200,7 @@ pub fn put_nowait<T: Send + 'static>(
     queue: &tokio::sync::mpsc::Sender<T>,
     item: T,
 ) -> Result<(), super::TransactionError> {
-    tx.join(Arc::new(QueuePut {
+    tx.join_sync(Arc::new(QueuePut {
         queue: queue.clone(),
         item: Mutex::new(Some(item)),
         permit: Mutex::new(None),

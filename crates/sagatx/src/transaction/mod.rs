@@ -2,6 +2,10 @@
 //! nti.transactions extends), the retrying [`TransactionLoop`], and
 //! [`with_transaction`] (pymongo's).
 //!
+//! Participants implement [`DataManager`] (`async` methods) or, when
+//! their operations never wait, [`SyncDataManager`] (joined with
+//! [`Transaction::join_sync`]: called directly, with no future a call).
+//!
 //! Words: a *2PC commit* is this module's commit of a [`Transaction`]; it
 //! is not the commit of a saga (API.md's `autocommit`) nor a journal write.
 //!
@@ -173,6 +177,155 @@ pub trait DataManager: Send + Sync {
     }
 }
 
+/// A data manager whose two-phase operations finish without waiting: an
+/// in-process resource, a synchronous driver such as a rusqlite
+/// connection, the calls of [`after_commit`]. The same order and rules as
+/// [`DataManager`], in plain methods: joined with [`Transaction::join_sync`]
+/// its calls make no future (an `async_trait` method boxes one a call).
+/// Every `SyncDataManager` is also a [`DataManager`], so
+/// [`Transaction::join`] takes it too, at the cost of those futures.
+///
+/// ```
+/// use std::sync::Arc;
+/// use sagatx::transaction::{SyncDataManager, Transaction, TxError, TxInfo};
+///
+/// /// Adds to a counter when the transaction commits.
+/// struct Pending(std::sync::Mutex<(u64, u64)>); // (committed, pending)
+///
+/// impl SyncDataManager for Pending {
+///     fn sort_key(&self) -> String { "counter".into() }
+///     fn abort(&self, _: &TxInfo) -> Result<(), TxError> { self.0.lock().unwrap().1 = 0; Ok(()) }
+///     fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> { Ok(()) }
+///     fn commit(&self, _: &TxInfo) -> Result<(), TxError> { Ok(()) }
+///     fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> { Ok(()) }
+///     fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+///         let mut c = self.0.lock().unwrap();
+///         c.0 += std::mem::take(&mut c.1);
+///         Ok(())
+///     }
+///     fn tpc_abort(&self, tx: &TxInfo) -> Result<(), TxError> { self.abort(tx) }
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let counter = Arc::new(Pending(std::sync::Mutex::new((0, 0))));
+/// let tx = Transaction::new();
+/// tx.join_sync(counter.clone()).unwrap();
+/// counter.0.lock().unwrap().1 += 5;
+/// tx.commit().await.unwrap();
+/// assert_eq!(counter.0.lock().unwrap().0, 5);
+/// # });
+/// ```
+pub trait SyncDataManager: Send + Sync {
+    /// Managers commit in the order of their keys (stable for equal keys).
+    fn sort_key(&self) -> String;
+    /// A name for messages.
+    fn name(&self) -> String {
+        self.sort_key()
+    }
+    /// Throw away the work done in the transaction (no commit started).
+    fn abort(&self, tx: &TxInfo) -> Result<(), TxError>;
+    fn tpc_begin(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Send the changes (phase one, part one).
+    fn commit(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Promise to commit: after a yes, `tpc_finish` must succeed.
+    fn tpc_vote(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Make the changes permanent (phase two).
+    fn tpc_finish(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// Undo after a failed commit; must not fail for a manager that did not
+    /// vote yet.
+    fn tpc_abort(&self, tx: &TxInfo) -> Result<(), TxError>;
+    /// A savepoint, for managers that support them.
+    fn savepoint(&self) -> Result<Box<dyn SavepointRollback>, TxError> {
+        Err(TxError::permanent(format!(
+            "{} does not support savepoints",
+            self.name()
+        )))
+    }
+}
+
+#[async_trait]
+impl<T: SyncDataManager + ?Sized> DataManager for T {
+    fn sort_key(&self) -> String {
+        SyncDataManager::sort_key(self)
+    }
+    fn name(&self) -> String {
+        SyncDataManager::name(self)
+    }
+    async fn abort(&self, tx: &TxInfo) -> Result<(), TxError> {
+        SyncDataManager::abort(self, tx)
+    }
+    async fn tpc_begin(&self, tx: &TxInfo) -> Result<(), TxError> {
+        SyncDataManager::tpc_begin(self, tx)
+    }
+    async fn commit(&self, tx: &TxInfo) -> Result<(), TxError> {
+        SyncDataManager::commit(self, tx)
+    }
+    async fn tpc_vote(&self, tx: &TxInfo) -> Result<(), TxError> {
+        SyncDataManager::tpc_vote(self, tx)
+    }
+    async fn tpc_finish(&self, tx: &TxInfo) -> Result<(), TxError> {
+        SyncDataManager::tpc_finish(self, tx)
+    }
+    async fn tpc_abort(&self, tx: &TxInfo) -> Result<(), TxError> {
+        SyncDataManager::tpc_abort(self, tx)
+    }
+    fn savepoint(&self) -> Result<Box<dyn SavepointRollback>, TxError> {
+        SyncDataManager::savepoint(self)
+    }
+}
+
+/// A joined manager: a synchronous one is called directly, with no future
+/// of its own.
+#[derive(Clone)]
+enum Member {
+    Async(Arc<dyn DataManager>),
+    Sync(Arc<dyn SyncDataManager>),
+}
+
+impl Member {
+    /// The manager's address: joining the same manager twice, through
+    /// either kind of handle, is recognised.
+    fn addr(&self) -> *const () {
+        match self {
+            Member::Async(d) => Arc::as_ptr(d) as *const (),
+            Member::Sync(d) => Arc::as_ptr(d) as *const (),
+        }
+    }
+
+    fn sort_key(&self) -> String {
+        match self {
+            Member::Async(d) => d.sort_key(),
+            Member::Sync(d) => d.sort_key(),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Member::Async(d) => d.name(),
+            Member::Sync(d) => d.name(),
+        }
+    }
+
+    fn savepoint(&self) -> Result<Box<dyn SavepointRollback>, TxError> {
+        match self {
+            Member::Async(d) => d.savepoint(),
+            Member::Sync(d) => d.savepoint(),
+        }
+    }
+}
+
+/// Calls `$method` of a [`Member`]: a synchronous manager directly, an
+/// asynchronous one through its future. (A macro: an `async fn` or a
+/// method returning either would add its own work to every call.)
+macro_rules! call {
+    ($dm:expr, $method:ident, $tx:expr) => {
+        match &$dm {
+            Member::Sync(d) => d.$method($tx),
+            Member::Async(d) => d.$method($tx).await,
+        }
+    };
+}
+
 /// What a data manager is told about the transaction.
 #[derive(Debug, Clone)]
 pub struct TxInfo {
@@ -225,7 +378,7 @@ impl TxStatus {
 }
 
 struct Joined {
-    dm: Arc<dyn DataManager>,
+    dm: Member,
     /// `tpc_finish` succeeded.
     finished: bool,
 }
@@ -347,11 +500,26 @@ impl Transaction {
 
     /// Adds a data manager. Joining the same manager twice is a no-op.
     pub fn join(&self, dm: Arc<dyn DataManager>) -> Result<(), TransactionError> {
+        self.add(Member::Async(dm))
+    }
+
+    /// Adds a data manager whose operations do not wait: they are called
+    /// directly, with no future made for each. Joining the same manager
+    /// twice, by either method, is a no-op.
+    pub fn join_sync(&self, dm: Arc<dyn SyncDataManager>) -> Result<(), TransactionError> {
+        self.add(Member::Sync(dm))
+    }
+
+    fn add(&self, dm: Member) -> Result<(), TransactionError> {
         let mut st = lock(&self.inner.state);
         if st.status != TxStatus::Active {
             return Err(TransactionError::NotActive(st.status.as_str()));
         }
-        if !st.joined.iter().any(|j| Arc::ptr_eq(&j.dm, &dm)) {
+        if !st
+            .joined
+            .iter()
+            .any(|j| std::ptr::eq(j.dm.addr(), dm.addr()))
+        {
             st.joined.push(Joined {
                 dm,
                 finished: false,
@@ -416,7 +584,7 @@ impl Transaction {
         let info = self.info();
         let mut failures = Vec::new();
         for dm in dms {
-            if let Err(e) = dm.abort(&info).await {
+            if let Err(e) = call!(dm, abort, &info) {
                 failures.push((dm.name(), e));
             }
         }
@@ -472,9 +640,9 @@ impl Transaction {
             for (phase, n) in [("tpc_begin", 0), ("commit", 1), ("tpc_vote", 2)] {
                 for (_, dm, _) in managers.iter() {
                     let r = match n {
-                        0 => dm.tpc_begin(&info).await,
-                        1 => dm.commit(&info).await,
-                        _ => dm.tpc_vote(&info).await,
+                        0 => call!(dm, tpc_begin, &info),
+                        1 => call!(dm, commit, &info),
+                        _ => call!(dm, tpc_vote, &info),
                     };
                     if let Err(error) = r {
                         return Err(self
@@ -501,7 +669,7 @@ impl Transaction {
             if *done {
                 continue;
             }
-            if let Err(error) = dm.tpc_finish(&info).await {
+            if let Err(error) = call!(dm, tpc_finish, &info) {
                 let mut st = lock(&self.inner.state);
                 // Those before it in commit order have finished, now or
                 // in an earlier attempt.
@@ -550,8 +718,8 @@ enum Caller {
 /// each one's position in `joined`, the manager, and whether it finished.
 /// A list is made only for several: most transactions have one.
 struct Ordered {
-    first: Option<(usize, Arc<dyn DataManager>, bool)>,
-    rest: Vec<(usize, Arc<dyn DataManager>, bool)>,
+    first: Option<(usize, Member, bool)>,
+    rest: Vec<(usize, Member, bool)>,
 }
 
 impl Ordered {
@@ -573,7 +741,7 @@ impl Ordered {
         usize::from(self.first.is_some()) + self.rest.len()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(usize, Arc<dyn DataManager>, bool)> {
+    fn iter(&self) -> impl Iterator<Item = &(usize, Member, bool)> {
         self.first.iter().chain(self.rest.iter())
     }
 }
@@ -621,7 +789,7 @@ impl Transaction {
     ) -> TransactionError {
         let dms = sorted(&lock(&self.inner.state).joined);
         for dm in &dms {
-            if let Err(e) = dm.tpc_abort(info).await {
+            if let Err(e) = call!(dm, tpc_abort, info) {
                 tracing::error!(manager = %dm.name(), error = %e, "tpc_abort failed");
             }
         }
@@ -645,8 +813,8 @@ fn sorted_positions(joined: &[Joined]) -> Vec<usize> {
 }
 
 /// Managers by sort key; equal keys keep their joining order (stable sort).
-fn sorted(joined: &[Joined]) -> Vec<Arc<dyn DataManager>> {
-    let mut v: Vec<Arc<dyn DataManager>> = joined.iter().map(|j| j.dm.clone()).collect();
+fn sorted(joined: &[Joined]) -> Vec<Member> {
+    let mut v: Vec<Member> = joined.iter().map(|j| j.dm.clone()).collect();
     if v.len() > 1 {
         // Keys are Strings: made once per manager, not per comparison.
         v.sort_by_cached_key(|d| d.sort_key());
@@ -667,7 +835,7 @@ impl Savepoint {
     /// it are aborted and unjoined. The savepoint stays usable; savepoints
     /// taken after it do not.
     pub async fn rollback(&mut self) -> Result<(), TransactionError> {
-        let later: Vec<Arc<dyn DataManager>> = {
+        let later: Vec<Member> = {
             let mut st = lock(&self.tx.inner.state);
             if st.status != TxStatus::Active || st.generation != self.generation {
                 return Err(TransactionError::InvalidSavepoint);
@@ -687,7 +855,7 @@ impl Savepoint {
         let info = self.tx.info();
         let mut failures = Vec::new();
         for dm in later {
-            if let Err(e) = dm.abort(&info).await {
+            if let Err(e) = call!(dm, abort, &info) {
                 failures.push((dm.name(), e));
             }
         }

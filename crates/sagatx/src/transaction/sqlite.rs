@@ -10,10 +10,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use async_trait::async_trait;
 use rusqlite::Connection;
 
-use super::{DataManager, SavepointRollback, TxError, TxInfo};
+use super::{SavepointRollback, SyncDataManager, TxError, TxInfo};
 
 /// A rusqlite connection whose work joins a [`super::Transaction`].
 pub struct SqliteDataManager {
@@ -91,21 +90,22 @@ impl SavepointRollback for Rollback {
     }
 }
 
-#[async_trait]
-impl DataManager for SqliteDataManager {
+/// Every operation is a synchronous call on the connection: join it with
+/// [`super::Transaction::join_sync`] (or `join`, which boxes a future a call).
+impl SyncDataManager for SqliteDataManager {
     fn sort_key(&self) -> String {
         self.key.clone()
     }
-    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
         self.rollback()
     }
-    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
         Ok(())
     }
-    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
         let c = self.lock();
         if c.is_autocommit() {
             return Err(TxError::permanent(
@@ -122,14 +122,14 @@ impl DataManager for SqliteDataManager {
         }
         Ok(())
     }
-    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
         let c = self.lock();
         if c.is_autocommit() {
             return Ok(()); // committed by an earlier try
         }
         c.execute_batch("COMMIT").map_err(err)
     }
-    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+    fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
         self.rollback()
     }
     fn savepoint(&self) -> Result<Box<dyn SavepointRollback>, TxError> {

@@ -726,3 +726,142 @@ async fn managers_see_the_transactions_global_id() {
     assert_eq!(a.gid().len(), 32);
     assert!(a.gid().chars().all(|c| c.is_ascii_hexdigit()));
 }
+
+/// The same recording manager, joined as a [`SyncDataManager`].
+struct SyncDm(Arc<Dm>);
+
+impl SyncDataManager for SyncDm {
+    fn sort_key(&self) -> String {
+        self.0.key.clone()
+    }
+    fn name(&self) -> String {
+        self.0.name.clone()
+    }
+    fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.0.call("abort")
+    }
+    fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.0.call("tpc_begin")
+    }
+    fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.0.call("commit")
+    }
+    fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.0.call("tpc_vote")
+    }
+    fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.0.call("tpc_finish")
+    }
+    fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.0.call("tpc_abort")
+    }
+    fn savepoint(&self) -> Result<Box<dyn SavepointRollback>, TxError> {
+        DataManager::savepoint(&*self.0)
+    }
+}
+
+fn sdm(log: &Log, name: &str, key: &str) -> Arc<SyncDm> {
+    Arc::new(SyncDm(dm(log, name, key)))
+}
+
+#[tokio::test]
+async fn sync_and_async_managers_commit_together_in_one_sort_order() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join_sync(sdm(&log, "c", "b")).expect("join");
+    tx.join(dm(&log, "a", "a")).expect("join");
+    tx.join_sync(sdm(&log, "d", "b")).expect("join");
+    tx.join(dm(&log, "e", "c")).expect("join");
+    assert_eq!(tx.managers(), ["c", "a", "d", "e"]);
+    tx.commit().await.expect("commit");
+    let want: Vec<String> = ["tpc_begin", "commit", "tpc_vote", "tpc_finish"]
+        .iter()
+        .flat_map(|p| ["a", "c", "d", "e"].map(|n| format!("{n}:{p}")))
+        .collect();
+    assert_eq!(take(&log), want);
+    assert_eq!(tx.status(), TxStatus::Committed);
+    assert!(matches!(
+        tx.join_sync(sdm(&log, "late", "z")),
+        Err(TransactionError::NotActive(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_failing_sync_vote_aborts_every_manager_of_both_kinds() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join(dm(&log, "a", "1")).expect("join");
+    let b = sdm(&log, "b", "2");
+    b.0.fail_in("tpc_vote", 1, TxError::transient("conflict"));
+    tx.join_sync(b).expect("join");
+    tx.join_sync(sdm(&log, "c", "3")).expect("join");
+    let err = tx.commit().await.expect_err("aborted");
+    assert!(
+        matches!(&err, TransactionError::Aborted { manager, phase: "tpc_vote", error }
+            if manager == "b" && error.class == ErrorClass::Transient),
+        "{err}"
+    );
+    let l = take(&log);
+    for n in ["a", "b", "c"] {
+        assert!(l.contains(&format!("{n}:tpc_abort")), "{n} in {l:?}");
+    }
+    assert!(!l.contains(&"c:tpc_vote".to_string()), "{l:?}");
+    assert!(!l.iter().any(|x| x.ends_with("tpc_finish")), "{l:?}");
+    assert_eq!(tx.status(), TxStatus::Aborted);
+}
+
+#[tokio::test]
+async fn a_sync_finish_failure_is_resumed_by_committing_again() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    tx.join_sync(sdm(&log, "a", "1")).expect("join");
+    let b = sdm(&log, "b", "2");
+    b.0.fail_in("tpc_finish", 1, TxError::unknown_outcome("disk"));
+    tx.join_sync(b).expect("join");
+    tx.join(dm(&log, "c", "3")).expect("join");
+    let err = tx.commit().await.expect_err("failed");
+    assert!(
+        matches!(
+            err,
+            TransactionError::CommitFailed {
+                finished: 1,
+                total: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    take(&log);
+    tx.commit().await.expect("finished");
+    assert_eq!(take(&log), ["b:tpc_finish", "c:tpc_finish"]);
+    assert_eq!(tx.status(), TxStatus::Committed);
+}
+
+#[tokio::test]
+async fn a_manager_joined_by_both_methods_counts_once_and_aborts_and_rolls_back() {
+    let log = Log::default();
+    let tx = Transaction::new();
+    let a = sdm(&log, "a", "1");
+    tx.join_sync(a.clone()).expect("join");
+    // The same manager through the blanket `DataManager`: not a second one.
+    tx.join(a.clone()).expect("join again");
+    assert_eq!(tx.managers(), ["a"]);
+    let mut sp = tx.savepoint().expect("savepoint");
+    tx.join_sync(sdm(&log, "b", "2")).expect("join");
+    sp.rollback().await.expect("rollback");
+    assert_eq!(take(&log), ["a:rollback", "b:abort"]);
+    assert_eq!(tx.managers(), ["a"]);
+    tx.abort().await.expect("abort");
+    assert_eq!(take(&log), ["a:abort"]);
+    assert_eq!(tx.status(), TxStatus::Aborted);
+
+    // Joined through `join` alone, a synchronous manager takes the boxed
+    // path with the same outcome.
+    let tx = Transaction::new();
+    tx.join(sdm(&log, "x", "1")).expect("join");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        take(&log),
+        ["x:tpc_begin", "x:commit", "x:tpc_vote", "x:tpc_finish"]
+    );
+}

@@ -38,12 +38,14 @@ async fn two_sqlite_databases_commit_or_roll_back_together() {
     tx.commit().await.expect("commit");
     assert_eq!((count(&pa), count(&pb)), (1, 1));
 
-    // A vote fails: both roll back.
+    // A vote fails: both roll back. (Joined as the synchronous managers
+    // they are, with no future a call; the first transaction joined them
+    // through `join`.)
     let a = SqliteDataManager::begin("a", db(&pa)).expect("begin a");
     let b = SqliteDataManager::begin("b", db(&pb)).expect("begin b");
     let tx = Transaction::new();
-    tx.join(a.clone()).expect("join");
-    tx.join(b.clone()).expect("join");
+    tx.join_sync(a.clone()).expect("join");
+    tx.join_sync(b.clone()).expect("join");
     a.with(|c| c.execute("INSERT INTO t VALUES (3)", []))
         .expect("insert");
     b.with(|c| c.execute("INSERT INTO t VALUES (4)", []))
@@ -52,6 +54,19 @@ async fn two_sqlite_databases_commit_or_roll_back_together() {
     let err = tx.commit().await.expect_err("vetoed");
     assert!(matches!(err, TransactionError::Aborted { .. }), "{err}");
     assert_eq!((count(&pa), count(&pb)), (1, 1), "neither committed");
+
+    // And both commit through `join_sync`.
+    let a = SqliteDataManager::begin("a", db(&pa)).expect("begin a");
+    let b = SqliteDataManager::begin("b", db(&pb)).expect("begin b");
+    let tx = Transaction::new();
+    tx.join_sync(a.clone()).expect("join");
+    tx.join_sync(b.clone()).expect("join");
+    a.with(|c| c.execute("INSERT INTO t VALUES (5)", []))
+        .expect("insert");
+    b.with(|c| c.execute("INSERT INTO t VALUES (6)", []))
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    assert_eq!((count(&pa), count(&pb)), (2, 2));
 }
 
 #[tokio::test]

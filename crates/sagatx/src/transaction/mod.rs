@@ -629,12 +629,7 @@ impl Transaction {
                 note: st.note.clone(),
                 gid: std::sync::OnceLock::new(),
             };
-            (
-                resuming,
-                info,
-                Ordered::of(&st.joined),
-                st.decisions.clone(),
-            )
+            (resuming, info, ordered(&st.joined), st.decisions.clone())
         };
         if !resuming {
             for (phase, n) in [("tpc_begin", 0), ("commit", 1), ("tpc_vote", 2)] {
@@ -716,33 +711,14 @@ enum Caller {
 
 /// The managers of a transaction in commit order (by sort key, stable):
 /// each one's position in `joined`, the manager, and whether it finished.
-/// A list is made only for several: most transactions have one.
-struct Ordered {
-    first: Option<(usize, Member, bool)>,
-    rest: Vec<(usize, Member, bool)>,
-}
+/// Most transactions have one: kept inline, and not sorted.
+type Ordered = SmallVec<[(usize, Member, bool); 1]>;
 
-impl Ordered {
-    fn of(joined: &[Joined]) -> Self {
-        let entry = |i: usize| (i, joined[i].dm.clone(), joined[i].finished);
-        match joined.len() {
-            1 => Ordered {
-                first: Some(entry(0)),
-                rest: Vec::new(),
-            },
-            _ => Ordered {
-                first: None,
-                rest: sorted_positions(joined).into_iter().map(entry).collect(),
-            },
-        }
-    }
-
-    fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.len()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &(usize, Member, bool)> {
-        self.first.iter().chain(self.rest.iter())
+fn ordered(joined: &[Joined]) -> Ordered {
+    let entry = |i: usize| (i, joined[i].dm.clone(), joined[i].finished);
+    match joined.len() {
+        1 => smallvec::smallvec![entry(0)],
+        _ => sorted_positions(joined).into_iter().map(entry).collect(),
     }
 }
 

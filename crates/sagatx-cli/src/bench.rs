@@ -261,6 +261,31 @@ async fn reject(_: StepContext) -> Result<(), StepError> {
     Err(StepError::permanent("rejected"))
 }
 
+fn noop_sync(_: StepContext) -> Result<(), StepError> {
+    Ok(())
+}
+
+fn reject_sync(_: StepContext) -> Result<(), StepError> {
+    Err(StepError::permanent("rejected"))
+}
+
+/// [`three`] with synchronous steps (`step_sync`): py-api-saga's steps are
+/// plain functions, and so are these.
+fn three_sync(name: &str, fail_third: bool, mode: Mode) -> Result<Saga> {
+    let b = Saga::builder(name)
+        .mode(mode)
+        .step_sync("a", noop_sync)
+        .compensate_sync(noop_sync)
+        .step_sync("b", noop_sync)
+        .compensate_sync(noop_sync);
+    let b = if fail_third {
+        b.step_sync("c", reject_sync)
+    } else {
+        b.step_sync("c", noop_sync)
+    };
+    b.build().map_err(|e| anyhow!("{e}"))
+}
+
 fn three(name: &str, fail_third: bool, mode: Mode) -> Result<Saga> {
     let b = Saga::builder(name)
         .mode(mode)
@@ -445,22 +470,34 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
         }
     }
     // The same sagas run by `Saga::execute`: nothing journaled, like
-    // py-api-saga (which keeps no state either).
-    for (saga, variant, ok) in [
+    // py-api-saga (which keeps no state either), with synchronous steps
+    // as its are; and once with async steps (a boxed future a call).
+    const SYNC: &str =
+        "Saga::execute: no store, in-process; synchronous steps (step_sync), as the peer's are";
+    for (saga, variant, ok, note) in [
         (
-            three("ok", false, Mode::Sequential)?,
+            three_sync("ok", false, Mode::Sequential)?,
             "3 steps, sequential, not journaled (Saga::execute)",
             true,
+            SYNC,
         ),
         (
-            three("fail", true, Mode::Sequential)?,
+            three_sync("fail", true, Mode::Sequential)?,
             "3rd rejected, 2 compensations, not journaled (Saga::execute)",
             false,
+            SYNC,
         ),
         (
-            three("conc", false, Mode::Concurrent)?,
+            three_sync("conc", false, Mode::Concurrent)?,
             "3 steps, concurrent, not journaled (Saga::execute)",
             true,
+            SYNC,
+        ),
+        (
+            three("ok", false, Mode::Sequential)?,
+            "3 steps, sequential, async steps, not journaled (Saga::execute)",
+            true,
+            "Saga::execute: no store, in-process; async steps (a boxed future a call)",
         ),
     ] {
         let saga = Arc::new(saga);
@@ -470,14 +507,7 @@ async fn memory(o: &Options, out: &mut Vec<Row>) -> Result<()> {
                 stage_sagas(n, c),
             );
             let s = measure_local(&saga, n, c, ok).await?;
-            out.push(row(
-                "memory",
-                variant,
-                c,
-                s,
-                "self",
-                "Saga::execute: no store, in-process",
-            ));
+            out.push(row("memory", variant, c, s, "self", note));
         }
     }
     Ok(())
@@ -1472,7 +1502,7 @@ async fn paired(o: &Options, out: &mut Vec<Row>) -> Result<()> {
     } else {
         (PAIRED_ROUNDS, 0.5)
     };
-    let saga = three("paired", false, Mode::Sequential)?;
+    let saga = three_sync("paired", false, Mode::Sequential)?;
     let dm: Arc<dyn SyncDataManager> = Arc::new(NoopDm("a"));
     let tm = TransactionManager::new();
     struct Pair {

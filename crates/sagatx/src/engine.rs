@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::idmap::{id_map, IdMap};
 use crate::plan::Plan;
-use crate::saga::{Handlers, Saga, StepContext};
+use crate::saga::{Call as StepCall, Handlers, Saga, StepContext};
 use crate::store::{Claim, Command, ListQuery, Outcome, Page, Registered, Store, StoreError};
 
 /// Errors of the engine's operations.
@@ -1712,7 +1712,14 @@ impl Driver {
             .def
             .attempt_timeout_ms(call.step, call.phase)
             .map(Duration::from_millis);
-        let local = matches!(step.endpoint(call.phase), Some(Endpoint::Local));
+        let span = tracing::info_span!(
+            "step",
+            execution = %self.ex.id,
+            saga = %self.ex.saga,
+            step = %step.name,
+            phase = call.phase.as_str(),
+            attempt = call.attempt,
+        );
         let fut: crate::saga::StepFuture = match step.endpoint(call.phase) {
             Some(Endpoint::Local) => {
                 let functions = self.def.local(|| {
@@ -1725,7 +1732,44 @@ impl Driver {
                     .and_then(Option::as_ref)
                     .and_then(|h| h.get(call.phase))
                 {
-                    Some(f) => f(ctx),
+                    Some(f) => {
+                        // A synchronous function, or an asynchronous one
+                        // done at its first poll (no I/O, no await), needs
+                        // no task: its outcome is applied by the driver
+                        // next. One that is not done goes to its task,
+                        // which polls it again (futures allow that) and so
+                        // registers the task's waker. A panic, in the
+                        // function or in that poll, is an unknown outcome.
+                        let started = Instant::now();
+                        let first = span.in_scope(|| {
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                match f.call(ctx) {
+                                    StepCall::Done(outcome) => Ok(outcome),
+                                    StepCall::Future(mut fut) => {
+                                        let mut cx = std::task::Context::from_waker(
+                                            std::task::Waker::noop(),
+                                        );
+                                        match fut.as_mut().poll(&mut cx) {
+                                            std::task::Poll::Ready(outcome) => Ok(outcome),
+                                            std::task::Poll::Pending => Err(fut),
+                                        }
+                                    }
+                                }
+                            }))
+                        });
+                        match first {
+                            Ok(Ok(outcome)) => {
+                                self.ready.push_back((call, outcome, started.elapsed()));
+                                return;
+                            }
+                            Ok(Err(fut)) => fut,
+                            Err(_) => {
+                                let outcome = Err(StepError::unknown_outcome("the step panicked"));
+                                self.ready.push_back((call, outcome, started.elapsed()));
+                                return;
+                            }
+                        }
+                    }
                     None => {
                         let msg = format!(
                             "no function is registered for the {} of step {:?} of saga {:?} in this process; \
@@ -1755,40 +1799,6 @@ impl Driver {
                 Box::pin(async move { Err(StepError::permanent("no endpoint for this phase")) })
             }
         };
-        let span = tracing::info_span!(
-            "step",
-            execution = %self.ex.id,
-            saga = %self.ex.saga,
-            step = %step.name,
-            phase = call.phase.as_str(),
-            attempt = call.attempt,
-        );
-        // A local step that is done at its first poll (no I/O, no await)
-        // needs no task: its outcome is applied by the driver next. One
-        // that is not goes to its task, which polls it again (futures allow
-        // that) and so registers the task's waker.
-        let mut fut = fut;
-        if local {
-            let started = Instant::now();
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let first = span.in_scope(|| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    fut.as_mut().poll(&mut cx)
-                }))
-            });
-            match first {
-                Ok(std::task::Poll::Ready(outcome)) => {
-                    self.ready.push_back((call, outcome, started.elapsed()));
-                    return;
-                }
-                Ok(std::task::Poll::Pending) => {}
-                Err(_) => {
-                    let outcome = Err(StepError::unknown_outcome("the step panicked"));
-                    self.ready.push_back((call, outcome, started.elapsed()));
-                    return;
-                }
-            }
-        }
         self.calls
             .get_or_insert_with(JoinSet::new)
             .spawn(tracing::Instrument::instrument(

@@ -26,7 +26,7 @@ use sagatx_core::{
 use serde_json::Value;
 
 use crate::results::Results;
-use crate::saga::{LocalRun, Origin, Saga, StepContext, StepFuture};
+use crate::saga::{Handler, LocalRun, Origin, Saga, StepContext, StepFuture};
 
 impl Saga {
     /// Runs the saga in this task with nothing journaled (py-api-saga's
@@ -414,8 +414,17 @@ impl Run<'_> {
             callback: false,
         };
         let panicked = || First::Done(Err(StepError::unknown_outcome("the step panicked")));
-        let Ok(mut fut) = std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) else {
-            return panicked();
+        let mut fut = match f {
+            Handler::Sync(f) => {
+                return match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
+                    Ok(outcome) => First::Done(outcome),
+                    Err(_) => panicked(),
+                }
+            }
+            Handler::Async(f) => match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
+                Ok(fut) => fut,
+                Err(_) => return panicked(),
+            },
         };
         match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(Poll::Ready(outcome)) => First::Done(outcome),

@@ -1,7 +1,8 @@
 //! Durable sagas for Rust.
 //!
 //! - [`Saga`]: a saga of async step functions, built with
-//!   `Saga::builder("order").step("reserve", reserve).compensate(release)…`;
+//!   `Saga::builder("order").step("reserve", reserve).compensate(release)…`
+//!   (or plain functions with `step_sync`, called with no future);
 //!   [`Saga::execute`] runs one here and now with nothing journaled
 //!   (py-api-saga's `execute()`). A step reads the input and the
 //!   [`Results`] of the steps before it in its [`StepContext`].
@@ -62,7 +63,7 @@ pub use engine::{
     StatusHook, DEFAULT_MAX_ACTIVE,
 };
 pub use results::{Results, ResultsIter};
-pub use saga::{Saga, SagaBuilder, StepContext, StepFn, StepFuture};
+pub use saga::{Saga, SagaBuilder, StepContext, StepFn, StepFuture, SyncStepFn};
 pub use sagatx_core::{
     self as core, Awaiting, CompensationOutcome, ErrorClass, Execution, ExecutionId, Mode, Phase,
     Reply, RetryPolicy, SagaDefinition, SagaError, Status, StepError, StepStatus,

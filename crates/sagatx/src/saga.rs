@@ -1,4 +1,5 @@
-//! Rust sagas: a builder of steps that are async functions.
+//! Rust sagas: a builder of steps that are async functions, or plain
+//! functions for work that never waits (`step_sync`).
 //!
 //! ```
 //! use sagatx::{Saga, StepContext, StepError};
@@ -244,16 +245,62 @@ where
     })
 }
 
+/// A synchronous step function, type-erased: called directly, with no
+/// future (see [`SagaBuilder::step_sync`]).
+pub type SyncStepFn = Arc<dyn Fn(StepContext) -> Result<Value, StepError> + Send + Sync>;
+
+fn erase_sync<F, T>(f: F) -> SyncStepFn
+where
+    F: Fn(StepContext) -> Result<T, StepError> + Send + Sync + 'static,
+    T: Serialize + 'static,
+{
+    Arc::new(move |ctx| {
+        let v = f(ctx)?;
+        serde_json::to_value(v).map_err(|e| {
+            StepError::permanent(format!(
+                "the step's result cannot be serialised to JSON: {e}"
+            ))
+        })
+    })
+}
+
+/// One function of a step.
+#[derive(Clone)]
+pub(crate) enum Handler {
+    /// Its call is a future.
+    Async(StepFn),
+    /// Called directly: its outcome at once.
+    Sync(SyncStepFn),
+}
+
+/// A step function's call: its outcome, or the future that makes it.
+pub(crate) enum Call {
+    Done(Result<Value, StepError>),
+    Future(StepFuture),
+}
+
+impl Handler {
+    /// Calls the function. The caller catches a panic (a synchronous
+    /// function runs here, and so does the part of an asynchronous one
+    /// before its future).
+    pub(crate) fn call(&self, ctx: StepContext) -> Call {
+        match self {
+            Handler::Async(f) => Call::Future(f(ctx)),
+            Handler::Sync(f) => Call::Done(f(ctx)),
+        }
+    }
+}
+
 /// The functions of one step.
 #[derive(Clone, Default)]
 pub(crate) struct Handlers {
-    pub action: Option<StepFn>,
-    pub compensation: Option<StepFn>,
-    pub confirm: Option<StepFn>,
+    pub action: Option<Handler>,
+    pub compensation: Option<Handler>,
+    pub confirm: Option<Handler>,
 }
 
 impl Handlers {
-    pub fn get(&self, phase: Phase) -> Option<&StepFn> {
+    pub fn get(&self, phase: Phase) -> Option<&Handler> {
         match phase {
             Phase::Action => self.action.as_ref(),
             Phase::Compensation => self.compensation.as_ref(),
@@ -322,17 +369,48 @@ fn policy_override(p: RetryPolicy) -> RetryOverride {
 
 impl SagaBuilder {
     /// Adds a step whose action is `f`.
-    pub fn step<F, Fut, T>(mut self, name: impl Into<String>, f: F) -> Self
+    pub fn step<F, Fut, T>(self, name: impl Into<String>, f: F) -> Self
     where
         F: Fn(StepContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, StepError>> + Send + 'static,
         T: Serialize + 'static,
     {
-        let name = name.into();
+        self.add_step(name.into(), Handler::Async(erase(f)))
+    }
+
+    /// Adds a step whose action is the synchronous function `f`, called
+    /// directly: no future is made for its calls (an `async` step's call
+    /// is a boxed future). For work that never waits: in-memory changes, a
+    /// synchronous driver. Such a step runs to its end on the thread that
+    /// calls it: its `timeout` cannot interrupt it (an attempt that
+    /// returns is taken as it is), and a long one holds that thread.
+    ///
+    /// ```
+    /// use sagatx::{Saga, StepContext, StepError};
+    ///
+    /// let saga = Saga::builder("counter")
+    ///     .step_sync("add", |ctx: StepContext| Ok::<_, StepError>(ctx.input()["n"].as_i64().unwrap_or(0) + 1))
+    ///     .compensate_sync(|_| Ok::<_, StepError>(()))
+    ///     .build()
+    ///     .unwrap();
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let results = saga.execute(serde_json::json!({"n": 41})).await.unwrap();
+    /// assert_eq!(results["add"], 42);
+    /// # });
+    /// ```
+    pub fn step_sync<F, T>(self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(StepContext) -> Result<T, StepError> + Send + Sync + 'static,
+        T: Serialize + 'static,
+    {
+        self.add_step(name.into(), Handler::Sync(erase_sync(f)))
+    }
+
+    fn add_step(mut self, name: String, action: Handler) -> Self {
         self.handlers.insert(
             name.clone(),
             Handlers {
-                action: Some(erase(f)),
+                action: Some(action),
                 ..Default::default()
             },
         );
@@ -347,7 +425,7 @@ impl SagaBuilder {
         self.steps.last_mut()
     }
 
-    fn set_handler(&mut self, phase: Phase, f: StepFn) {
+    fn set_handler(&mut self, phase: Phase, f: Handler) {
         if let Some(s) = self.steps.last() {
             let h = self.handlers.entry(s.name.clone()).or_default();
             match phase {
@@ -367,7 +445,21 @@ impl SagaBuilder {
     {
         if let Some(s) = self.last("compensate") {
             s.compensation = Some(Endpoint::Local);
-            self.set_handler(Phase::Compensation, erase(f));
+            self.set_handler(Phase::Compensation, Handler::Async(erase(f)));
+        }
+        self
+    }
+
+    /// The last step's compensation, a synchronous function (see
+    /// [`step_sync`](Self::step_sync)).
+    pub fn compensate_sync<F, T>(mut self, f: F) -> Self
+    where
+        F: Fn(StepContext) -> Result<T, StepError> + Send + Sync + 'static,
+        T: Serialize + 'static,
+    {
+        if let Some(s) = self.last("compensate_sync") {
+            s.compensation = Some(Endpoint::Local);
+            self.set_handler(Phase::Compensation, Handler::Sync(erase_sync(f)));
         }
         self
     }
@@ -381,7 +473,21 @@ impl SagaBuilder {
     {
         if let Some(s) = self.last("confirm") {
             s.confirm = Some(Endpoint::Local);
-            self.set_handler(Phase::Confirm, erase(f));
+            self.set_handler(Phase::Confirm, Handler::Async(erase(f)));
+        }
+        self
+    }
+
+    /// The last step's confirm, a synchronous function (see
+    /// [`step_sync`](Self::step_sync)).
+    pub fn confirm_sync<F, T>(mut self, f: F) -> Self
+    where
+        F: Fn(StepContext) -> Result<T, StepError> + Send + Sync + 'static,
+        T: Serialize + 'static,
+    {
+        if let Some(s) = self.last("confirm_sync") {
+            s.confirm = Some(Endpoint::Local);
+            self.set_handler(Phase::Confirm, Handler::Sync(erase_sync(f)));
         }
         self
     }
@@ -396,7 +502,8 @@ impl SagaBuilder {
     }
 
     /// The last step's per-attempt timeout (for a callback step: how long
-    /// it waits for the reply).
+    /// it waits for the reply). A synchronous function (`step_sync`) runs
+    /// to its end: its outcome is taken as it is.
     pub fn timeout(mut self, t: Duration) -> Self {
         if let Some(s) = self.last("timeout") {
             s.timeout_ms = Some(t.as_millis().clamp(1, u64::MAX as u128) as u64);

@@ -22,6 +22,24 @@ fn builder_errors_name_what_is_wrong() {
             .contains("compensate() was called before any step()"),
         "{e}"
     );
+    let e = Saga::builder("x")
+        .confirm_sync(|_c: StepContext| Ok::<_, StepError>(()))
+        .build()
+        .err()
+        .expect("confirm_sync before step is refused");
+    assert!(
+        e.to_string()
+            .contains("confirm_sync() was called before any step()"),
+        "{e}"
+    );
+    // Two steps of one name, whatever their kinds.
+    let e = Saga::builder("x")
+        .step("a", |_c: StepContext| async { Ok::<_, StepError>(()) })
+        .step_sync("a", |_c: StepContext| Ok::<_, StepError>(()))
+        .build()
+        .err()
+        .expect("duplicate step refused");
+    assert!(e.to_string().contains("duplicate"), "{e}");
     let e = Saga::builder("Bad Name")
         .step("a", |_c: StepContext| async { Ok::<_, StepError>(()) })
         .build()

@@ -1,7 +1,7 @@
 //! The engine end to end, on real stores: every rule of API.md §4 as the
 //! Rust library sees it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sagatx::{
@@ -794,6 +794,116 @@ async fn a_panicking_step_is_an_unknown_outcome_and_the_engine_goes_on() {
     assert_eq!(ex.status, Status::Completed);
     assert_eq!(ex.steps[0].attempts, 2);
     assert_eq!(ex.results()["a"], json!(2));
+}
+
+/// A panic in a step's function itself, before it makes its future (an
+/// `async` step written as a closure that does work first) or in a
+/// synchronous step, is an unknown outcome like a panic in the future:
+/// retried, and the driver goes on. (Before synchronous steps came, the
+/// engine caught only the future's panic.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_function_that_panics_before_its_future_or_synchronously_is_retried() {
+    let saga = Saga::builder("panics_early")
+        .step("early", |ctx: StepContext| {
+            if ctx.attempt() == 1 {
+                panic!("a bug before the future");
+            }
+            async move { Ok::<_, StepError>(ctx.attempt()) }
+        })
+        .retry(RetryPolicy {
+            initial_backoff_ms: 1,
+            ..Default::default()
+        })
+        .step_sync("sync", |ctx: StepContext| {
+            if ctx.attempt() < 3 {
+                panic!("a bug in a synchronous step");
+            }
+            Ok::<_, StepError>(ctx.attempt() * 10)
+        })
+        .retry(RetryPolicy {
+            initial_backoff_ms: 1,
+            ..Default::default()
+        })
+        .build()
+        .expect("valid");
+    let engine = memory_engine(vec![saga]).await;
+    let ex = engine.run("panics_early", json!({})).await.expect("run");
+    assert_eq!(ex.status, Status::Completed, "{:?}", ex.saga_error());
+    assert_eq!((ex.steps[0].attempts, ex.steps[1].attempts), (2, 3));
+    assert_eq!(ex.results()["early"], json!(2));
+    assert_eq!(ex.results()["sync"], json!(30));
+}
+
+/// Synchronous steps on a journaled engine: results seen by later steps,
+/// a permanent failure compensated in reverse with synchronous
+/// compensations, and confirms; the journal holds each outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_steps_run_compensate_and_confirm_on_the_engine() {
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = |calls: &Arc<Mutex<Vec<String>>>, what: &str| {
+        calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(what.to_string());
+    };
+    let (c1, c2, c3, c4, c5) = (
+        calls.clone(),
+        calls.clone(),
+        calls.clone(),
+        calls.clone(),
+        calls.clone(),
+    );
+    let saga = Saga::builder("sync_steps")
+        .step_sync("reserve", move |ctx: StepContext| {
+            log(&c1, "reserve");
+            Ok::<_, StepError>(json!({"n": ctx.input()["n"]}))
+        })
+        .compensate_sync(move |_| {
+            log(&c2, "release");
+            Ok::<_, StepError>(())
+        })
+        .confirm_sync(move |_| {
+            log(&c3, "confirm reserve");
+            Ok::<_, StepError>(())
+        })
+        .step_sync("charge", move |ctx: StepContext| {
+            log(&c4, "charge");
+            // Sees the earlier result.
+            match ctx.results()["reserve"]["n"].as_i64() {
+                Some(n) if n > 0 => Ok(n * 2),
+                _ => Err(StepError::permanent("nothing to charge")),
+            }
+        })
+        .compensate_sync(move |_| {
+            log(&c5, "refund");
+            Ok::<_, StepError>(())
+        })
+        .build()
+        .expect("valid");
+    let engine = memory_engine(vec![saga]).await;
+
+    let ex = engine
+        .run("sync_steps", json!({"n": 4}))
+        .await
+        .expect("run");
+    assert_eq!(ex.status, Status::Completed, "{:?}", ex.saga_error());
+    assert_eq!(ex.results()["charge"], json!(8));
+    let seen = std::mem::take(&mut *calls.lock().unwrap_or_else(|e| e.into_inner()));
+    assert_eq!(seen, ["reserve", "charge", "confirm reserve"]);
+
+    let ex = engine
+        .run("sync_steps", json!({"n": 0}))
+        .await
+        .expect("run");
+    assert_eq!(ex.status, Status::Compensated);
+    let err = ex.saga_error().expect("an error");
+    assert_eq!(err.step.as_deref(), Some("charge"));
+    assert_eq!(err.message, "nothing to charge");
+    let seen = std::mem::take(&mut *calls.lock().unwrap_or_else(|e| e.into_inner()));
+    // The rejected step itself is not compensated (API.md §4).
+    assert_eq!(seen, ["reserve", "charge", "release"]);
+    let stored = engine.get(ex.id).await.expect("get");
+    assert_eq!(stored.steps[0].compensation_attempts, 1);
 }
 
 /// `run` drives a new execution in the caller's task until it has to wait;

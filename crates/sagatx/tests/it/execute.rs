@@ -28,6 +28,8 @@ fn answer() -> impl Strategy<Value = Answer> {
 
 #[derive(Debug, Clone)]
 struct StepPlan {
+    /// Its functions are synchronous (`step_sync`, ...).
+    sync: bool,
     compensation: bool,
     confirm: bool,
     max_attempts: u32,
@@ -55,13 +57,15 @@ fn case() -> impl Strategy<Value = Case> {
         let step = (
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
             1u32..=3,
             action,
             proptest::collection::vec(answer(), 0..=3),
             proptest::collection::vec(answer(), 0..=2),
         )
             .prop_map(
-                move |(compensation, confirm, max_attempts, action, comp, conf)| StepPlan {
+                move |(sync, compensation, confirm, max_attempts, action, comp, conf)| StepPlan {
+                    sync,
                     compensation,
                     confirm,
                     max_attempts: if concurrent { 1 } else { max_attempts },
@@ -84,52 +88,82 @@ fn phase_name(p: Phase) -> &'static str {
     }
 }
 
+/// Logs a call and answers it from the script.
+fn answer_call(log: &Log, answers: &[Answer], ctx: &StepContext) -> Result<Value, StepError> {
+    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+    l.push((
+        ctx.step().to_string(),
+        phase_name(ctx.phase()),
+        ctx.attempt(),
+    ));
+    let n = ctx.attempt() as usize - 1;
+    match answers.get(n).copied().unwrap_or(Answer::Ok) {
+        Answer::Ok => Ok(json!(format!(
+            "{}-{}-{}",
+            ctx.step(),
+            phase_name(ctx.phase()),
+            ctx.attempt()
+        ))),
+        Answer::Transient => Err(StepError::transient(format!("t{}", ctx.attempt()))),
+        Answer::Permanent => Err(StepError::permanent(format!("p{}", ctx.attempt()))),
+    }
+}
+
 /// A step function that logs its call and answers from the script.
 fn scripted(
     log: Log,
     answers: Vec<Answer>,
 ) -> impl Fn(StepContext) -> std::future::Ready<Result<Value, StepError>> + Send + Sync + 'static {
-    move |ctx: StepContext| {
-        let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-        l.push((
-            ctx.step().to_string(),
-            phase_name(ctx.phase()),
-            ctx.attempt(),
-        ));
-        let n = ctx.attempt() as usize - 1;
-        std::future::ready(match answers.get(n).copied().unwrap_or(Answer::Ok) {
-            Answer::Ok => Ok(json!(format!(
-                "{}-{}-{}",
-                ctx.step(),
-                phase_name(ctx.phase()),
-                ctx.attempt()
-            ))),
-            Answer::Transient => Err(StepError::transient(format!("t{}", ctx.attempt()))),
-            Answer::Permanent => Err(StepError::permanent(format!("p{}", ctx.attempt()))),
-        })
-    }
+    move |ctx: StepContext| std::future::ready(answer_call(&log, &answers, &ctx))
 }
 
-fn build(case: &Case, log: &Log) -> Saga {
+/// The same, synchronous.
+fn scripted_sync(
+    log: Log,
+    answers: Vec<Answer>,
+) -> impl Fn(StepContext) -> Result<Value, StepError> + Send + Sync + 'static {
+    move |ctx: StepContext| answer_call(&log, &answers, &ctx)
+}
+
+/// The saga of `case`; with `flip`, every step's functions of the other
+/// kind (synchronous for asynchronous and back).
+fn build(case: &Case, log: &Log, flip: bool) -> Saga {
     let mut b = Saga::builder("diff").mode(if case.concurrent {
         Mode::Concurrent
     } else {
         Mode::Sequential
     });
     for (i, s) in case.steps.iter().enumerate() {
-        b = b
-            .step(format!("s{i}"), scripted(log.clone(), s.action.clone()))
-            .retry(RetryPolicy {
-                max_attempts: s.max_attempts,
-                initial_backoff_ms: 1,
-                max_backoff_ms: 2,
-                multiplier: 2.0,
-            });
+        let sync = s.sync != flip;
+        b = if sync {
+            b.step_sync(
+                format!("s{i}"),
+                scripted_sync(log.clone(), s.action.clone()),
+            )
+        } else {
+            b.step(format!("s{i}"), scripted(log.clone(), s.action.clone()))
+        }
+        .retry(RetryPolicy {
+            max_attempts: s.max_attempts,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 2,
+            multiplier: 2.0,
+        });
         if s.compensation {
-            b = b.compensate(scripted(log.clone(), s.compensation_answers.clone()));
+            let answers = s.compensation_answers.clone();
+            b = if sync {
+                b.compensate_sync(scripted_sync(log.clone(), answers))
+            } else {
+                b.compensate(scripted(log.clone(), answers))
+            };
         }
         if s.confirm {
-            b = b.confirm(scripted(log.clone(), s.confirm_answers.clone()));
+            let answers = s.confirm_answers.clone();
+            b = if sync {
+                b.confirm_sync(scripted_sync(log.clone(), answers))
+            } else {
+                b.confirm(scripted(log.clone(), answers))
+            };
         }
     }
     b.build().expect("a valid saga")
@@ -151,7 +185,7 @@ async fn both(case: Case) -> Result<(), TestCaseError> {
     let engine_log = Log::default();
     let engine = Engine::builder()
         .store(MemoryStore::new())
-        .saga(build(&case, &engine_log))
+        .saga(build(&case, &engine_log, false))
         .build()
         .await
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -160,17 +194,29 @@ async fn both(case: Case) -> Result<(), TestCaseError> {
         .await
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert!(ex.status.is_terminal(), "the engine ended {}", ex.status);
-    let local_log = Log::default();
-    let local = build(&case, &local_log).execute(Value::Null).await;
-    let local = local.map(|m| m.into_map().into_iter().collect::<HashMap<_, _>>());
-    prop_assert_eq!(&local, &engine_end(&ex));
     let mut a = engine_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut b = local_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if case.concurrent {
         a.sort();
-        b.sort();
     }
-    prop_assert_eq!(b, a, "the same calls (the engine's on the right)");
+    // `execute`, with the case's kinds of functions and with the other
+    // kind everywhere: synchronous and asynchronous functions make the
+    // same calls and the same end.
+    for flip in [false, true] {
+        let local_log = Log::default();
+        let local = build(&case, &local_log, flip).execute(Value::Null).await;
+        let local = local.map(|m| m.into_map().into_iter().collect::<HashMap<_, _>>());
+        prop_assert_eq!(&local, &engine_end(&ex), "flipped: {}", flip);
+        let mut b = local_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if case.concurrent {
+            b.sort();
+        }
+        prop_assert_eq!(
+            b,
+            a.clone(),
+            "the same calls (the engine's on the right); flipped: {}",
+            flip
+        );
+    }
     Ok(())
 }
 
@@ -422,4 +468,50 @@ async fn a_slow_step_times_out() {
         .expect("saga");
     let e = saga.execute(Value::Null).await.expect_err("times out");
     assert_eq!(e.message, "timed out after 50 ms");
+}
+
+/// A synchronous step that panics is an unknown outcome, as an async one
+/// is: retried, then compensated; later steps see earlier results.
+#[tokio::test]
+async fn a_panicking_synchronous_step_is_retried_then_compensated() {
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (c1, c2, c3) = (calls.clone(), calls.clone(), calls.clone());
+    let saga = Saga::builder("sync_panics")
+        .step_sync("first", move |_: StepContext| {
+            c1.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push("first".into());
+            Ok::<_, StepError>(7)
+        })
+        .step_sync("second", move |ctx: StepContext| {
+            let seen = ctx.results()["first"].clone();
+            c2.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("second saw {seen}"));
+            if ctx.attempt() < 9 {
+                panic!("boom");
+            }
+            Ok::<_, StepError>(())
+        })
+        .retry(RetryPolicy {
+            max_attempts: 2,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 1,
+            multiplier: 1.0,
+        })
+        .compensate_sync(move |_: StepContext| {
+            c3.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push("undo second".into());
+            Ok::<_, StepError>(())
+        })
+        .build()
+        .expect("saga");
+    let e = saga.execute(Value::Null).await.expect_err("fails");
+    assert_eq!(e.step.as_deref(), Some("second"));
+    assert_eq!(e.message, "the step panicked");
+    assert_eq!(
+        *calls.lock().unwrap_or_else(|e| e.into_inner()),
+        ["first", "second saw 7", "second saw 7", "undo second"]
+    );
 }

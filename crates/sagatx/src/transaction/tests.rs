@@ -865,3 +865,92 @@ async fn a_manager_joined_by_both_methods_counts_once_and_aborts_and_rolls_back(
         ["x:tpc_begin", "x:commit", "x:tpc_vote", "x:tpc_finish"]
     );
 }
+
+mod kinds {
+    //! A transaction's calls and end do not depend on how its managers
+    //! were joined: random managers, keys and failures, joined with a
+    //! random mix of `join` and `join_sync`, against the same managers
+    //! all joined with `join`.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    struct Plan {
+        /// Per manager: its sort key, whether it joins with `join_sync`,
+        /// and the phase it fails in once (if any) and how.
+        managers: Vec<(u8, bool, Option<(usize, u8)>)>,
+        /// Commit, or abort.
+        commit: bool,
+    }
+
+    const PHASES: [&str; 6] = [
+        "tpc_begin",
+        "commit",
+        "tpc_vote",
+        "tpc_finish",
+        "abort",
+        "tpc_abort",
+    ];
+
+    fn plan() -> impl Strategy<Value = Plan> {
+        (
+            proptest::collection::vec(
+                (
+                    0u8..3,
+                    any::<bool>(),
+                    proptest::option::of((0usize..PHASES.len(), 0u8..3)),
+                ),
+                1..=4,
+            ),
+            any::<bool>(),
+        )
+            .prop_map(|(managers, commit)| Plan { managers, commit })
+    }
+
+    fn error(kind: u8) -> TxError {
+        match kind {
+            0 => TxError::transient("t"),
+            1 => TxError::permanent("p"),
+            _ => TxError::unknown_outcome("u"),
+        }
+    }
+
+    /// Runs the plan; `mixed` joins as the plan says, otherwise all with
+    /// `join`. What was called, the outcome, the end status.
+    async fn run(plan: &Plan, mixed: bool) -> (Vec<String>, Result<(), String>, TxStatus) {
+        let log = Log::default();
+        let tx = Transaction::new();
+        for (i, (key, sync, fail)) in plan.managers.iter().enumerate() {
+            let m = dm(&log, &format!("m{i}"), &format!("k{key}"));
+            if let Some((phase, kind)) = fail {
+                m.fail_in(PHASES[*phase], 1, error(*kind));
+            }
+            let joined = if mixed && *sync {
+                tx.join_sync(Arc::new(SyncDm(m)))
+            } else {
+                tx.join(m)
+            };
+            joined.expect("join");
+        }
+        let outcome = if plan.commit {
+            tx.commit().await
+        } else {
+            tx.abort().await
+        };
+        (take(&log), outcome.map_err(|e| e.to_string()), tx.status())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+        #[test]
+        fn joining_synchronously_changes_no_call_and_no_outcome(p in plan()) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let (mixed, all_async) = rt.block_on(async { (run(&p, true).await, run(&p, false).await) });
+            prop_assert_eq!(mixed, all_async);
+        }
+    }
+}

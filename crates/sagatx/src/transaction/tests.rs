@@ -876,11 +876,13 @@ mod kinds {
 
     use super::*;
 
+    /// A manager: its sort key, whether it joins with `join_sync`, and
+    /// the phase it fails in once (if any) and how.
+    type Manager = (u8, bool, Option<(usize, u8)>);
+
     #[derive(Debug, Clone)]
     struct Plan {
-        /// Per manager: its sort key, whether it joins with `join_sync`,
-        /// and the phase it fails in once (if any) and how.
-        managers: Vec<(u8, bool, Option<(usize, u8)>)>,
+        managers: Vec<Manager>,
         /// Commit, or abort.
         commit: bool,
     }

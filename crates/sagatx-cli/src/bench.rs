@@ -272,32 +272,33 @@ fn reject_sync(_: StepContext) -> Result<(), StepError> {
 /// [`three`] with synchronous steps (`step_sync`): py-api-saga's steps are
 /// plain functions, and so are these.
 fn three_sync(name: &str, fail_third: bool, mode: Mode) -> Result<Saga> {
-    let b = Saga::builder(name)
-        .mode(mode)
-        .step_sync("a", noop_sync)
-        .compensate_sync(noop_sync)
-        .step_sync("b", noop_sync)
-        .compensate_sync(noop_sync);
-    let b = if fail_third {
-        b.step_sync("c", reject_sync)
-    } else {
-        b.step_sync("c", noop_sync)
-    };
-    b.build().map_err(|e| anyhow!("{e}"))
+    three_of(name, fail_third, mode, true)
 }
 
 fn three(name: &str, fail_third: bool, mode: Mode) -> Result<Saga> {
-    let b = Saga::builder(name)
-        .mode(mode)
-        .step("a", noop)
-        .compensate(noop)
-        .step("b", noop)
-        .compensate(noop);
-    let b = if fail_third {
-        b.step("c", reject)
-    } else {
-        b.step("c", noop)
-    };
+    three_of(name, fail_third, mode, false)
+}
+
+/// Steps a, b and c, the first two with a compensation; c rejects when
+/// `fail_third`; every function synchronous when `sync`.
+fn three_of(name: &str, fail_third: bool, mode: Mode, sync: bool) -> Result<Saga> {
+    let mut b = Saga::builder(name).mode(mode);
+    for step in ["a", "b", "c"] {
+        let last = step == "c";
+        b = match (sync, last && fail_third) {
+            (true, false) => b.step_sync(step, noop_sync),
+            (true, true) => b.step_sync(step, reject_sync),
+            (false, false) => b.step(step, noop),
+            (false, true) => b.step(step, reject),
+        };
+        if !last {
+            b = if sync {
+                b.compensate_sync(noop_sync)
+            } else {
+                b.compensate(noop)
+            };
+        }
+    }
     b.build().map_err(|e| anyhow!("{e}"))
 }
 

@@ -107,79 +107,96 @@ fn take(log: &Log) -> Vec<String> {
     std::mem::take(&mut *log.lock().expect("lock"))
 }
 
+/// Joins `m` with `join`, or, with `sync`, as a synchronous manager with
+/// `join_sync`: the tests below run with both kinds mixed too.
+fn join_as(tx: &Transaction, m: Arc<Dm>, sync: bool) -> Result<(), TransactionError> {
+    if sync {
+        tx.join_sync(Arc::new(SyncDm(m)))
+    } else {
+        tx.join(m)
+    }
+}
+
 #[tokio::test]
 async fn commit_runs_each_phase_over_managers_in_stable_sort_order() {
-    let log = Log::default();
-    let tx = Transaction::new();
-    tx.join(dm(&log, "c", "b")).expect("join");
-    tx.join(dm(&log, "a", "a")).expect("join");
-    tx.join(dm(&log, "d", "b")).expect("join");
-    tx.commit().await.expect("commit");
-    let want: Vec<String> = ["tpc_begin", "commit", "tpc_vote", "tpc_finish"]
-        .iter()
-        .flat_map(|p| ["a", "c", "d"].map(|n| format!("{n}:{p}")))
-        .collect();
-    assert_eq!(take(&log), want);
-    assert_eq!(tx.status(), TxStatus::Committed);
-    assert!(matches!(
-        tx.commit().await,
-        Err(TransactionError::NotActive(_))
-    ));
-    assert!(matches!(
-        tx.join(dm(&log, "late", "z")),
-        Err(TransactionError::NotActive(_))
-    ));
+    for mixed in [false, true] {
+        let log = Log::default();
+        let tx = Transaction::new();
+        join_as(&tx, dm(&log, "c", "b"), mixed).expect("join");
+        join_as(&tx, dm(&log, "a", "a"), false).expect("join");
+        join_as(&tx, dm(&log, "d", "b"), mixed).expect("join");
+        assert_eq!(tx.managers(), ["c", "a", "d"]);
+        tx.commit().await.expect("commit");
+        let want: Vec<String> = ["tpc_begin", "commit", "tpc_vote", "tpc_finish"]
+            .iter()
+            .flat_map(|p| ["a", "c", "d"].map(|n| format!("{n}:{p}")))
+            .collect();
+        assert_eq!(take(&log), want, "mixed: {mixed}");
+        assert_eq!(tx.status(), TxStatus::Committed);
+        assert!(matches!(
+            tx.commit().await,
+            Err(TransactionError::NotActive(_))
+        ));
+        assert!(matches!(
+            join_as(&tx, dm(&log, "late", "z"), mixed),
+            Err(TransactionError::NotActive(_))
+        ));
+    }
 }
 
 #[tokio::test]
 async fn a_failing_vote_aborts_every_manager() {
-    let log = Log::default();
-    let tx = Transaction::new();
-    tx.join(dm(&log, "a", "1")).expect("join");
-    tx.join(dm(&log, "b", "2").fail_in("tpc_vote", 1, TxError::transient("conflict")))
-        .expect("join");
-    let err = tx.commit().await.expect_err("aborted");
-    assert!(
-        matches!(&err, TransactionError::Aborted { manager, phase: "tpc_vote", .. } if manager == "b"),
-        "{err}"
-    );
-    assert_eq!(err.class(), ErrorClass::Transient);
-    let l = take(&log);
-    assert!(
-        l.ends_with(&["a:tpc_abort".to_string(), "b:tpc_abort".to_string()]),
-        "{l:?}"
-    );
-    assert!(!l.iter().any(|x| x.ends_with("tpc_finish")));
-    assert_eq!(tx.status(), TxStatus::Aborted);
+    for mixed in [false, true] {
+        let log = Log::default();
+        let tx = Transaction::new();
+        join_as(&tx, dm(&log, "a", "1"), false).expect("join");
+        let b = dm(&log, "b", "2").fail_in("tpc_vote", 1, TxError::transient("conflict"));
+        join_as(&tx, b, mixed).expect("join");
+        let err = tx.commit().await.expect_err("aborted");
+        assert!(
+            matches!(&err, TransactionError::Aborted { manager, phase: "tpc_vote", .. } if manager == "b"),
+            "{err}"
+        );
+        assert_eq!(err.class(), ErrorClass::Transient);
+        let l = take(&log);
+        assert!(
+            l.ends_with(&["a:tpc_abort".to_string(), "b:tpc_abort".to_string()]),
+            "{l:?}"
+        );
+        assert!(!l.iter().any(|x| x.ends_with("tpc_finish")));
+        assert_eq!(tx.status(), TxStatus::Aborted);
+    }
 }
 
 #[tokio::test]
 async fn a_failure_after_the_vote_is_serious_and_the_commit_can_be_finished() {
-    let log = Log::default();
-    let tx = Transaction::new();
-    tx.join(dm(&log, "a", "1")).expect("join");
-    tx.join(dm(&log, "b", "2").fail_in("tpc_finish", 1, TxError::unknown_outcome("network")))
-        .expect("join");
-    tx.join(dm(&log, "c", "3")).expect("join");
-    let err = tx.commit().await.expect_err("failed");
-    assert!(
-        matches!(
-            err,
-            TransactionError::CommitFailed {
-                finished: 1,
-                total: 3,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(err.to_string().contains("needs recovery"), "{err}");
-    assert_eq!(tx.status(), TxStatus::CommitFailed);
-    take(&log);
-    // Retrying finishes only the managers that did not.
-    tx.commit().await.expect("finished");
-    assert_eq!(take(&log), ["b:tpc_finish", "c:tpc_finish"]);
-    assert_eq!(tx.status(), TxStatus::Committed);
+    for mixed in [false, true] {
+        let log = Log::default();
+        let tx = Transaction::new();
+        join_as(&tx, dm(&log, "a", "1"), mixed).expect("join");
+        let b = dm(&log, "b", "2").fail_in("tpc_finish", 1, TxError::unknown_outcome("network"));
+        join_as(&tx, b, mixed).expect("join");
+        join_as(&tx, dm(&log, "c", "3"), false).expect("join");
+        let err = tx.commit().await.expect_err("failed");
+        assert!(
+            matches!(
+                err,
+                TransactionError::CommitFailed {
+                    finished: 1,
+                    total: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("needs recovery"), "{err}");
+        assert_eq!(tx.status(), TxStatus::CommitFailed);
+        take(&log);
+        // Retrying finishes only the managers that did not.
+        tx.commit().await.expect("finished");
+        assert_eq!(take(&log), ["b:tpc_finish", "c:tpc_finish"]);
+        assert_eq!(tx.status(), TxStatus::Committed);
+    }
 }
 
 #[tokio::test]
@@ -762,79 +779,6 @@ impl SyncDataManager for SyncDm {
 
 fn sdm(log: &Log, name: &str, key: &str) -> Arc<SyncDm> {
     Arc::new(SyncDm(dm(log, name, key)))
-}
-
-#[tokio::test]
-async fn sync_and_async_managers_commit_together_in_one_sort_order() {
-    let log = Log::default();
-    let tx = Transaction::new();
-    tx.join_sync(sdm(&log, "c", "b")).expect("join");
-    tx.join(dm(&log, "a", "a")).expect("join");
-    tx.join_sync(sdm(&log, "d", "b")).expect("join");
-    tx.join(dm(&log, "e", "c")).expect("join");
-    assert_eq!(tx.managers(), ["c", "a", "d", "e"]);
-    tx.commit().await.expect("commit");
-    let want: Vec<String> = ["tpc_begin", "commit", "tpc_vote", "tpc_finish"]
-        .iter()
-        .flat_map(|p| ["a", "c", "d", "e"].map(|n| format!("{n}:{p}")))
-        .collect();
-    assert_eq!(take(&log), want);
-    assert_eq!(tx.status(), TxStatus::Committed);
-    assert!(matches!(
-        tx.join_sync(sdm(&log, "late", "z")),
-        Err(TransactionError::NotActive(_))
-    ));
-}
-
-#[tokio::test]
-async fn a_failing_sync_vote_aborts_every_manager_of_both_kinds() {
-    let log = Log::default();
-    let tx = Transaction::new();
-    tx.join(dm(&log, "a", "1")).expect("join");
-    let b = sdm(&log, "b", "2");
-    b.0.fail_in("tpc_vote", 1, TxError::transient("conflict"));
-    tx.join_sync(b).expect("join");
-    tx.join_sync(sdm(&log, "c", "3")).expect("join");
-    let err = tx.commit().await.expect_err("aborted");
-    assert!(
-        matches!(&err, TransactionError::Aborted { manager, phase: "tpc_vote", error }
-            if manager == "b" && error.class == ErrorClass::Transient),
-        "{err}"
-    );
-    let l = take(&log);
-    for n in ["a", "b", "c"] {
-        assert!(l.contains(&format!("{n}:tpc_abort")), "{n} in {l:?}");
-    }
-    assert!(!l.contains(&"c:tpc_vote".to_string()), "{l:?}");
-    assert!(!l.iter().any(|x| x.ends_with("tpc_finish")), "{l:?}");
-    assert_eq!(tx.status(), TxStatus::Aborted);
-}
-
-#[tokio::test]
-async fn a_sync_finish_failure_is_resumed_by_committing_again() {
-    let log = Log::default();
-    let tx = Transaction::new();
-    tx.join_sync(sdm(&log, "a", "1")).expect("join");
-    let b = sdm(&log, "b", "2");
-    b.0.fail_in("tpc_finish", 1, TxError::unknown_outcome("disk"));
-    tx.join_sync(b).expect("join");
-    tx.join(dm(&log, "c", "3")).expect("join");
-    let err = tx.commit().await.expect_err("failed");
-    assert!(
-        matches!(
-            err,
-            TransactionError::CommitFailed {
-                finished: 1,
-                total: 3,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    take(&log);
-    tx.commit().await.expect("finished");
-    assert_eq!(take(&log), ["b:tpc_finish", "c:tpc_finish"]);
-    assert_eq!(tx.status(), TxStatus::Committed);
 }
 
 #[tokio::test]

@@ -26,46 +26,40 @@ fn count(path: &std::path::Path) -> i64 {
 async fn two_sqlite_databases_commit_or_roll_back_together() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (pa, pb) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let a = SqliteDataManager::begin("a", db(&pa)).expect("begin a");
-    let b = SqliteDataManager::begin("b", db(&pb)).expect("begin b");
-    let tx = Transaction::new();
-    tx.join(a.clone()).expect("join");
-    tx.join(b.clone()).expect("join");
-    a.with(|c| c.execute("INSERT INTO t VALUES (1)", []))
-        .expect("insert");
-    b.with(|c| c.execute("INSERT INTO t VALUES (2)", []))
-        .expect("insert");
-    tx.commit().await.expect("commit");
-    assert_eq!((count(&pa), count(&pb)), (1, 1));
-
-    // A vote fails: both roll back. (Joined as the synchronous managers
-    // they are, with no future a call; the first transaction joined them
-    // through `join`.)
-    let a = SqliteDataManager::begin("a", db(&pa)).expect("begin a");
-    let b = SqliteDataManager::begin("b", db(&pb)).expect("begin b");
-    let tx = Transaction::new();
-    tx.join_sync(a.clone()).expect("join");
-    tx.join_sync(b.clone()).expect("join");
-    a.with(|c| c.execute("INSERT INTO t VALUES (3)", []))
-        .expect("insert");
-    b.with(|c| c.execute("INSERT INTO t VALUES (4)", []))
-        .expect("insert");
-    sagatx::transaction::after_commit_voting(&tx, || Ok(()), || Err(TxError::permanent("no")));
-    let err = tx.commit().await.expect_err("vetoed");
-    assert!(matches!(err, TransactionError::Aborted { .. }), "{err}");
-    assert_eq!((count(&pa), count(&pb)), (1, 1), "neither committed");
-
-    // And both commit through `join_sync`.
-    let a = SqliteDataManager::begin("a", db(&pa)).expect("begin a");
-    let b = SqliteDataManager::begin("b", db(&pb)).expect("begin b");
-    let tx = Transaction::new();
-    tx.join_sync(a.clone()).expect("join");
-    tx.join_sync(b.clone()).expect("join");
-    a.with(|c| c.execute("INSERT INTO t VALUES (5)", []))
-        .expect("insert");
-    b.with(|c| c.execute("INSERT INTO t VALUES (6)", []))
-        .expect("insert");
-    tx.commit().await.expect("commit");
+    // Each run joins both managers through `join` (boxed futures) or, as
+    // the synchronous managers they are, through `join_sync`; commits
+    // when `veto` is off, and a vote fails (both roll back) when it is on.
+    let runs = [(false, false), (true, false), (true, true), (false, true)];
+    for (n, (sync, veto)) in runs.into_iter().enumerate() {
+        let a = SqliteDataManager::begin("a", db(&pa)).expect("begin a");
+        let b = SqliteDataManager::begin("b", db(&pb)).expect("begin b");
+        let tx = Transaction::new();
+        for m in [&a, &b] {
+            if sync {
+                tx.join_sync(m.clone()).expect("join");
+            } else {
+                tx.join(m.clone()).expect("join");
+            }
+        }
+        let (ca, cb) = (count(&pa), count(&pb));
+        a.with(|c| c.execute("INSERT INTO t VALUES (?1)", [2 * n]))
+            .expect("insert");
+        b.with(|c| c.execute("INSERT INTO t VALUES (?1)", [2 * n + 1]))
+            .expect("insert");
+        if veto {
+            sagatx::transaction::after_commit_voting(
+                &tx,
+                || Ok(()),
+                || Err(TxError::permanent("no")),
+            );
+            let err = tx.commit().await.expect_err("vetoed");
+            assert!(matches!(err, TransactionError::Aborted { .. }), "{err}");
+            assert_eq!((count(&pa), count(&pb)), (ca, cb), "neither committed");
+        } else {
+            tx.commit().await.expect("commit");
+            assert_eq!((count(&pa), count(&pb)), (ca + 1, cb + 1), "sync: {sync}");
+        }
+    }
     assert_eq!((count(&pa), count(&pb)), (2, 2));
 }
 

@@ -36,43 +36,36 @@ fn product_of(ctx: &StepContext) -> Result<String, StepError> {
         .ok_or_else(|| StepError::permanent("the input has no \"product\""))
 }
 
+/// The steps change in-memory state and never wait: plain functions
+/// (`step_sync`), as py-api-saga's are, called with no future.
 fn saga(services: Arc<Services>) -> Result<Saga, sagatx::core::DefinitionError> {
     let (s1, s2, s3) = (services.clone(), services.clone(), services);
     Saga::builder("product-shipping")
-        .step("update-product-state", move |ctx: StepContext| {
-            let s = s1.clone();
-            async move {
-                let product = product_of(&ctx)?;
-                println!("  product {product}: in_stock -> sold_out");
-                set(&s.product_state, &product, "sold_out");
-                Ok::<_, StepError>(json!({"product": product, "state": "sold_out"}))
-            }
+        .step_sync("update-product-state", move |ctx: StepContext| {
+            let product = product_of(&ctx)?;
+            println!("  product {product}: in_stock -> sold_out");
+            set(&s1.product_state, &product, "sold_out");
+            Ok::<_, StepError>(json!({"product": product, "state": "sold_out"}))
         })
-        .compensate(move |ctx: StepContext| {
-            let s = s2.clone();
-            async move {
-                let product = product_of(&ctx)?;
-                println!("  product {product}: sold_out -> in_stock (compensation)");
-                set(&s.product_state, &product, "in_stock");
-                Ok::<_, StepError>(())
-            }
+        .compensate_sync(move |ctx: StepContext| {
+            let product = product_of(&ctx)?;
+            println!("  product {product}: sold_out -> in_stock (compensation)");
+            set(&s2.product_state, &product, "in_stock");
+            Ok::<_, StepError>(())
         })
-        .step("update-shipping-state", move |ctx: StepContext| {
-            let s = s3.clone();
-            async move {
-                let product = product_of(&ctx)?;
-                // Earlier results are visible to later steps.
-                let sold = &ctx.results()["update-product-state"]["state"];
-                if ctx.input()["fail_shipping"] == json!(true) {
-                    println!("  shipping {product}: refused (the product is {sold})");
-                    return Err(StepError::permanent(
-                        "shipping service: no courier available",
-                    ));
-                }
-                println!("  shipping {product}: ready_to_dispatch (the product is {sold})");
-                set(&s.shipping_state, &product, "ready_to_dispatch");
-                Ok(json!({"state": "ready_to_dispatch"}))
+        .step_sync("update-shipping-state", move |ctx: StepContext| {
+            let product = product_of(&ctx)?;
+            // Earlier results are visible to later steps.
+            let sold = &ctx.results()["update-product-state"]["state"];
+            if ctx.input()["fail_shipping"] == json!(true) {
+                println!("  shipping {product}: refused (the product is {sold})");
+                return Err(StepError::permanent(
+                    "shipping service: no courier available",
+                ));
             }
+            println!("  shipping {product}: ready_to_dispatch (the product is {sold})");
+            set(&s3.shipping_state, &product, "ready_to_dispatch");
+            Ok(json!({"state": "ready_to_dispatch"}))
         })
         .build()
 }

@@ -55,7 +55,7 @@ async fn add(State(app): State<Arc<App>>, Path(n): Path<i64>) -> String {
                 let conn = rusqlite::Connection::open(&app.db)
                     .map_err(|e| TxError::permanent(e.to_string()))?;
                 let dm = SqliteDataManager::begin("db", conn)?;
-                tx.join(dm.clone())
+                tx.join_sync(dm.clone())
                     .map_err(|e| TxError::permanent(e.to_string()))?;
                 dm.with(|c| c.execute("UPDATE counter SET n = n + ?1", [n]))?;
                 // The first request meets a (simulated) write conflict once.
@@ -80,7 +80,7 @@ async fn read(State(app): State<Arc<App>>) -> String {
                 let conn = rusqlite::Connection::open(&app.db)
                     .map_err(|e| TxError::permanent(e.to_string()))?;
                 let dm = SqliteDataManager::begin("db", conn)?;
-                tx.join(dm.clone())
+                tx.join_sync(dm.clone())
                     .map_err(|e| TxError::permanent(e.to_string()))?;
                 tx.set_read_only();
                 dm.with(|c| c.query_row("SELECT n FROM counter", [], |r| r.get::<_, i64>(0)))

@@ -388,15 +388,24 @@ impl SagaBuilder {
     /// ```
     /// use sagatx::{Saga, StepContext, StepError};
     ///
+    /// fn add(ctx: StepContext) -> Result<i64, StepError> {
+    ///     let n = ctx.input()["n"]
+    ///         .as_i64()
+    ///         .ok_or_else(|| StepError::permanent("the input has no number \"n\""))?;
+    ///     Ok(n + 1)
+    /// }
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     /// let saga = Saga::builder("counter")
-    ///     .step_sync("add", |ctx: StepContext| Ok::<_, StepError>(ctx.input()["n"].as_i64().unwrap_or(0) + 1))
+    ///     .step_sync("add", add)
     ///     .compensate_sync(|_| Ok::<_, StepError>(()))
-    ///     .build()
-    ///     .unwrap();
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let results = saga.execute(serde_json::json!({"n": 41})).await.unwrap();
+    ///     .build()?;
+    /// let results = saga.execute(serde_json::json!({"n": 41})).await?;
     /// assert_eq!(results["add"], 42);
-    /// # });
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().map_err(|e| e.to_string())?.block_on(demo()).map_err(|e| e.to_string())?;
+    /// # Ok::<(), String>(())
     /// ```
     pub fn step_sync<F, T>(self, name: impl Into<String>, f: F) -> Self
     where

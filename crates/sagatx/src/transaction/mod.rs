@@ -186,34 +186,42 @@ pub trait DataManager: Send + Sync {
 /// [`Transaction::join`] takes it too, at the cost of those futures.
 ///
 /// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::sync::Arc;
 /// use sagatx::transaction::{SyncDataManager, Transaction, TxError, TxInfo};
 ///
-/// /// Adds to a counter when the transaction commits.
-/// struct Pending(std::sync::Mutex<(u64, u64)>); // (committed, pending)
+/// /// Adds what is pending to the total when the transaction commits.
+/// #[derive(Default)]
+/// struct Counter { total: AtomicU64, pending: AtomicU64 }
 ///
-/// impl SyncDataManager for Pending {
+/// impl SyncDataManager for Counter {
 ///     fn sort_key(&self) -> String { "counter".into() }
-///     fn abort(&self, _: &TxInfo) -> Result<(), TxError> { self.0.lock().unwrap().1 = 0; Ok(()) }
+///     fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+///         self.pending.store(0, Ordering::SeqCst);
+///         Ok(())
+///     }
 ///     fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> { Ok(()) }
 ///     fn commit(&self, _: &TxInfo) -> Result<(), TxError> { Ok(()) }
 ///     fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> { Ok(()) }
 ///     fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
-///         let mut c = self.0.lock().unwrap();
-///         c.0 += std::mem::take(&mut c.1);
+///         let n = self.pending.swap(0, Ordering::SeqCst);
+///         self.total.fetch_add(n, Ordering::SeqCst);
 ///         Ok(())
 ///     }
 ///     fn tpc_abort(&self, tx: &TxInfo) -> Result<(), TxError> { self.abort(tx) }
 /// }
 ///
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let counter = Arc::new(Pending(std::sync::Mutex::new((0, 0))));
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let counter = Arc::new(Counter::default());
 /// let tx = Transaction::new();
-/// tx.join_sync(counter.clone()).unwrap();
-/// counter.0.lock().unwrap().1 += 5;
-/// tx.commit().await.unwrap();
-/// assert_eq!(counter.0.lock().unwrap().0, 5);
-/// # });
+/// tx.join_sync(counter.clone())?;
+/// counter.pending.fetch_add(5, Ordering::SeqCst);
+/// tx.commit().await?;
+/// assert_eq!(counter.total.load(Ordering::SeqCst), 5);
+/// # Ok(())
+/// # }
+/// # tokio::runtime::Runtime::new().map_err(|e| e.to_string())?.block_on(demo()).map_err(|e| e.to_string())?;
+/// # Ok::<(), String>(())
 /// ```
 pub trait SyncDataManager: Send + Sync {
     /// Managers commit in the order of their keys (stable for equal keys).

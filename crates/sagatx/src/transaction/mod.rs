@@ -25,7 +25,8 @@
 //! ```
 
 pub(crate) use crate::now_ms;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -363,6 +364,7 @@ fn gid_of(id: u64) -> String {
 
 /// The status of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum TxStatus {
     Active,
     Committing,
@@ -374,6 +376,17 @@ pub enum TxStatus {
 }
 
 impl TxStatus {
+    /// The inverse of `status as u8`.
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => TxStatus::Active,
+            1 => TxStatus::Committing,
+            2 => TxStatus::Committed,
+            3 => TxStatus::CommitFailed,
+            _ => TxStatus::Aborted,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             TxStatus::Active => "active",
@@ -392,7 +405,6 @@ struct Joined {
 }
 
 struct State {
-    status: TxStatus,
     /// Most transactions join one manager: it is kept inline, with no
     /// allocation of its own.
     joined: SmallVec<[Joined; 1]>,
@@ -411,7 +423,25 @@ struct Inner {
     id: u64,
     /// Made on first use: most transactions never need it.
     gid: std::sync::OnceLock<String>,
+    /// The [`TxStatus`], readable without the lock. Every change is made
+    /// with `state` locked, so that joining, savepoints and the start of
+    /// a commit or an abort see it together with the rest of the state;
+    /// all but one: the end of a successful commit without a decision
+    /// log (`Committing` to `Committed`) changes nothing else, so it
+    /// takes no lock (no operation acts on the difference: each one
+    /// refuses both).
+    status: AtomicU8,
     state: Mutex<State>,
+}
+
+impl Inner {
+    fn status(&self) -> TxStatus {
+        TxStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    fn set_status(&self, status: TxStatus) {
+        self.status.store(status as u8, Ordering::Release);
+    }
 }
 
 /// A transaction that data managers join. Cheap to clone (a handle).
@@ -421,6 +451,32 @@ pub struct Transaction {
 }
 
 static NEXT_TX: AtomicU64 = AtomicU64::new(1);
+
+/// Transaction numbers each thread takes from [`NEXT_TX`] at a time.
+const ID_BLOCK: u64 = 1024;
+
+/// The next transaction number: unique in the process, increasing within
+/// a thread. Each thread takes a block of [`ID_BLOCK`] numbers at a time,
+/// so that beginning a transaction costs no atomic operation (one of the
+/// few costs left in a transaction's begin, join and commit) and threads
+/// beginning transactions do not contend for one counter.
+fn next_id() -> u64 {
+    thread_local! {
+        /// The next number of this thread's block and the block's end.
+        static IDS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    IDS.with(|ids| {
+        let (next, end) = ids.get();
+        let (id, end) = if next < end {
+            (next, end)
+        } else {
+            let start = NEXT_TX.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            (start, start + ID_BLOCK)
+        };
+        ids.set((id + 1, end));
+        id
+    })
+}
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // Updates under this lock are single assignments and pushes; a panic
@@ -439,10 +495,10 @@ impl Transaction {
     pub fn new() -> Self {
         Transaction {
             inner: Arc::new(Inner {
-                id: NEXT_TX.fetch_add(1, Ordering::Relaxed),
+                id: next_id(),
                 gid: std::sync::OnceLock::new(),
+                status: AtomicU8::new(TxStatus::Active as u8),
                 state: Mutex::new(State {
-                    status: TxStatus::Active,
                     joined: SmallVec::new(),
                     generation: 0,
                     read_only: false,
@@ -455,6 +511,9 @@ impl Transaction {
         }
     }
 
+    /// The transaction's number: unique in the process (never 0), and
+    /// increasing among the transactions one thread begins (threads take
+    /// numbers in blocks, so not across threads).
     pub fn id(&self) -> u64 {
         self.inner.id
     }
@@ -472,7 +531,7 @@ impl Transaction {
     }
 
     pub fn status(&self) -> TxStatus {
-        lock(&self.inner.state).status
+        self.inner.status()
     }
 
     pub fn is_active(&self) -> bool {
@@ -520,8 +579,9 @@ impl Transaction {
 
     fn add(&self, dm: Member) -> Result<(), TransactionError> {
         let mut st = lock(&self.inner.state);
-        if st.status != TxStatus::Active {
-            return Err(TransactionError::NotActive(st.status.as_str()));
+        let status = self.inner.status();
+        if status != TxStatus::Active {
+            return Err(TransactionError::NotActive(status.as_str()));
         }
         if !st
             .joined
@@ -548,8 +608,9 @@ impl Transaction {
     /// A savepoint of every joined manager.
     pub fn savepoint(&self) -> Result<Savepoint, TransactionError> {
         let st = lock(&self.inner.state);
-        if st.status != TxStatus::Active {
-            return Err(TransactionError::NotActive(st.status.as_str()));
+        let status = self.inner.status();
+        if status != TxStatus::Active {
+            return Err(TransactionError::NotActive(status.as_str()));
         }
         let mut rollbacks = Vec::with_capacity(st.joined.len());
         for j in &st.joined {
@@ -580,12 +641,12 @@ impl Transaction {
     pub(crate) async fn abort_inner(&self) -> Result<(), TransactionError> {
         let dms = {
             let mut st = lock(&self.inner.state);
-            match st.status {
+            match self.inner.status() {
                 TxStatus::Active => {}
                 TxStatus::Aborted => return Ok(()),
                 s => return Err(TransactionError::NotActive(s.as_str())),
             }
-            st.status = TxStatus::Aborted;
+            self.inner.set_status(TxStatus::Aborted);
             st.generation += 1;
             sorted(&st.joined)
         };
@@ -619,13 +680,13 @@ impl Transaction {
         // log. The managers no longer change once the commit began
         // (joining needs `Active`).
         let (resuming, info, managers, log) = {
-            let mut st = lock(&self.inner.state);
+            let st = lock(&self.inner.state);
             if caller == Caller::Application && st.loop_controlled {
                 return Err(TransactionError::Lifecycle("commit()"));
             }
-            let resuming = match st.status {
+            let resuming = match self.inner.status() {
                 TxStatus::Active => {
-                    st.status = TxStatus::Committing;
+                    self.inner.set_status(TxStatus::Committing);
                     false
                 }
                 // Retry only the commit: finish the managers that did not.
@@ -679,7 +740,7 @@ impl Transaction {
                 for (i, _, _) in managers.iter().take(k) {
                     st.joined[*i].finished = true;
                 }
-                st.status = TxStatus::CommitFailed;
+                self.inner.set_status(TxStatus::CommitFailed);
                 let finished = st.joined.iter().filter(|j| j.finished).count();
                 tracing::error!(manager = %dm.name(), %error, finished, total, "commit failed after the vote");
                 return Err(TransactionError::CommitFailed {
@@ -690,14 +751,16 @@ impl Transaction {
                 });
             }
         }
-        let token = {
+        // The end. Only the status changes (the managers' `finished`
+        // flags serve to resume a commit that failed, and savepoints check
+        // the status first), and the decision, when one was logged.
+        let token = if log.is_some() {
             let mut st = lock(&self.inner.state);
-            st.status = TxStatus::Committed;
-            st.generation += 1;
-            for j in &mut st.joined {
-                j.finished = true;
-            }
+            self.inner.set_status(TxStatus::Committed);
             st.decision.take()
+        } else {
+            self.inner.set_status(TxStatus::Committed);
+            None
         };
         if let (Some(log), Some(token)) = (log, token) {
             if let Err(e) = log.forget(token).await {
@@ -778,7 +841,7 @@ impl Transaction {
             }
         }
         let mut st = lock(&self.inner.state);
-        st.status = TxStatus::Aborted;
+        self.inner.set_status(TxStatus::Aborted);
         st.generation += 1;
         TransactionError::Aborted {
             manager,
@@ -821,7 +884,7 @@ impl Savepoint {
     pub async fn rollback(&mut self) -> Result<(), TransactionError> {
         let later: Vec<Member> = {
             let mut st = lock(&self.tx.inner.state);
-            if st.status != TxStatus::Active || st.generation != self.generation {
+            if self.tx.inner.status() != TxStatus::Active || st.generation != self.generation {
                 return Err(TransactionError::InvalidSavepoint);
             }
             st.generation += 1;

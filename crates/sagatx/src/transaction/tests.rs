@@ -900,3 +900,143 @@ mod kinds {
         }
     }
 }
+
+/// Transaction numbers come from per-thread blocks: unique across
+/// threads beginning transactions at once, and increasing within each.
+#[test]
+fn transaction_numbers_are_unique_across_threads_and_increase_within_one() {
+    let per_thread = 3 * ID_BLOCK as usize + 7;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..per_thread)
+                    .map(|_| Transaction::new().id())
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    let mut all = std::collections::HashSet::new();
+    for t in threads {
+        let ids = t.join().expect("thread");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "not increasing");
+        for id in ids {
+            assert!(id > 0);
+            assert!(all.insert(id), "transaction number {id} given twice");
+        }
+    }
+    assert_eq!(all.len(), 4 * per_thread);
+}
+
+/// Records the transaction's status in every phase it is called in.
+struct StatusDm {
+    tx: Transaction,
+    seen: Mutex<Vec<(&'static str, TxStatus)>>,
+}
+
+impl StatusDm {
+    fn see(&self, phase: &'static str) -> Result<(), TxError> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .push((phase, self.tx.status()));
+        Ok(())
+    }
+}
+
+impl SyncDataManager for StatusDm {
+    fn sort_key(&self) -> String {
+        "status".into()
+    }
+    fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.see("abort")
+    }
+    fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.see("tpc_begin")
+    }
+    fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.see("commit")
+    }
+    fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.see("tpc_vote")
+    }
+    fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.see("tpc_finish")
+    }
+    fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        self.see("tpc_abort")
+    }
+}
+
+/// Records the decisions logged and forgotten.
+#[derive(Default)]
+struct Decisions(Mutex<Vec<String>>);
+
+#[async_trait]
+impl DecisionLog for Decisions {
+    async fn decide_commit(&self, tx: &TxInfo) -> Result<u64, TxError> {
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("decide {}", tx.id));
+        Ok(tx.id + 100)
+    }
+    async fn forget(&self, token: u64) -> Result<(), TxError> {
+        self.0.lock().expect("lock").push(format!("forget {token}"));
+        Ok(())
+    }
+}
+
+/// A manager reads the status during the commit (it is `Committing` in
+/// every phase, and reading it does not wait for the commit); the status
+/// is `Committed` after it, with or without a decision log (whose
+/// decision is then forgotten); a savepoint taken before the commit can
+/// no longer roll back.
+#[tokio::test]
+async fn the_status_is_committing_during_the_commit_and_committed_after_it() {
+    for decisions in [false, true] {
+        let tx = Transaction::new();
+        let log = Arc::new(Decisions::default());
+        if decisions {
+            tx.set_decision_log(log.clone());
+        }
+        let m = Arc::new(StatusDm {
+            tx: tx.clone(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let rec = Log::default();
+        tx.join(dm(&rec, "sp", "sp")).expect("join");
+        let mut sp = tx.savepoint().expect("savepoint");
+        tx.join_sync(m.clone()).expect("join");
+        assert_eq!(tx.status(), TxStatus::Active);
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            *m.seen.lock().expect("lock"),
+            ["tpc_begin", "commit", "tpc_vote", "tpc_finish"].map(|p| (p, TxStatus::Committing))
+        );
+        assert_eq!(tx.status(), TxStatus::Committed);
+        let want = if decisions {
+            vec![
+                format!("decide {}", tx.id()),
+                format!("forget {}", tx.id() + 100),
+            ]
+        } else {
+            vec![]
+        };
+        assert_eq!(*log.0.lock().expect("lock"), want);
+        take(&rec);
+        assert!(matches!(
+            sp.rollback().await,
+            Err(TransactionError::InvalidSavepoint)
+        ));
+        assert_eq!(
+            take(&rec),
+            Vec::<String>::new(),
+            "no rollback after the commit"
+        );
+        assert!(matches!(
+            tx.abort().await,
+            Err(TransactionError::NotActive("committed"))
+        ));
+        assert_eq!(tx.status(), TxStatus::Committed);
+    }
+}

@@ -690,7 +690,12 @@ impl Transaction {
                     false
                 }
                 // Retry only the commit: finish the managers that did not.
-                TxStatus::CommitFailed => true,
+                // `Committing` again, so that a second commit meanwhile
+                // is refused instead of finishing the same managers too.
+                TxStatus::CommitFailed => {
+                    self.inner.set_status(TxStatus::Committing);
+                    true
+                }
                 s => return Err(TransactionError::NotActive(s.as_str())),
             };
             let info = TxInfo {

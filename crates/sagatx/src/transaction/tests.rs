@@ -1040,3 +1040,72 @@ async fn the_status_is_committing_during_the_commit_and_committed_after_it() {
         assert_eq!(tx.status(), TxStatus::Committed);
     }
 }
+
+/// Its `tpc_finish` fails the first time, and the second time waits
+/// until it is let go.
+struct SlowFinish {
+    finishes: AtomicU32,
+    go: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl DataManager for SlowFinish {
+    fn sort_key(&self) -> String {
+        "slow".into()
+    }
+    async fn abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_begin(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn commit(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_vote(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+    async fn tpc_finish(&self, _: &TxInfo) -> Result<(), TxError> {
+        if self.finishes.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(TxError::unknown_outcome("connection lost"));
+        }
+        self.go.notified().await;
+        Ok(())
+    }
+    async fn tpc_abort(&self, _: &TxInfo) -> Result<(), TxError> {
+        Ok(())
+    }
+}
+
+/// Finishing a commit that failed after the vote takes the transaction
+/// back to `Committing`: a second commit meanwhile is refused and does
+/// not finish the same manager again.
+#[tokio::test]
+async fn a_commit_being_finished_again_refuses_a_second_one_meanwhile() {
+    let tx = Transaction::new();
+    let m = Arc::new(SlowFinish {
+        finishes: AtomicU32::new(0),
+        go: tokio::sync::Notify::new(),
+    });
+    tx.join(m.clone()).expect("join");
+    assert!(matches!(
+        tx.commit().await,
+        Err(TransactionError::CommitFailed { .. })
+    ));
+    let again = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.commit().await }
+    });
+    while m.finishes.load(Ordering::SeqCst) < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(tx.status(), TxStatus::Committing);
+    assert!(matches!(
+        tx.commit().await,
+        Err(TransactionError::NotActive("committing"))
+    ));
+    m.go.notify_one();
+    again.await.expect("task").expect("finished");
+    assert_eq!(tx.status(), TxStatus::Committed);
+    assert_eq!(m.finishes.load(Ordering::SeqCst), 2);
+}

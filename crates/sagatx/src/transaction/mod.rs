@@ -596,7 +596,13 @@ impl Transaction {
         Ok(())
     }
 
-    /// The names of the joined managers, in joining order.
+    /// The names of the joined managers, in joining order. The commit
+    /// takes them (none are listed while it runs), and a transaction that
+    /// ended releases them, as `transaction`'s `_free()` does: a
+    /// committed or aborted transaction lists none, and keeps none alive
+    /// (a finished transaction that is still the manager's current one
+    /// holds no connection). After a commit that failed past the vote
+    /// they are back, for the commit that finishes them.
     pub fn managers(&self) -> Vec<String> {
         lock(&self.inner.state)
             .joined
@@ -639,7 +645,8 @@ impl Transaction {
     }
 
     pub(crate) async fn abort_inner(&self) -> Result<(), TransactionError> {
-        let dms = {
+        // The managers leave the state: an aborted transaction releases them.
+        let joined = {
             let mut st = lock(&self.inner.state);
             match self.inner.status() {
                 TxStatus::Active => {}
@@ -648,11 +655,12 @@ impl Transaction {
             }
             self.inner.set_status(TxStatus::Aborted);
             st.generation += 1;
-            sorted(&st.joined)
+            std::mem::take(&mut st.joined)
         };
         let info = self.info();
         let mut failures = Vec::new();
-        for dm in dms {
+        for i in commit_order(&joined) {
+            let dm = &joined[i].dm;
             if let Err(e) = call!(dm, abort, &info) {
                 failures.push((dm.name(), e));
             }
@@ -676,11 +684,14 @@ impl Transaction {
 
     async fn commit_as(&self, caller: Caller) -> Result<(), TransactionError> {
         // One look at the state: who may commit, the status, what the
-        // managers are told, the managers in commit order, the decision
-        // log. The managers no longer change once the commit began
-        // (joining needs `Active`).
-        let (resuming, info, managers, log) = {
-            let st = lock(&self.inner.state);
+        // managers are told, the decision log, and the joined managers
+        // themselves. The commit takes those out of the state (joining
+        // needs `Active`, so they no longer change; no reference count is
+        // taken a manager) and puts them back only if it fails after the
+        // vote, for the commit that finishes them; otherwise they are
+        // released when it returns.
+        let (resuming, info, mut joined, log) = {
+            let mut st = lock(&self.inner.state);
             if caller == Caller::Application && st.loop_controlled {
                 return Err(TransactionError::Lifecycle("commit()"));
             }
@@ -703,11 +714,14 @@ impl Transaction {
                 note: st.note.clone(),
                 gid: std::sync::OnceLock::new(),
             };
-            (resuming, info, ordered(&st.joined), st.decisions.clone())
+            let joined = std::mem::take(&mut st.joined);
+            (resuming, info, joined, st.decisions.clone())
         };
+        let order = commit_order(&joined);
         if !resuming {
             for (phase, n) in [("tpc_begin", 0), ("commit", 1), ("tpc_vote", 2)] {
-                for (_, dm, _) in managers.iter() {
+                for &i in &order {
+                    let dm = &joined[i].dm;
                     let r = match n {
                         0 => call!(dm, tpc_begin, &info),
                         1 => call!(dm, commit, &info),
@@ -715,7 +729,7 @@ impl Transaction {
                     };
                     if let Err(error) = r {
                         return Err(self
-                            .abort_after_failure(&info, dm.name(), phase, error)
+                            .abort_after_failure(&info, &joined, &order, dm.name(), phase, error)
                             .await);
                     }
                 }
@@ -726,30 +740,41 @@ impl Transaction {
                     Err(error) => {
                         // Nothing committed yet: abort everywhere.
                         return Err(self
-                            .abort_after_failure(&info, "decision log".into(), "decision", error)
+                            .abort_after_failure(
+                                &info,
+                                &joined,
+                                &order,
+                                "decision log".into(),
+                                "decision",
+                                error,
+                            )
                             .await);
                     }
                 }
             }
         }
         // Phase two. Every manager voted yes: each must now finish.
-        let total = managers.len();
-        for (k, (_, dm, done)) in managers.iter().enumerate() {
-            if *done {
+        let total = joined.len();
+        for (k, &i) in order.iter().enumerate() {
+            if joined[i].finished {
                 continue;
             }
-            if let Err(error) = call!(dm, tpc_finish, &info) {
-                let mut st = lock(&self.inner.state);
+            if let Err(error) = call!(joined[i].dm, tpc_finish, &info) {
                 // Those before it in commit order have finished, now or
                 // in an earlier attempt.
-                for (i, _, _) in managers.iter().take(k) {
-                    st.joined[*i].finished = true;
+                for &j in &order[..k] {
+                    joined[j].finished = true;
                 }
+                let finished = joined.iter().filter(|j| j.finished).count();
+                let manager = joined[i].dm.name();
+                tracing::error!(%manager, %error, finished, total, "commit failed after the vote");
+                // Back in the state, with the status, under one lock: a
+                // commit that sees `CommitFailed` finds them there.
+                let mut st = lock(&self.inner.state);
+                st.joined = joined;
                 self.inner.set_status(TxStatus::CommitFailed);
-                let finished = st.joined.iter().filter(|j| j.finished).count();
-                tracing::error!(manager = %dm.name(), %error, finished, total, "commit failed after the vote");
                 return Err(TransactionError::CommitFailed {
-                    manager: dm.name(),
+                    manager,
                     error,
                     finished,
                     total,
@@ -785,17 +810,16 @@ enum Caller {
     Loop,
 }
 
-/// The managers of a transaction in commit order (by sort key, stable):
-/// each one's position in `joined`, the manager, and whether it finished.
-/// Most transactions have one: kept inline, and not sorted.
-type Ordered = SmallVec<[(usize, Member, bool); 1]>;
-
-fn ordered(joined: &[Joined]) -> Ordered {
-    let entry = |i: usize| (i, joined[i].dm.clone(), joined[i].finished);
-    match joined.len() {
-        1 => smallvec::smallvec![entry(0)],
-        _ => sorted_positions(joined).into_iter().map(entry).collect(),
+/// The positions of the joined managers in commit order: by sort key,
+/// equal keys in their joining order (a stable sort; the keys are
+/// Strings, made once a manager). Most transactions have one: kept
+/// inline, and not sorted.
+fn commit_order(joined: &[Joined]) -> SmallVec<[usize; 1]> {
+    let mut order: SmallVec<[usize; 1]> = (0..joined.len()).collect();
+    if joined.len() > 1 {
+        order.sort_by_cached_key(|&i| joined[i].dm.sort_key());
     }
+    order
 }
 
 /// Where the coordinator writes its commit decisions, durably.
@@ -835,12 +859,14 @@ impl Transaction {
     async fn abort_after_failure(
         &self,
         info: &TxInfo,
+        joined: &[Joined],
+        order: &[usize],
         manager: String,
         phase: &'static str,
         error: TxError,
     ) -> TransactionError {
-        let dms = sorted(&lock(&self.inner.state).joined);
-        for dm in &dms {
+        for &i in order {
+            let dm = &joined[i].dm;
             if let Err(e) = call!(dm, tpc_abort, info) {
                 tracing::error!(manager = %dm.name(), error = %e, "tpc_abort failed");
             }
@@ -854,24 +880,6 @@ impl Transaction {
             error,
         }
     }
-}
-
-/// Positions of the managers by sort key; equal keys keep their joining
-/// order (stable sort). Keys are Strings: made once per manager.
-fn sorted_positions(joined: &[Joined]) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..joined.len()).collect();
-    idx.sort_by_cached_key(|&i| joined[i].dm.sort_key());
-    idx
-}
-
-/// Managers by sort key; equal keys keep their joining order (stable sort).
-fn sorted(joined: &[Joined]) -> Vec<Member> {
-    let mut v: Vec<Member> = joined.iter().map(|j| j.dm.clone()).collect();
-    if v.len() > 1 {
-        // Keys are Strings: made once per manager, not per comparison.
-        v.sort_by_cached_key(|d| d.sort_key());
-    }
-    v
 }
 
 /// A point a transaction can roll back to.

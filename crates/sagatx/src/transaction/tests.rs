@@ -931,6 +931,8 @@ fn transaction_numbers_are_unique_across_threads_and_increase_within_one() {
 struct StatusDm {
     tx: Transaction,
     seen: Mutex<Vec<(&'static str, TxStatus)>>,
+    /// How many managers the transaction listed at each call.
+    listed: Mutex<Vec<usize>>,
 }
 
 impl StatusDm {
@@ -939,6 +941,10 @@ impl StatusDm {
             .lock()
             .expect("lock")
             .push((phase, self.tx.status()));
+        self.listed
+            .lock()
+            .expect("lock")
+            .push(self.tx.managers().len());
         Ok(())
     }
 }
@@ -1002,6 +1008,7 @@ async fn the_status_is_committing_during_the_commit_and_committed_after_it() {
         let m = Arc::new(StatusDm {
             tx: tx.clone(),
             seen: Mutex::new(Vec::new()),
+            listed: Mutex::new(Vec::new()),
         });
         let rec = Log::default();
         tx.join(dm(&rec, "sp", "sp")).expect("join");
@@ -1013,6 +1020,8 @@ async fn the_status_is_committing_during_the_commit_and_committed_after_it() {
             *m.seen.lock().expect("lock"),
             ["tpc_begin", "commit", "tpc_vote", "tpc_finish"].map(|p| (p, TxStatus::Committing))
         );
+        // The commit holds the managers while it runs.
+        assert_eq!(*m.listed.lock().expect("lock"), [0, 0, 0, 0]);
         assert_eq!(tx.status(), TxStatus::Committed);
         let want = if decisions {
             vec![
@@ -1108,4 +1117,51 @@ async fn a_commit_being_finished_again_refuses_a_second_one_meanwhile() {
     again.await.expect("task").expect("finished");
     assert_eq!(tx.status(), TxStatus::Committed);
     assert_eq!(m.finishes.load(Ordering::SeqCst), 2);
+}
+
+/// A transaction that ended releases its managers, as `transaction`'s
+/// `_free()` does: a finished transaction still alive (here, the
+/// manager's current one) holds none of them. One that failed after the
+/// vote keeps them until a commit finishes them.
+#[tokio::test]
+async fn an_ended_transaction_releases_its_managers() {
+    let log = Log::default();
+    let tm = TransactionManager::new();
+    for end in ["commit", "abort", "a failed vote"] {
+        let tx = tm.begin();
+        let a = dm(&log, "a", "1");
+        let b = dm(&log, "b", "2");
+        if end == "a failed vote" {
+            b.fail_in("tpc_vote", 1, TxError::transient("conflict"));
+        }
+        tx.join(a.clone()).expect("join");
+        tx.join_sync(Arc::new(SyncDm(b.clone()))).expect("join");
+        assert_eq!((Arc::strong_count(&a), Arc::strong_count(&b)), (2, 2));
+        match end {
+            "commit" => tx.commit().await.expect("commit"),
+            "abort" => tx.abort().await.expect("abort"),
+            _ => drop(tx.commit().await.expect_err("aborted")),
+        }
+        assert_eq!(
+            (Arc::strong_count(&a), Arc::strong_count(&b)),
+            (1, 1),
+            "after {end}"
+        );
+        assert!(tx.managers().is_empty(), "after {end}");
+        assert_eq!(tm.get().map(|t| t.id()), Some(tx.id()));
+    }
+    let tx = tm.begin();
+    let a = dm(&log, "a", "1").fail_in("tpc_finish", 1, TxError::unknown_outcome("lost"));
+    tx.join(a.clone()).expect("join");
+    assert!(matches!(
+        tx.commit().await,
+        Err(TransactionError::CommitFailed { .. })
+    ));
+    assert_eq!(tx.managers(), ["a"]);
+    assert_eq!(Arc::strong_count(&a), 2);
+    take(&log);
+    tx.commit().await.expect("finished");
+    assert_eq!(take(&log), ["a:tpc_finish"]);
+    assert_eq!(Arc::strong_count(&a), 1);
+    assert!(tx.managers().is_empty());
 }

@@ -815,10 +815,11 @@ enum Caller {
 /// Strings, made once a manager). Most transactions have one: kept
 /// inline, and not sorted.
 fn commit_order(joined: &[Joined]) -> SmallVec<[usize; 1]> {
-    let mut order: SmallVec<[usize; 1]> = (0..joined.len()).collect();
-    if joined.len() > 1 {
-        order.sort_by_cached_key(|&i| joined[i].dm.sort_key());
+    if joined.len() == 1 {
+        return smallvec::smallvec![0];
     }
+    let mut order: SmallVec<[usize; 1]> = (0..joined.len()).collect();
+    order.sort_by_cached_key(|&i| joined[i].dm.sort_key());
     order
 }
 
